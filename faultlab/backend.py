@@ -1,0 +1,107 @@
+"""The one small interface between faultlab's framework-free core and a framework.
+
+A backend builds a :class:`Trainer` for a workload configuration and reports the shapes of
+every injectable operand. The runner, the outcome rules and the campaign code only ever talk
+to these two things; the torch and TensorFlow code lives behind them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Mapping, Protocol, Sequence
+
+import numpy as np
+
+from .errors import FaultlabError, SpecError
+from .faults import FaultSpec, Framework, Site
+from .workloads.base import WorkloadConfig
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    loss: float
+    acc: float
+
+
+@dataclass(frozen=True)
+class EvalMetrics:
+    loss: float
+    acc: float
+
+
+#: shapes of a layer's operands in the canonical layout, per replica, by site
+OperandTable = Mapping[str, Mapping[Site, tuple[tuple[int, ...], str]]]
+
+
+class Trainer(Protocol):
+    """A live training session of one workload configuration."""
+
+    config: WorkloadConfig
+
+    def train_step(self, step: int, faults: Sequence[FaultSpec] = ()) -> StepMetrics:
+        """Run global step `step` (all replicas), injecting `faults` (those firing now)."""
+
+    def evaluate(self) -> EvalMetrics:
+        """Loss and accuracy on the held-out set."""
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Everything that determines the following steps (model, optimizer), as arrays."""
+
+    def set_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore a state returned by get_state (bit-exact)."""
+
+
+class Backend(Protocol):
+    name: str
+
+    def build_trainer(self, config: WorkloadConfig) -> Trainer: ...
+
+    def operand_shapes(self, config: WorkloadConfig) -> OperandTable: ...
+
+
+_MODULES = {Framework.TORCH: "faultlab.workloads.torch_trainer",
+            Framework.TF: "faultlab.workloads.tf_trainer"}
+_PACKAGES = {Framework.TORCH: ("torch", "faultlab[torch]"),
+             Framework.TF: ("tensorflow", "faultlab[tf]")}
+
+
+def load_backend(framework: Framework | str) -> Backend:
+    fw = Framework(framework)
+    pkg, extra = _PACKAGES[fw]
+    try:
+        importlib.import_module(pkg)
+    except ImportError:
+        raise FaultlabError(f"framework {fw.value} needs {pkg}: pip install '{extra}'") from None
+    try:
+        mod = importlib.import_module(_MODULES[fw])
+    except ModuleNotFoundError as e:
+        if e.name == _MODULES[fw]:
+            raise FaultlabError(f"framework {fw.value} is not supported yet") from None
+        raise
+    return mod.BACKEND
+
+
+def check_fault(table: OperandTable, fault: FaultSpec, config: WorkloadConfig) -> None:
+    """Raise SpecError when a fault names a missing layer, an unsupported site or a position
+    outside its operand."""
+    if fault.layer not in table:
+        names = sorted(table)
+        hint = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+        raise SpecError(f"unknown layer {fault.layer!r} in workload {config.workload} "
+                        f"(layers: {hint})")
+    sites = table[fault.layer]
+    site = fault.site
+    if site in (Site.PARAM, Site.GRAD_WT, Site.OPT_STATE) and fault.tensor == "bias":
+        key = "bias"
+    else:
+        key = site
+    if key not in sites:
+        raise SpecError(f"site {site.value} is not available on layer {fault.layer}")
+    shape, _ = sites[key]
+    if fault.replica >= config.replicas:
+        raise SpecError(f"replica {fault.replica} is out of range 0..{config.replicas - 1}")
+    if fault.step >= config.total_steps:
+        raise SpecError(f"step {fault.step} is past the end of training "
+                        f"({config.total_steps} steps)")
+    fault.positions.check(shape, what=f"{site.value} operand of {fault.layer}")

@@ -1,0 +1,17 @@
+"""Persistent concurrent checkpoints that survive kill -9 and power loss (no DL framework).
+
+    engine = CheckpointEngine("run.ckpt", max_in_flight=2, keep=2)
+    handle = engine.save(step, {"w": weights, "m": adam_m}, meta={"epoch": 3})
+    ...                                   # training goes on while the checkpoint persists
+    step, state, meta = recover("run.ckpt")
+
+The on-disk format is documented in docs/checkpoint_format.md.
+"""
+
+from .engine import CheckpointEngine, EngineSettings, SaveHandle
+from .recovery import CommitInfo, Restored, list_commits, recover
+from .simdisk import CrashChoice, SimDisk
+from .storage import OSStorage, Storage
+
+__all__ = ["CheckpointEngine", "CommitInfo", "CrashChoice", "EngineSettings", "OSStorage",
+           "Restored", "SaveHandle", "SimDisk", "Storage", "list_commits", "recover"]

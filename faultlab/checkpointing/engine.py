@@ -1,0 +1,442 @@
+"""The persistent concurrent checkpoint engine (PCcheck-style), free of any DL framework.
+
+`save()` copies the state into a bounded pool of staging buffers and returns; writer threads
+hash and write the chunks with positional writes into a slot of a preallocated file, and the
+last one commits: data durable -> checksummed commit record in its own block -> durable.
+Slots of the newest `keep` commits and of saves in flight are never reused, so a crash at any
+instant leaves at least the newest durable commit intact, and recovery finds it.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import CheckpointError
+from . import tuning
+from .format import (Geometry, Manifest, Record, align_up, digest, encode_header,
+                     encode_manifest, encode_record, tombstone)
+from .layout import Layout, byte_view, check_step, encode_meta, normalize_state, plan, stage_chunk
+from .pool import BufferPool
+from .recovery import CommitInfo, Restored, read_geometry, recover, valid_commits
+from .storage import OSStorage, Storage
+
+_CHUNK, _FINALIZE = "chunk", "finalize"
+
+
+class SaveHandle:
+    """The future of one save: done once its commit is durable, or once it has failed."""
+
+    def __init__(self, counter: int, step: int):
+        self.counter, self.step = counter, step
+        self._event = threading.Event()
+        self._commit: CommitInfo | None = None
+        self._error: CheckpointError | None = None
+        self._observed = False
+        self._callbacks: list[Callable[[SaveHandle], None]] = []
+        self._lock = threading.Lock()
+
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> CommitInfo:
+        """Block until durable; return its CommitInfo or raise its CheckpointError."""
+        if not self._event.wait(timeout):
+            raise TimeoutError(f"checkpoint of step {self.step} still in flight")
+        if self._error is not None:
+            self._observed = True
+            raise self._error
+        return self._commit
+
+    @property
+    def error(self) -> CheckpointError | None:
+        """The failure of a finished save (None while in flight or once committed)."""
+        if self._error is not None:
+            self._observed = True
+        return self._error
+
+    @property
+    def commit(self) -> CommitInfo | None:
+        return self._commit
+
+    def add_done_callback(self, fn: Callable[[SaveHandle], None]) -> None:
+        """Call fn(handle) when the save finishes (at once if it has); runs in a writer thread."""
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def _finish(self, commit: CommitInfo | None, error: CheckpointError | None) -> None:
+        with self._lock:
+            self._commit, self._error = commit, error
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(self)
+
+    def __repr__(self) -> str:
+        state = "pending" if not self.done() else ("failed" if self._error else "committed")
+        return f"<SaveHandle counter={self.counter} step={self.step} {state}>"
+
+
+@dataclass
+class _SaveJob:
+    handle: SaveHandle
+    slot: int
+    layout: Layout
+    manifest_offset: int
+    meta: dict
+    hashes: list
+    remaining: int                       # chunks not yet written + 1 until staging ends
+
+    def __post_init__(self):
+        self.lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """The engine's effective tuning (after `auto` probing, rounding and the file's geometry)."""
+
+    chunk_bytes: int
+    pool_bytes: int
+    writers: int
+    max_in_flight: int
+    keep: int
+
+
+class CheckpointEngine:
+    """Concurrent, crash-consistent checkpoints of {name: numpy array} states into one file.
+
+    target: a path (an OSStorage is made for it) or a Storage. An existing file is reopened:
+    its committed checkpoints are verified and kept, and counters continue after them. A new
+    file is created at the first save, with slots sized from that state (or from slot_bytes).
+    chunk_bytes / pool_bytes / writers may be "auto": a short probe of the storage picks them.
+    """
+
+    def __init__(self, target: str | os.PathLike | Storage, *, max_in_flight: int = 2,
+                 keep: int = 2, chunk_bytes: int | str = tuning.DEFAULT_CHUNK_BYTES,
+                 pool_bytes: int | str = tuning.DEFAULT_POOL_BYTES,
+                 writers: int | str = tuning.DEFAULT_WRITERS, slot_bytes: int | None = None,
+                 block_size: int = 4096):
+        if max_in_flight < 1 or keep < 1:
+            raise CheckpointError("max_in_flight and keep must be at least 1")
+        self._storage = target if isinstance(target, Storage) else OSStorage(target)
+        if "auto" in (chunk_bytes, pool_bytes, writers):
+            probed = tuning.probe(self._storage)
+            chunk_bytes = probed.chunk_bytes if chunk_bytes == "auto" else chunk_bytes
+            pool_bytes = probed.pool_bytes if pool_bytes == "auto" else pool_bytes
+            writers = probed.writers if writers == "auto" else writers
+        if min(chunk_bytes, pool_bytes, writers) < 1:
+            raise CheckpointError("chunk_bytes, pool_bytes and writers must be positive")
+        self._keep, self._max_in_flight = keep, max_in_flight
+        self._block_size = block_size
+        self._geom: Geometry | None = None
+        self._committed: dict[int, CommitInfo] = {}       # slot -> commit it holds
+        self._in_flight: dict[int, _SaveJob] = {}         # slot -> save writing it
+        self._next_counter = 0
+        self._failure: CheckpointError | None = None
+        self._failed: list[SaveHandle] = []
+        self._closed = False
+        self._opened = False
+        self._cond = threading.Condition()
+        self._create_lock = threading.Lock()
+        self._commit_lock = threading.Lock()
+        if self._storage.exists():
+            self._reopen()
+        elif slot_bytes is not None:
+            self._create(slot_bytes)
+        self._chunk_bytes = align_up(int(chunk_bytes), self._block_size)
+        capacity = max(1, int(pool_bytes) // self._chunk_bytes)
+        self._pool = BufferPool(self._chunk_bytes, capacity)
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._writers = [threading.Thread(target=self._writer_loop, daemon=True,
+                                          name=f"ckpt-writer-{i}") for i in range(int(writers))]
+        for t in self._writers:
+            t.start()
+
+    # -- opening and creating ----------------------------------------------------------
+
+    def _reopen(self) -> None:
+        self._storage.open(write=True)
+        self._opened = True
+        try:
+            geom = read_geometry(self._storage)
+            size = self._storage.size()
+            if size < geom.file_bytes:
+                raise CheckpointError(f"checkpoint {self._storage.name} is truncated ({size} of "
+                                      f"{geom.file_bytes} bytes); recover() what it holds and "
+                                      "write to a new file")
+            if geom.slot_count - self._keep < 1:
+                raise CheckpointError(f"checkpoint {self._storage.name} has {geom.slot_count} "
+                                      f"slots: keep={self._keep} leaves none to save into")
+            good, max_counter = valid_commits(self._storage, geom)
+        except BaseException:
+            self._storage.close()
+            raise
+        self._geom, self._block_size = geom, geom.block_size
+        self._max_in_flight = min(self._max_in_flight, geom.slot_count - self._keep)
+        self._committed = {c.slot: c for c in good}
+        self._next_counter = max_counter + 1
+
+    def _create(self, slot_bytes: int) -> None:
+        try:
+            geom = Geometry.new(self._block_size, self._keep + self._max_in_flight, slot_bytes)
+        except ValueError as e:
+            raise CheckpointError(f"bad checkpoint geometry: {e}") from None
+        self._storage.create(geom.file_bytes, encode_header(geom))
+        self._opened = True
+        self._geom = geom
+
+    # -- public API ----------------------------------------------------------------------
+
+    @property
+    def settings(self) -> EngineSettings:
+        return EngineSettings(self._chunk_bytes, self._pool.capacity * self._chunk_bytes,
+                              len(self._writers), self._max_in_flight, self._keep)
+
+    @property
+    def geometry(self) -> Geometry | None:
+        """The file's layout (None until the file exists)."""
+        return self._geom
+
+    @property
+    def in_flight(self) -> int:
+        with self._cond:
+            return len(self._in_flight)
+
+    def committed(self) -> list[CommitInfo]:
+        """Commits this file still holds (durable and not overwritten), oldest first."""
+        with self._cond:
+            return sorted(self._committed.values(), key=lambda c: c.counter)
+
+    def save(self, step: int, state: Mapping[str, np.ndarray], meta: Mapping | None = None, *,
+             timeout: float | None = None) -> SaveHandle:
+        """Stage `state` and return once it is copied; persisting continues in the background.
+
+        Blocks while max_in_flight saves are in flight (TimeoutError after `timeout` seconds)
+        and while the staging pool is full. The arrays may be modified as soon as it returns.
+        """
+        self._check_usable()
+        step = check_step(step)
+        arrays = normalize_state(state)
+        meta = encode_meta(meta)
+        layout = plan(arrays, self._chunk_bytes)
+        manifest_len = len(encode_manifest(_manifest(layout, 0, step, meta,
+                                                     [0] * len(layout.chunks))))
+        manifest_offset = align_up(layout.data_bytes, self._block_size)
+        with self._create_lock:
+            if self._geom is None:
+                reserve = align_up(2 * manifest_len + 4096, self._block_size)
+                self._create(manifest_offset + reserve)
+        needed = manifest_offset + manifest_len
+        if needed > self._geom.slot_bytes:
+            raise CheckpointError(f"state of step {step} needs {needed} bytes per slot but "
+                                  f"{self._storage.name} has slots of {self._geom.slot_bytes}; "
+                                  f"start a new file or pass slot_bytes>={needed}")
+        job = self._admit(step, layout, manifest_offset, meta, timeout)
+        try:
+            # Invalidate the slot's old record before overwriting its data, so recovery does
+            # not have to read a whole slot to find it stale. Not synced: the data sync of
+            # this save makes it durable before the new record is written.
+            self._storage.pwrite(self._geom.record_offset(job.slot),
+                                 tombstone(self._geom.block_size))
+        except CheckpointError as e:
+            self._fail(e)
+            self._staged(job, 0)
+            return job.handle
+        self._stage(job, arrays)
+        return job.handle
+
+    def wait_all(self) -> None:
+        """Wait for every save in flight; raise the first failure nobody has looked at yet."""
+        with self._cond:
+            pending = [j.handle for j in self._in_flight.values()]
+        for h in pending:
+            h._event.wait()
+        with self._cond:
+            unseen = [h for h in self._failed if not h._observed]
+        if unseen:
+            for h in unseen:
+                h._observed = True
+            raise unseen[0]._error
+
+    def load_latest(self) -> Restored:
+        """The newest checkpoint in the file whose record and data verify (see recover())."""
+        if not self._storage.exists():
+            raise CheckpointError(f"no checkpoint file at {self._storage.name}")
+        return recover(self._storage)
+
+    def close(self) -> None:
+        """Finish the saves in flight, stop the writers and close the file (idempotent)."""
+        if self._closed:
+            return
+        try:
+            self.wait_all()
+        finally:
+            self._closed = True
+            for _ in self._writers:
+                self._jobs.put(None)
+            for t in self._writers:
+                t.join()
+            if self._opened:
+                self._storage.close()
+
+    def __enter__(self) -> CheckpointEngine:
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.close()
+        else:
+            try:
+                self.close()
+            except CheckpointError:
+                pass                     # do not mask the exception already propagating
+
+    # -- save pipeline -------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise CheckpointError("checkpoint engine is closed")
+        if self._failure is not None:
+            raise CheckpointError(f"checkpoint engine stopped after an earlier error "
+                                  f"(reopen the file to go on): {self._failure}")
+
+    def _pick_slot(self) -> int | None:
+        newest = sorted(self._committed.values(), key=lambda c: c.counter)[-self._keep:]
+        protected = {c.slot for c in newest} | set(self._in_flight)
+        free = [s for s in range(self._geom.slot_count) if s not in protected]
+        if not free:
+            return None
+        # Prefer a slot holding nothing, then the one holding the oldest commit.
+        return min(free, key=lambda s: self._committed[s].counter if s in self._committed
+                   else -1)
+
+    def _admit(self, step: int, layout: Layout, manifest_offset: int, meta: dict,
+               timeout: float | None) -> _SaveJob:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                self._check_usable()
+                if len(self._in_flight) < self._max_in_flight:
+                    slot = self._pick_slot()
+                    if slot is not None:
+                        break
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"{len(self._in_flight)} checkpoints still in flight")
+                self._cond.wait(left)
+            counter, self._next_counter = self._next_counter, self._next_counter + 1
+            self._committed.pop(slot, None)
+            job = _SaveJob(SaveHandle(counter, step), slot, layout, manifest_offset, meta,
+                           [0] * len(layout.chunks), len(layout.chunks) + 1)
+            self._in_flight[slot] = job
+            return job
+
+    def _stage(self, job: _SaveJob, arrays: list[tuple[str, np.ndarray]]) -> None:
+        sources = [byte_view(a) if a.nbytes else None for _, a in arrays]
+        submitted = 0
+        for i in range(len(job.layout.chunks)):
+            buf = self._pool.acquire()
+            if self._failure is not None:
+                self._pool.release(buf)
+                break
+            n = stage_chunk(job.layout, i, sources, buf)
+            self._jobs.put((_CHUNK, job, i, buf, n))
+            submitted += 1
+        self._staged(job, submitted)
+
+    def _staged(self, job: _SaveJob, submitted: int) -> None:
+        self._done_with(job, 1 + len(job.layout.chunks) - submitted)
+
+    def _done_with(self, job: _SaveJob, parts: int) -> None:
+        with job.lock:
+            job.remaining -= parts
+            last = job.remaining == 0
+        if last:
+            self._jobs.put((_FINALIZE, job))
+
+    def _fail(self, error: CheckpointError) -> None:
+        # Any write or sync error stops the engine: after a failed fsync the page cache may
+        # have dropped dirty data while a later fsync reports success, so no later commit
+        # could be trusted. Earlier commits are already durable and stay intact.
+        with self._cond:
+            if self._failure is None:
+                self._failure = error
+            self._cond.notify_all()
+
+    def _writer_loop(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            if item[0] == _FINALIZE:
+                self._finalize(item[1])
+                continue
+            _, job, i, buf, n = item
+            try:
+                if self._failure is None:
+                    view = buf[:n]
+                    job.hashes[i] = digest(view)
+                    self._storage.pwrite(self._geom.slot_offset(job.slot)
+                                         + i * job.layout.chunk_bytes, view)
+            except CheckpointError as e:
+                self._fail(e)
+            except Exception as e:           # a bug must not hang the caller's wait()
+                self._fail(CheckpointError(f"checkpoint writer failed: {type(e).__name__}: {e}"))
+            finally:
+                self._pool.release(buf)
+                self._done_with(job, 1)
+
+    def _finalize(self, job: _SaveJob) -> None:
+        info, error = None, None
+        try:
+            with self._commit_lock:
+                cause = self._failure
+                if cause is None:
+                    try:
+                        info = self._commit(job)
+                    except CheckpointError as e:
+                        self._fail(e)
+                        cause = e
+                if cause is not None:
+                    error = CheckpointError(f"checkpoint of step {job.handle.step} failed: "
+                                            f"{cause}")
+        except Exception as e:
+            self._fail(CheckpointError(f"checkpoint commit failed: {type(e).__name__}: {e}"))
+            error = self._failure
+        with self._cond:
+            del self._in_flight[job.slot]
+            if info is not None:
+                self._committed[job.slot] = info
+            else:
+                self._failed.append(job.handle)
+            self._cond.notify_all()
+        job.handle._finish(info, error)
+
+    def _commit(self, job: _SaveJob) -> CommitInfo:
+        geom, st, h = self._geom, self._storage, job.handle
+        raw = encode_manifest(_manifest(job.layout, h.counter, h.step, job.meta, job.hashes))
+        st.pwrite(geom.slot_offset(job.slot) + job.manifest_offset, raw)
+        # Data and manifest must be durable before the record that vouches for them exists:
+        # otherwise a power loss could keep the record and lose what it points at.
+        st.sync_data()
+        record = Record(job.slot, h.counter, h.step, job.manifest_offset, len(raw), digest(raw),
+                        job.layout.data_bytes, geom.file_id)
+        st.pwrite(geom.record_offset(job.slot), encode_record(record, geom.block_size))
+        # The commit point. Without this sync the record could sit in a volatile drive cache
+        # after wait() has said the checkpoint is safe (PCcheck's unsynced pointer).
+        st.sync_data()
+        return CommitInfo(h.counter, h.step, job.slot, job.layout.data_bytes)
+
+
+def _manifest(layout: Layout, counter: int, step: int, meta: dict, hashes) -> Manifest:
+    return Manifest(counter, step, layout.chunk_bytes, layout.data_bytes, tuple(hashes),
+                    layout.tensors, meta)

@@ -1,0 +1,192 @@
+"""Finding and loading the newest checkpoint whose commit record and data all verify.
+
+Recovery trusts nothing it has not checked: the header's checksum, each commit record's
+checksum, the manifest's checksum (held by the record) and every data chunk's checksum (held by
+the manifest). Candidates are tried newest counter first; a damaged one is skipped, so a
+crash in the middle of a save, or later damage to the newest checkpoint, falls back to an
+older one. It never returns data that did not verify.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from ..errors import CheckpointError
+from .format import (FormatError, Geometry, Manifest, Record, decode_header, decode_manifest,
+                     decode_record, digest)
+from .storage import OSStorage, Storage
+
+_HEADER_PROBE = 1 << 16          # bytes read to find the header (the largest block size)
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    """A committed checkpoint: its commit counter (newer = larger), step, slot and size."""
+
+    counter: int
+    step: int
+    slot: int
+    data_bytes: int
+
+
+class _Loaded(NamedTuple):
+    step: int
+    state: dict
+    meta: dict
+
+
+class Restored(_Loaded):
+    """A loaded checkpoint, unpacking as (step, state, meta); `.commit` says which commit."""
+
+    commit: CommitInfo
+
+
+def _restored(step: int, state: dict, meta: dict, commit: CommitInfo) -> Restored:
+    r = Restored(step, state, meta)
+    r.commit = commit                      # a subclass without __slots__ has a __dict__
+    return r
+
+
+def read_geometry(storage: Storage) -> Geometry:
+    """Decode the header; CheckpointError if the file is empty, foreign or damaged."""
+    size = storage.size()
+    if size == 0:
+        raise CheckpointError(f"checkpoint {storage.name} is empty")
+    try:
+        return decode_header(storage.pread(0, min(size, _HEADER_PROBE)))
+    except FormatError as e:
+        raise CheckpointError(f"cannot read checkpoint {storage.name}: {e}") from None
+
+
+def scan_records(storage: Storage, geom: Geometry) -> tuple[list[Record], int]:
+    """Valid commit records, newest first, and the largest counter any valid record holds."""
+    records = []
+    raw = storage.pread(geom.records_offset, geom.slot_count * geom.block_size)
+    for slot in range(geom.slot_count):
+        block = raw[slot * geom.block_size:(slot + 1) * geom.block_size]
+        try:
+            records.append(decode_record(block, geom, slot))
+        except FormatError:
+            continue
+    records.sort(key=lambda r: (r.counter, r.slot), reverse=True)
+    return records, max((r.counter for r in records), default=-1)
+
+
+def _read_manifest(storage: Storage, geom: Geometry, rec: Record) -> Manifest:
+    at = geom.slot_offset(rec.slot) + rec.manifest_offset
+    raw = storage.pread(at, rec.manifest_bytes)
+    if len(raw) != rec.manifest_bytes:
+        raise FormatError("manifest beyond the end of the file (truncated)")
+    if digest(raw) != rec.manifest_hash:
+        raise FormatError("manifest checksum mismatch")
+    return decode_manifest(raw, rec)
+
+
+def _read_data(storage: Storage, geom: Geometry, rec: Record, m: Manifest) -> np.ndarray:
+    """Read the data region into one buffer, verifying every chunk as it arrives."""
+    data = np.empty(m.data_bytes, dtype=np.uint8)
+    base = geom.slot_offset(rec.slot)
+    for i, expected in enumerate(m.chunk_hashes):
+        lo = i * m.chunk_bytes
+        view = data[lo:min(lo + m.chunk_bytes, m.data_bytes)]
+        if storage.readinto(base + lo, view) != len(view):
+            raise FormatError(f"chunk {i} beyond the end of the file (truncated)")
+        if digest(view) != expected:
+            raise FormatError(f"chunk {i} checksum mismatch")
+    return data
+
+
+def _arrays(m: Manifest, data: np.ndarray) -> dict[str, np.ndarray]:
+    state = {}
+    for t in m.tensors:
+        if t.nbytes == 0:
+            state[t.name] = np.empty(t.shape, dtype=t.dtype)
+        else:
+            state[t.name] = data[t.offset:t.offset + t.nbytes].view(t.dtype).reshape(t.shape)
+    return state
+
+
+def load_commit(storage: Storage, geom: Geometry, rec: Record) -> Restored:
+    """Load one commit; FormatError saying why if any part of it fails to verify."""
+    m = _read_manifest(storage, geom, rec)
+    data = _read_data(storage, geom, rec, m)
+    info = CommitInfo(rec.counter, rec.step, rec.slot, rec.data_bytes)
+    return _restored(rec.step, _arrays(m, data), m.meta, info)
+
+
+def verify_commit(storage: Storage, geom: Geometry, rec: Record) -> None:
+    """Check one commit's manifest and data without keeping them; FormatError if damaged."""
+    m = _read_manifest(storage, geom, rec)
+    base = geom.slot_offset(rec.slot)
+    buf = np.empty(min(m.chunk_bytes, max(m.data_bytes, 1)), dtype=np.uint8)
+    for i, expected in enumerate(m.chunk_hashes):
+        lo = i * m.chunk_bytes
+        view = buf[:min(m.chunk_bytes, m.data_bytes - lo)]
+        if storage.readinto(base + lo, view) != len(view) or digest(view) != expected:
+            raise FormatError(f"chunk {i} damaged")
+
+
+def valid_commits(storage: Storage, geom: Geometry) -> tuple[list[CommitInfo], int]:
+    """Every fully verified commit, newest first, and the largest counter seen in any record."""
+    records, max_counter = scan_records(storage, geom)
+    good = []
+    for rec in records:
+        try:
+            verify_commit(storage, geom, rec)
+        except FormatError:
+            continue
+        good.append(CommitInfo(rec.counter, rec.step, rec.slot, rec.data_bytes))
+    return good, max_counter
+
+
+def load_latest_from(storage: Storage) -> Restored:
+    """The newest fully verified checkpoint in an opened storage."""
+    geom = read_geometry(storage)
+    records, _ = scan_records(storage, geom)
+    size, reasons = storage.size(), []
+    for rec in records:
+        try:
+            return load_commit(storage, geom, rec)
+        except FormatError as e:
+            reasons.append(f"counter {rec.counter} (step {rec.step}): {e}")
+    trunc = (f"; the file is truncated ({size} of {geom.file_bytes} bytes)"
+             if size < geom.file_bytes else "")
+    if not records:
+        raise CheckpointError(f"no committed checkpoint in {storage.name}{trunc}")
+    raise CheckpointError(f"no valid checkpoint in {storage.name}: "
+                          f"{len(records)} commit(s) failed verification, newest "
+                          f"{reasons[0]}{trunc}")
+
+
+def _reader_for(target: str | os.PathLike | Storage) -> Storage:
+    return target.reader() if isinstance(target, Storage) else OSStorage(target)
+
+
+def recover(target: str | os.PathLike | Storage) -> Restored:
+    """Load the newest committed checkpoint that verifies, from a path or a Storage.
+
+    Returns (step, state, meta) with `.commit` telling which commit was used; raises a
+    one-line CheckpointError when the file is missing, foreign or holds no valid checkpoint.
+    Safe to run while a writer is active (it only reads).
+    """
+    storage = _reader_for(target)
+    storage.open(write=False)
+    try:
+        return load_latest_from(storage)
+    finally:
+        storage.close()
+
+
+def list_commits(target: str | os.PathLike | Storage) -> list[CommitInfo]:
+    """Every commit in a file whose record and data verify, oldest first."""
+    storage = _reader_for(target)
+    storage.open(write=False)
+    try:
+        good, _ = valid_commits(storage, read_geometry(storage))
+    finally:
+        storage.close()
+    return sorted(good, key=lambda c: c.counter)

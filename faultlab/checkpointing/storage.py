@@ -1,0 +1,227 @@
+"""The layer between the checkpoint engine and the OS: one checkpoint file, replaceable in tests.
+
+`Storage` is the interface the engine and recovery use; `OSStorage` is a real file, and
+`SimDisk` (simdisk.py) an in-memory disk that can lose unsynced writes the way a power cut
+does. Errors that a user can meet (no space, I/O error, a second writer, a missing file) leave
+this layer as one-line CheckpointErrors.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import secrets
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from ..errors import CheckpointError
+
+
+def storage_error(exc: OSError, action: str, name: str) -> CheckpointError:
+    """Translate an OSError into a one-line CheckpointError naming the file and the cause."""
+    if exc.errno == errno.ENOSPC or exc.errno == errno.EDQUOT:
+        why = "no space left on the device"
+    elif exc.errno == errno.EIO:
+        why = "I/O error reported by the device"
+    else:
+        why = exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
+    return CheckpointError(f"cannot {action} checkpoint {name}: {why}")
+
+
+class Storage(ABC):
+    """One checkpoint file. Offsets are absolute byte offsets in the file.
+
+    Lifecycle: `exists()`, then either `create(size, header)` (new file, opened for writing)
+    or `open(write=...)`; then positional I/O; then `close()`. Opening for writing takes an
+    exclusive writer lock: a second writer is refused with CheckpointError.
+    """
+
+    name: str = "storage"
+
+    @abstractmethod
+    def exists(self) -> bool:
+        """Whether the file exists (with content)."""
+
+    @abstractmethod
+    def create(self, size: int, header: bytes) -> None:
+        """Atomically create a preallocated file of `size` bytes that starts with `header`.
+
+        On return the file, its header and its directory entry are durable, and the file is
+        open for writing with the writer lock held. Refused if the file already exists.
+        """
+
+    @abstractmethod
+    def open(self, *, write: bool) -> None:
+        """Open the existing file; `write` takes the writer lock."""
+
+    @abstractmethod
+    def pwrite(self, offset: int, data) -> None:
+        """Write all of `data` (any buffer) at `offset`."""
+
+    @abstractmethod
+    def readinto(self, offset: int, buf) -> int:
+        """Fill `buf` from `offset`; return the bytes read (short only at end of file)."""
+
+    def reader(self) -> Storage:
+        """An independent, unopened handle for reading the same file (used by recovery)."""
+        raise NotImplementedError
+
+    def pread(self, offset: int, n: int) -> bytes:
+        buf = bytearray(n)
+        got = self.readinto(offset, memoryview(buf))
+        return bytes(buf[:got])
+
+    @abstractmethod
+    def sync_data(self) -> None:
+        """Make every write so far durable (fdatasync: data plus what is needed to read it)."""
+
+    @abstractmethod
+    def sync_all(self) -> None:
+        """Make every write and all file metadata durable (fsync)."""
+
+    @abstractmethod
+    def size(self) -> int:
+        """Current size of the file in bytes."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the file (and the writer lock). Idempotent."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class OSStorage(Storage):
+    """A checkpoint file on a real file system, with positional I/O that releases the GIL."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.name = str(self.path)
+        self._fd: int | None = None
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def reader(self) -> OSStorage:
+        return OSStorage(self.path)
+
+    def _lock(self, fd: int) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CheckpointError(f"checkpoint {self.name} is already open for writing "
+                                  "by another engine or process") from None
+
+    def create(self, size: int, header: bytes) -> None:
+        # Build the whole file under a temporary name and link it into place: a crash never
+        # leaves a half-initialised file at `path`, and link() (unlike rename) fails if a
+        # concurrent writer created `path` first.
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise storage_error(e, "create", self.name) from None
+        try:
+            self._lock(fd)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except (AttributeError, OSError) as e:
+                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+                    raise
+                os.ftruncate(fd, size)       # file system without fallocate: sparse file
+            self._fd = fd
+            self.pwrite(0, header)
+            os.fsync(fd)                     # size, extents and header durable before linking
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                raise CheckpointError(f"checkpoint {self.name} was created concurrently by "
+                                      "another writer") from None
+            os.unlink(tmp)
+            _fsync_dir(self.path.parent)     # the new directory entry must survive a crash
+        except BaseException as e:
+            self._fd = None
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise storage_error(e, "create", self.name) from None
+            raise
+
+    def open(self, *, write: bool) -> None:
+        try:
+            fd = os.open(self.path, (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise CheckpointError(f"no checkpoint file at {self.name}") from None
+        except OSError as e:
+            raise storage_error(e, "open", self.name) from None
+        if write:
+            try:
+                self._lock(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+        self._fd = fd
+
+    def _require_fd(self) -> int:
+        if self._fd is None:
+            raise CheckpointError(f"checkpoint {self.name} is not open")
+        return self._fd
+
+    def pwrite(self, offset: int, data) -> None:
+        fd = self._require_fd()
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as e:
+            raise storage_error(e, "write", self.name) from None
+
+    def readinto(self, offset: int, buf) -> int:
+        fd = self._require_fd()
+        view = memoryview(buf).cast("B")
+        total = 0
+        try:
+            while total < len(view):
+                n = os.preadv(fd, [view[total:]], offset + total)
+                if n == 0:
+                    break
+                total += n
+        except OSError as e:
+            raise storage_error(e, "read", self.name) from None
+        return total
+
+    def sync_data(self) -> None:
+        try:
+            os.fdatasync(self._require_fd())
+        except OSError as e:
+            raise storage_error(e, "sync", self.name) from None
+
+    def sync_all(self) -> None:
+        try:
+            os.fsync(self._require_fd())
+        except OSError as e:
+            raise storage_error(e, "sync", self.name) from None
+
+    def size(self) -> int:
+        try:
+            return os.fstat(self._require_fd()).st_size
+        except OSError as e:
+            raise storage_error(e, "stat", self.name) from None
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)                     # closing releases the flock

@@ -1,0 +1,447 @@
+"""The fault model: what (value corruption), where (site, layer, replica, positions), when.
+
+Everything here is framework-free. A :class:`FaultSpec` is what a campaign row says; it is
+resolved against a concrete operand (shape and dtype) into a :class:`Corruption`, a small bundle
+of NumPy arrays that the vectorised kernels of each framework execute.
+
+Positions are given in the *canonical layout*: NHWC for image activations, HWIO for conv
+kernels, (in, out) for dense kernels, batch-first for sequences, exactly as the ISCA'23 files
+(Keras) index them. Each framework backend maps canonical indices onto its own layout.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import SpecError
+
+
+class Framework(str, enum.Enum):
+    TORCH = "torch"
+    TF = "tf"
+
+
+class Site(str, enum.Enum):
+    """Where in a training step the corrupted value lives."""
+
+    FWD_INPUT = "fwd_input"      # the layer's input operand (activation into the layer)
+    FWD_WEIGHT = "fwd_weight"    # the layer's kernel operand, this call only
+    FWD_OUTPUT = "fwd_output"    # the layer's output
+    GRAD_OUT = "grad_out"        # gradient arriving at the layer output (feeds grad_in and grad_wt)
+    BWD_INPUT = "bwd_input"      # incoming-gradient operand of the grad_in computation only
+    BWD_WEIGHT = "bwd_weight"    # kernel operand of the grad_in computation only
+    GRAD_IN = "grad_in"          # gradient w.r.t. the layer input (result of the backward conv)
+    GRAD_WT = "grad_wt"          # gradient w.r.t. the layer's weight
+    PARAM = "param"              # the stored parameter (persists)
+    OPT_STATE = "opt_state"      # optimizer state, e.g. Adam moments (persists)
+    HOST_STATE = "host_state"    # host-resident (offloaded) copy of state
+
+    @property
+    def is_backward(self) -> bool:
+        return self in (Site.GRAD_OUT, Site.BWD_INPUT, Site.BWD_WEIGHT, Site.GRAD_IN, Site.GRAD_WT)
+
+    @property
+    def is_state(self) -> bool:
+        return self in (Site.PARAM, Site.OPT_STATE, Site.HOST_STATE)
+
+
+class ValueModel(str, enum.Enum):
+    BITFLIP = "bitflip"      # flip k chosen or random bits
+    RANDOM = "random"        # random finite bit pattern of the value's width
+    ZERO = "zero"
+    COPY = "copy"            # value copied from another position of the same tensor
+    NAN = "nan"
+    POS_INF = "inf"
+    NEG_INF = "-inf"
+    STUCK_AT = "stuck_at"    # one bit forced to 0 or 1
+    SCALE = "scale"          # multiply by a factor
+    SET = "set"              # explicit replacement values (ISCA inj_values), exact
+    DEGRADE = "degrade"      # slowly degrading unit: x * (1 + ramp * n), n = steps since onset
+
+
+class BitLayout(str, enum.Enum):
+    """Bit layout the value is corrupted in. NATIVE: the tensor's own dtype; a float layout on
+    a wider tensor emulates a reduced-precision datapath (cast, corrupt, cast back); INT8 on a
+    float tensor emulates symmetric per-tensor int8 quantisation."""
+
+    NATIVE = "native"
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    FP64 = "fp64"
+    INT8 = "int8"
+
+
+#: bit width of each concrete layout
+LAYOUT_BITS = {BitLayout.FP32: 32, BitLayout.FP16: 16, BitLayout.BF16: 16, BitLayout.FP64: 64,
+               BitLayout.INT8: 8}
+#: dtype names the kernels accept, mapped to their layout
+DTYPE_LAYOUT = {"float32": BitLayout.FP32, "float16": BitLayout.FP16,
+                "bfloat16": BitLayout.BF16, "float64": BitLayout.FP64, "int8": BitLayout.INT8}
+
+
+class PositionMode(str, enum.Enum):
+    EXPLICIT = "explicit"        # listed indices
+    RANDOM = "random"            # `count` random distinct elements
+    CONSECUTIVE = "consecutive"  # `count` consecutive elements along the last axis (channels)
+    GROUPS = "groups"            # groups of `count` consecutive elements repeated over a range
+
+
+class DurationKind(str, enum.Enum):
+    TRANSIENT = "transient"        # the injection step only
+    INTERMITTENT = "intermittent"  # each step from the start with probability p
+    PERMANENT = "permanent"        # every step from the start on
+    STEPS = "steps"                # `steps` consecutive steps from the start
+
+
+def _enum(cls, value, what):
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(str(value).strip().lower())
+    except ValueError:
+        choices = ", ".join(m.value for m in cls)
+        raise SpecError(f"unknown {what} {value!r} (expected one of: {choices})") from None
+
+
+@dataclass(frozen=True)
+class ValueSpec:
+    """What happens to each selected value."""
+
+    model: ValueModel
+    bit: int | None = None           # BITFLIP / STUCK_AT: chosen bit; None = random bit
+    bits: int = 1                    # BITFLIP: number of distinct bits flipped
+    stuck: int = 1                   # STUCK_AT: the bit is forced to this (0 or 1)
+    factor: float = 1.0              # SCALE
+    values: tuple[float, ...] = ()   # SET: one value, or one per position
+    ramp: float = 0.0                # DEGRADE: relative error added per step
+    layout: BitLayout = BitLayout.NATIVE
+
+    def __post_init__(self):
+        object.__setattr__(self, "model", _enum(ValueModel, self.model, "value model"))
+        object.__setattr__(self, "layout", _enum(BitLayout, self.layout, "bit layout"))
+        object.__setattr__(self, "values", tuple(float(v) for v in self.values))
+        m = self.model
+        width = LAYOUT_BITS.get(self.layout)
+        if self.bit is not None:
+            if m not in (ValueModel.BITFLIP, ValueModel.STUCK_AT):
+                raise SpecError(f"'bit' applies to bitflip and stuck_at, not {m.value}")
+            if self.bit < 0 or (width is not None and self.bit >= width):
+                raise SpecError(f"bit {self.bit} is outside the {self.layout.value} layout "
+                                f"(0..{(width or 64) - 1})")
+        if m is ValueModel.BITFLIP:
+            if self.bits < 1 or (width is not None and self.bits > width):
+                raise SpecError(f"bits must be 1..{width or 64}, got {self.bits}")
+            if self.bit is not None and self.bits != 1:
+                raise SpecError("give either a chosen 'bit' or a count of random 'bits', not both")
+        if m is ValueModel.STUCK_AT and self.stuck not in (0, 1):
+            raise SpecError(f"stuck-at value must be 0 or 1, got {self.stuck}")
+        if m is ValueModel.SET and not self.values:
+            raise SpecError("value model 'set' needs replacement values")
+        if m is ValueModel.SCALE and not math.isfinite(self.factor):
+            raise SpecError(f"scale factor must be finite, got {self.factor}")
+        if m is ValueModel.DEGRADE and (not math.isfinite(self.ramp) or self.ramp == 0):
+            raise SpecError(f"degrade needs a finite non-zero ramp, got {self.ramp}")
+
+
+@dataclass(frozen=True)
+class PositionSpec:
+    """Which elements of the operand are hit (canonical layout)."""
+
+    mode: PositionMode = PositionMode.RANDOM
+    indices: tuple[tuple[int, ...], ...] = ()
+    count: int = 1     # RANDOM: elements; CONSECUTIVE / GROUPS: elements per group
+    groups: int = 1    # GROUPS: most groups in the repeated range (1..groups drawn at random)
+
+    def __post_init__(self):
+        object.__setattr__(self, "mode", _enum(PositionMode, self.mode, "position mode"))
+        object.__setattr__(self, "indices", tuple(tuple(int(i) for i in ix) for ix in self.indices))
+        if self.mode is PositionMode.EXPLICIT and not self.indices:
+            raise SpecError("explicit positions need at least one index")
+        if self.mode is not PositionMode.EXPLICIT and self.indices:
+            raise SpecError(f"indices given but position mode is {self.mode.value}")
+        if self.count < 1 or self.groups < 1:
+            raise SpecError("position count and groups must be at least 1")
+
+    def check(self, shape: tuple[int, ...], what: str = "operand") -> None:
+        """Raise SpecError naming the offending index when a position does not fit `shape`."""
+        size = int(np.prod(shape)) if shape else 1
+        if self.mode is PositionMode.EXPLICIT:
+            for ix in self.indices:
+                if len(ix) != len(shape):
+                    raise SpecError(f"position {_fmt(ix)} has {len(ix)} dimensions but the "
+                                    f"{what} has shape {_fmt(shape)}")
+                for d, (i, n) in enumerate(zip(ix, shape)):
+                    if not 0 <= i < n:
+                        raise SpecError(f"position {_fmt(ix)} is outside the {what} of shape "
+                                        f"{_fmt(shape)} (dimension {d}: {i} not in 0..{n - 1})")
+        elif self.mode is PositionMode.RANDOM and self.count > size:
+            raise SpecError(f"{self.count} random positions exceed the {size} elements "
+                            f"of the {what} of shape {_fmt(shape)}")
+        elif self.mode is PositionMode.CONSECUTIVE and self.count > (shape[-1] if shape else 1):
+            raise SpecError(f"{self.count} consecutive elements exceed the last dimension "
+                            f"of the {what} of shape {_fmt(shape)}")
+        elif self.mode is PositionMode.GROUPS and self.count > size:
+            raise SpecError(f"groups of {self.count} exceed the {what} of shape {_fmt(shape)}")
+
+    def resolve(self, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+        """Flat (row-major, canonical layout) indices of the hit elements."""
+        self.check(shape)
+        size = int(np.prod(shape)) if shape else 1
+        if self.mode is PositionMode.EXPLICIT:
+            return np.ravel_multi_index(tuple(np.array(self.indices).T), shape).astype(np.int64)
+        if self.mode is PositionMode.RANDOM:
+            return np.sort(rng.choice(size, size=self.count, replace=False)).astype(np.int64)
+        if self.mode is PositionMode.CONSECUTIVE:
+            last = shape[-1]
+            row = int(rng.integers(size // last))
+            start = int(rng.integers(last // self.count)) * self.count  # aligned, as a SIMD lane
+            return row * last + start + np.arange(self.count, dtype=np.int64)
+        n_groups = int(rng.integers(1, min(self.groups, size // self.count) + 1))
+        span = n_groups * self.count
+        start = int(rng.integers(size - span + 1))
+        return start + np.arange(span, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class Duration:
+    kind: DurationKind = DurationKind.TRANSIENT
+    steps: int = 1
+    probability: float = 1.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", _enum(DurationKind, self.kind, "duration"))
+        if self.steps < 1:
+            raise SpecError(f"duration steps must be at least 1, got {self.steps}")
+        if not 0.0 < self.probability <= 1.0:
+            raise SpecError(f"probability must be in (0, 1], got {self.probability}")
+
+    def active(self, step: int, start: int, seed: int) -> bool:
+        """Whether the fault fires at `step` (deterministic in seed and step)."""
+        if step < start:
+            return False
+        k = self.kind
+        if k is DurationKind.TRANSIENT:
+            return step == start
+        if k is DurationKind.STEPS:
+            return step < start + self.steps
+        if k is DurationKind.PERMANENT:
+            return True
+        return bool(np.random.default_rng([seed, step, 0x1A7]).random() < self.probability)
+
+    def last_step(self, start: int) -> int | None:
+        """The last step the fault can fire at, None when it never stops."""
+        if self.kind is DurationKind.TRANSIENT:
+            return start
+        if self.kind is DurationKind.STEPS:
+            return start + self.steps - 1
+        return None
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    """One fault: what, where and when."""
+
+    site: Site
+    value: ValueSpec
+    positions: PositionSpec = field(default_factory=PositionSpec)
+    layer: str | None = None      # layer name (None only for whole-model state sites)
+    tensor: str | None = None     # PARAM: 'weight' (default) or 'bias'; OPT_STATE: 'm' or 'v'
+    replica: int = 0
+    step: int = 0                 # global training step of the (first) injection
+    duration: Duration = field(default_factory=Duration)
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "site", _enum(Site, self.site, "site"))
+        if self.replica < 0:
+            raise SpecError(f"replica must be >= 0, got {self.replica}")
+        if self.step < 0:
+            raise SpecError(f"step must be >= 0, got {self.step}")
+        if self.layer is None:
+            raise SpecError(f"site {self.site.value} needs a layer")
+        if self.site is Site.OPT_STATE and self.tensor not in (None, "m", "v"):
+            raise SpecError(f"optimizer state tensor must be 'm' or 'v', got {self.tensor!r}")
+        if self.site is Site.PARAM and self.tensor not in (None, "weight", "bias"):
+            raise SpecError(f"parameter tensor must be 'weight' or 'bias', got {self.tensor!r}")
+        if self.value.model is ValueModel.SET and self.positions.mode is PositionMode.EXPLICIT:
+            n, k = len(self.value.values), len(self.positions.indices)
+            if n not in (1, k):
+                raise SpecError(f"{n} replacement values for {k} positions")
+
+    def active(self, step: int) -> bool:
+        return self.duration.active(step, self.step, self.seed)
+
+    def resolve(self, shape: tuple[int, ...], dtype: str, step: int) -> "Corruption":
+        """Resolve positions and random parameters against an operand at `step`.
+
+        Positions and chosen bits depend only on the fault's seed, so a permanent fault keeps
+        hitting the same unit; random replacement values are redrawn each step."""
+        return resolve(self.value, self.positions, shape, dtype,
+                       np.random.default_rng([self.seed, 0xFA17]),
+                       np.random.default_rng([self.seed, step, 0x5EED]),
+                       onset=step - self.step)
+
+
+@dataclass(frozen=True)
+class Corruption:
+    """A fault resolved against one operand: what a framework kernel executes.
+
+    `index` and `src` are flat indices in the canonical layout; a backend remaps them."""
+
+    model: ValueModel
+    index: np.ndarray                    # int64 flat indices of the hit elements
+    layout: BitLayout                    # concrete layout (never NATIVE)
+    masks: np.ndarray | None = None      # BITFLIP / STUCK_AT: uint64 bit masks per element
+    stuck: int = 1
+    values: np.ndarray | None = None     # SET / RANDOM: float64 replacements per element
+    src: np.ndarray | None = None        # COPY: flat source indices per element
+    factor: float = 1.0                  # SCALE / DEGRADE multiplier
+
+
+def _random_masks(rng, n: int, width: int, k: int) -> np.ndarray:
+    """n masks, each with k distinct random bits set among `width` (vectorised)."""
+    order = np.argsort(rng.random((n, width)), axis=1)[:, :k]
+    return np.bitwise_or.reduce(np.left_shift(np.uint64(1), order.astype(np.uint64)), axis=1)
+
+
+def _random_finite(rng, n: int, layout: BitLayout) -> np.ndarray:
+    """Random bit patterns of the layout's width, redrawn until finite, as float64."""
+    from .kernels.reference import bits_to_float  # local: kernels import this module
+    out = np.empty(n, dtype=np.float64)
+    todo = np.arange(n)
+    width = LAYOUT_BITS[layout]
+    while todo.size:
+        hi = np.uint64((1 << width) - 1) if width < 64 else np.uint64(0xFFFFFFFFFFFFFFFF)
+        raw = rng.integers(0, hi, size=todo.size, dtype=np.uint64, endpoint=True)
+        vals = bits_to_float(raw, layout)
+        ok = np.isfinite(vals)
+        out[todo[ok]] = vals[ok]
+        todo = todo[~ok]
+    return out
+
+
+def resolve(value: ValueSpec, positions: PositionSpec, shape: tuple[int, ...], dtype: str,
+            place_rng: np.random.Generator, value_rng: np.random.Generator,
+            onset: int = 0) -> Corruption:
+    """Resolve a value and position spec against an operand of `shape` and `dtype`."""
+    if dtype not in DTYPE_LAYOUT:
+        raise SpecError(f"cannot corrupt a tensor of dtype {dtype}")
+    layout = DTYPE_LAYOUT[dtype] if value.layout is BitLayout.NATIVE else value.layout
+    if dtype == "int8" and layout is not BitLayout.INT8:
+        raise SpecError(f"an int8 tensor cannot be corrupted in the {layout.value} layout")
+    idx = positions.resolve(tuple(shape), place_rng)
+    n = idx.size
+    width = LAYOUT_BITS[layout]
+    m = value.model
+    kw: dict = {}
+    if m is ValueModel.BITFLIP:
+        if value.bit is not None:
+            if value.bit >= width:
+                raise SpecError(f"bit {value.bit} is outside the {layout.value} layout")
+            kw["masks"] = np.full(n, np.uint64(1) << np.uint64(value.bit), dtype=np.uint64)
+        else:
+            if value.bits > width:
+                raise SpecError(f"cannot flip {value.bits} distinct bits in the "
+                                f"{width}-bit {layout.value} layout")
+            kw["masks"] = _random_masks(place_rng, n, width, value.bits)
+    elif m is ValueModel.STUCK_AT:
+        bits = (np.full(n, value.bit, dtype=np.uint64) if value.bit is not None
+                else place_rng.integers(0, width, size=n).astype(np.uint64))
+        if value.bit is not None and value.bit >= width:
+            raise SpecError(f"bit {value.bit} is outside the {layout.value} layout")
+        kw["masks"] = np.left_shift(np.uint64(1), bits)
+        kw["stuck"] = value.stuck
+    elif m is ValueModel.SET:
+        vals = np.asarray(value.values, dtype=np.float64)
+        kw["values"] = np.broadcast_to(vals, (n,)).copy() if vals.size in (1, n) else None
+        if kw["values"] is None:
+            raise SpecError(f"{vals.size} replacement values for {n} positions")
+    elif m is ValueModel.RANDOM:
+        kw["values"] = _random_finite(value_rng, n, layout)
+    elif m is ValueModel.COPY:
+        size = int(np.prod(shape)) if shape else 1
+        if size < 2:
+            raise SpecError("copy needs an operand of at least two elements")
+        off = place_rng.integers(1, size, size=n)  # never the element itself
+        kw["src"] = ((idx + off) % size).astype(np.int64)
+    elif m is ValueModel.SCALE:
+        kw["factor"] = value.factor
+    elif m is ValueModel.DEGRADE:
+        kw["factor"] = 1.0 + value.ramp * (max(onset, 0) + 1)
+    return Corruption(model=m, index=idx, layout=layout, **kw)
+
+
+def _fmt(ix) -> str:
+    return "/".join(str(int(i)) for i in ix)
+
+
+# --- the ISCA'23 artifact's fault models -------------------------------------------------------
+
+ISCA_STAGES = ("fwrd_inject", "bkwd_inject")
+
+
+def isca_fault(fmodel: str, stage: str, layer: str, positions: tuple[tuple[int, ...], ...],
+               values: tuple[float, ...]) -> tuple[Site, str, ValueSpec, PositionSpec]:
+    """Map an ISCA (stage, fmodel, target_layer, inj_pos, inj_values) onto faultlab's model.
+
+    Returns (site, base layer name, value spec, position spec). Replacement values given in the
+    file are exact (model SET at the listed positions); without them the fmodel's own
+    distribution is used. `_16` fmodels corrupt the value in the bf16 layout (the TPU's)."""
+    fm = fmodel.strip().upper()
+    if stage not in ISCA_STAGES:
+        raise SpecError(f"unknown stage {stage!r} (expected fwrd_inject or bkwd_inject)")
+    base = layer
+    operand = ("input" if fm.startswith(("INPUT", "N64_INPUT")) else
+               "weight" if fm.startswith(("WT", "N64_WT")) else "output")
+    if fm not in ISCA_FMODELS:
+        raise SpecError(f"unknown ISCA fmodel {fmodel!r} (expected one of: "
+                        f"{', '.join(sorted(ISCA_FMODELS))})")
+    if stage == "fwrd_inject":
+        if layer.endswith(("_grad_in", "_grad_wt")):
+            raise SpecError(f"layer {layer!r} is a backward site but stage is fwrd_inject")
+        site = {"input": Site.FWD_INPUT, "weight": Site.FWD_WEIGHT, "output": Site.FWD_OUTPUT}[operand]
+    else:
+        if layer.endswith("_grad_in"):
+            base = layer[: -len("_grad_in")]
+            site = {"input": Site.BWD_INPUT, "weight": Site.BWD_WEIGHT,
+                    "output": Site.GRAD_IN}[operand]
+        elif layer.endswith("_grad_wt"):
+            base = layer[: -len("_grad_wt")]
+            if operand != "output":
+                raise SpecError(f"operand faults ({fmodel}) on the weight-gradient computation "
+                                f"({layer}) are not supported; use an output fault model")
+            site = Site.GRAD_WT
+        else:
+            raise SpecError(f"backward layer {layer!r} must end in _grad_in or _grad_wt")
+    layout = BitLayout.BF16 if fm.endswith("_16") else BitLayout.NATIVE
+    if positions:
+        pos = PositionSpec(PositionMode.EXPLICIT, indices=positions)
+        if values:
+            return site, base, ValueSpec(ValueModel.SET, values=values), pos
+    n = 64 if fm.startswith("N64") else 16 if fm.startswith("N16") or fm.endswith("_GLB") else 1
+    glb = fm.endswith("_GLB")
+    if not positions:
+        pos = (PositionSpec(PositionMode.GROUPS, count=n, groups=64) if glb else
+               PositionSpec(PositionMode.CONSECUTIVE, count=n) if n > 1 else
+               PositionSpec(PositionMode.RANDOM, count=1))
+    if fm in ("INPUT", "INPUT_16", "WT", "WT_16", "RBFLIP"):
+        val = ValueSpec(ValueModel.BITFLIP, layout=layout)
+    elif fm in ("RD", "N16_RD", "RD_GLB"):
+        val = ValueSpec(ValueModel.RANDOM)
+    elif fm == "ZERO":
+        val = ValueSpec(ValueModel.ZERO)
+    else:  # the *_CORRECT and N64 models copy values from elsewhere in the tensor
+        val = ValueSpec(ValueModel.COPY)
+    return site, base, val, pos
+
+
+ISCA_FMODELS = frozenset({
+    "INPUT", "INPUT_16", "WT", "WT_16", "RBFLIP", "RD", "RD_CORRECT", "ZERO", "N16_RD",
+    "N16_RD_CORRECT", "RD_GLB", "RD_CORRECT_GLB", "N64_INPUT", "N64_WT", "N64_INPUT_16",
+    "N64_WT_16", "N64_INPUT_GLB", "N64_WT_GLB",
+})

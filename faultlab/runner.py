@@ -1,0 +1,133 @@
+"""Golden runs and trials (framework-free: a backend supplies the trainer).
+
+A trial restores the latest golden checkpoint at or before its injection step, trains to the
+step (bit-identical to the golden run), injects, runs its horizon, evaluates at the next
+evaluation point, and is classified against the golden run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import golden as goldenmod
+from .backend import Backend, check_fault, load_backend
+from .errors import SpecError
+from .outcomes import OutcomeRules, classify
+from .results import TrialResult
+from .trials import Trial
+from .workloads.base import WorkloadConfig
+
+
+def trial_window(trial: Trial) -> tuple[int, int]:
+    """(first injected step, exclusive end step) of a trial; the end is rounded up to the next
+    evaluation point so the trial's test accuracy is comparable with the golden run's."""
+    c = trial.workload
+    start = trial.inject_step if trial.inject_step is not None else 0
+    if trial.horizon is None:
+        return start, c.total_steps
+    end = start + trial.horizon + 1
+    spe = c.steps_per_epoch
+    return start, min(c.total_steps, -(-end // spe) * spe)
+
+
+@dataclass
+class Session:
+    """Trainers and golden runs of one process, reused across the trials it runs."""
+
+    threads: int = 1
+    rules: OutcomeRules = field(default_factory=OutcomeRules)
+    _trainers: dict = field(default_factory=dict)
+    _goldens: dict = field(default_factory=dict)
+
+    def backend(self, config: WorkloadConfig) -> Backend:
+        return load_backend(config.framework)
+
+    def trainer(self, config: WorkloadConfig):
+        key = config.key()
+        if key not in self._trainers:
+            self._trainers.clear()  # one live model per process keeps memory flat
+            self._trainers[key] = self.backend(config).build_trainer(config)
+        return self._trainers[key]
+
+    def golden(self, config: WorkloadConfig, progress: Callable | None = None) -> goldenmod.GoldenRun:
+        key = config.key()
+        if key in self._goldens:
+            return self._goldens[key]
+        directory = goldenmod.golden_dir(config, self.threads)
+        run = goldenmod.load(config, directory)
+        if run is None:
+            trainer = self.backend(config).build_trainer(config)  # fresh: initial weights
+            run = goldenmod.record(trainer, config, directory, progress)
+        self._goldens[key] = run
+        return run
+
+    def validate(self, trial: Trial) -> None:
+        table = self.backend(trial.workload).operand_shapes(trial.workload)
+        for f in trial.faults:
+            check_fault(table, f, trial.workload)
+
+    def run_trial(self, trial: Trial, campaign: str = "") -> TrialResult:
+        t0 = time.perf_counter()
+        cfg = trial.workload
+        gold = self.golden(cfg)
+        trainer = self.trainer(cfg)
+        start, end = trial_window(trial)
+        ckpt = gold.checkpoint_before(start)
+        trainer.set_state(gold.state(ckpt))
+        losses, accs = [], []
+        first_nf = None
+        for step in range(ckpt, end):
+            firing = [f for f in trial.faults if f.active(step)]
+            m = trainer.train_step(step, firing)
+            losses.append(m.loss)
+            accs.append(m.acc)
+            if not math.isfinite(m.loss):
+                first_nf = step
+                break
+        test = None
+        if first_nf is None:
+            e = trainer.evaluate()
+            test = (e.loss, e.acc)
+            if not (math.isfinite(e.loss)):
+                first_nf = end - 1  # the state went non-finite without the loss showing it
+        steps = range(ckpt, ckpt + len(losses))
+        g_loss = [gold.loss[s] for s in steps]
+        g_acc = [gold.acc[s] for s in steps]
+        g_test = gold.eval_after(end)
+        bit_exact = (first_nf is None and losses == g_loss and accs == g_acc
+                     and g_test is not None and tuple(test) == tuple(g_test))
+        cls = classify(accs, g_acc, start - ckpt,
+                       None if first_nf is None else first_nf - start,
+                       test[1] if test else None, g_test[1] if g_test else None,
+                       bit_exact, self.rules)
+        return TrialResult(
+            campaign=campaign, trial_id=trial.trial_id, source=trial.source,
+            framework=cfg.framework.value, workload=cfg.workload, workload_key=cfg.key(),
+            faults=trial.describe_faults(), outcome=cls.outcome, bit_exact=cls.bit_exact,
+            inject_step=trial.inject_step, first_nonfinite_step=first_nf,
+            final_train_acc=accs[-1] if accs else None,
+            final_test_acc=test[1] if test else None,
+            golden_test_acc=g_test[1] if g_test else None,
+            final_loss=losses[-1] if losses else None, max_acc_drop=cls.max_acc_drop,
+            steps_run=len(losses), wall_s=time.perf_counter() - t0,
+            metrics={"start": ckpt, "loss": losses, "acc": accs, "golden_loss": g_loss,
+                     "golden_acc": g_acc, "test": list(test) if test else None,
+                     "golden_test": list(g_test) if g_test else None})
+
+
+def validate_trials(trials, session: Session | None = None) -> None:
+    """Check every fault of every trial against its workload's operand shapes."""
+    session = session or Session()
+    tables: dict[str, object] = {}
+    for t in trials:
+        key = t.workload.key()
+        if key not in tables:
+            tables[key] = session.backend(t.workload).operand_shapes(t.workload)
+        for f in t.faults:
+            try:
+                check_fault(tables[key], f, t.workload)
+            except SpecError as e:
+                raise SpecError(f"{t.source}: {e}") from None

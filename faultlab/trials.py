@@ -1,0 +1,75 @@
+"""A trial: one workload configuration, the faults injected into it, and how long to watch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from .faults import FaultSpec
+from .workloads.base import WorkloadConfig
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One experiment. No faults = a fault-free control trial (it must match the golden run)."""
+
+    trial_id: str
+    workload: WorkloadConfig
+    faults: tuple[FaultSpec, ...] = ()
+    horizon: int | None = None     # steps to run after the first injection; None = to the end
+    source: str = ""               # "file:row" the trial came from, for messages
+
+    @property
+    def inject_step(self) -> int | None:
+        return min((f.step for f in self.faults), default=None)
+
+    @property
+    def end_step(self) -> int:
+        """Exclusive end of the trial's training (bounded by the run's length)."""
+        total = self.workload.total_steps
+        start = self.inject_step
+        if start is None or self.horizon is None:
+            return total
+        return min(total, start + self.horizon + 1)
+
+    def describe_faults(self) -> list[dict]:
+        return [fault_to_dict(f) for f in self.faults]
+
+    def digest(self) -> str:
+        blob = json.dumps({"w": self.workload.to_dict(), "f": self.describe_faults(),
+                           "h": self.horizon}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def fault_to_dict(f: FaultSpec) -> dict:
+    """A JSON-able description of a fault (for results and --json)."""
+    v, p, d = f.value, f.positions, f.duration
+    out = {"site": f.site.value, "layer": f.layer, "replica": f.replica, "step": f.step,
+           "value": v.model.value, "positions": p.mode.value, "duration": d.kind.value,
+           "seed": f.seed}
+    if f.tensor:
+        out["tensor"] = f.tensor
+    if p.indices:
+        out["indices"] = ["/".join(map(str, ix)) for ix in p.indices]
+    if p.mode.value != "explicit":
+        out["count"] = p.count
+    if v.bit is not None:
+        out["bit"] = v.bit
+    if v.model.value == "bitflip" and v.bit is None:
+        out["bits"] = v.bits
+    if v.model.value == "stuck_at":
+        out["stuck"] = v.stuck
+    if v.values:
+        out["values"] = list(v.values)
+    if v.model.value == "scale":
+        out["factor"] = v.factor
+    if v.model.value == "degrade":
+        out["ramp"] = v.ramp
+    if v.layout.value != "native":
+        out["layout"] = v.layout.value
+    if d.kind.value == "steps":
+        out["duration_steps"] = d.steps
+    if d.kind.value == "intermittent":
+        out["probability"] = d.probability
+    return out

@@ -1,0 +1,266 @@
+"""The torch backend: builds workloads, trains them with emulated data-parallel replicas, and
+reports operand shapes.
+
+Replica emulation (MirroredStrategy semantics in one process): each global batch is split into
+R shards; replica r runs forward and backward on its shard with its own batch statistics, the
+gradients are averaged (each shard's mean loss is scaled by 1/R and accumulated in replica
+order, a fixed order, so results are bit-reproducible) and one optimizer step follows. BatchNorm
+running statistics are the mean of the replicas'. A fault fires only while its replica's shard
+is computed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..backend import EvalMetrics, StepMetrics
+from ..errors import SpecError
+from ..faults import FaultSpec, Site
+from ..injectors.torch_hooks import TorchInjector, act_perm, canonical_shape, dtype_name, weight_perm
+from . import data as datamod
+from .base import WorkloadConfig, is_user_workload
+from .torch_models import MLP, ResNet18, TransformerLM, layer_map
+
+
+def _lm_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y)
+
+
+@dataclass
+class TorchWorkload:
+    """What a torch workload function returns (see docs/workloads.md).
+
+    model: the nn.Module; data: the dataset (NumPy arrays; images NHWC in [0, 1]);
+    sample_shape: one input sample's shape in the canonical layout (e.g. (32, 32, 3));
+    loss: mean loss of (outputs, labels); augment: apply the artifact's flip/pad/crop;
+    make_optimizer: builds the optimizer from (parameters, lr)."""
+
+    model: nn.Module
+    data: datamod.Dataset | None
+    sample_shape: tuple[int, ...]
+    input_dtype: torch.dtype = torch.float32
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _ce
+    augment: bool = False
+    make_optimizer: Callable = field(default=lambda params, lr: torch.optim.Adam(params, lr=lr))
+
+
+def build_workload(config: WorkloadConfig, with_data: bool = True) -> TorchWorkload:
+    """Build the model (and data) of a configuration; seeds the initial weights."""
+    torch.manual_seed(config.seed)
+    name = config.workload
+    if is_user_workload(name):
+        mod_name, _, fn_name = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(mod_name), fn_name)
+        except (ImportError, AttributeError) as e:
+            raise SpecError(f"cannot load workload {name!r}: {e}") from None
+        wl = fn(config)
+        if not isinstance(wl, TorchWorkload):
+            raise SpecError(f"workload {name!r} returned {type(wl).__name__}, not TorchWorkload")
+        return wl
+    data = datamod.load(config) if with_data or name == "transformer" else None
+    s = config.input_size
+    if name == "resnet18":
+        dropout = float(config.option("dropout", "0.1"))
+        return TorchWorkload(ResNet18(config.width, 10, 3, dropout), data, (s, s, 3),
+                             augment=config.option("augment", "1") == "1")
+    if name == "mlp":
+        return TorchWorkload(MLP(s * s, config.width, 10), data if with_data else None, (s, s, 1))
+    if name == "transformer":
+        model = TransformerLM(data.classes, config.width, s,
+                              int(config.option("blocks", "2")), int(config.option("heads", "4")))
+        return TorchWorkload(model, data if with_data else None, (s,), torch.long, _lm_loss)
+    raise SpecError(f"workload {name!r} has no torch implementation")
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0])
+
+
+def _to_input(x: np.ndarray, wl: TorchWorkload) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    if wl.input_dtype is torch.long:
+        return t.long()
+    t = t.to(wl.input_dtype)
+    return t.permute(0, 3, 1, 2).contiguous() if t.dim() == 4 else t
+
+
+class TorchTrainer:
+    """A training session of one workload configuration (see the module docstring)."""
+
+    def __init__(self, config: WorkloadConfig):
+        torch.use_deterministic_algorithms(True)
+        self.config = config
+        self.wl = build_workload(config)
+        self.model = self.wl.model
+        self.pipeline = datamod.Pipeline(config, self.wl.data, augment=self.wl.augment)
+        self.optimizer = self.wl.make_optimizer(self.model.parameters(), config.lr)
+        self.layers = layer_map(self.model)
+        self.injector = TorchInjector(self.layers, self.optimizer)
+        self._buffers = [b for _, b in self.model.named_buffers()]
+        decay = int(config.option("decay_steps", "0")) or config.total_steps
+        self._decay = (decay, float(config.option("end_lr_ratio", "0.1")))
+
+    def lr_at(self, step: int) -> float:
+        """Polynomial (power 1) decay from lr to lr * end_lr_ratio, as in the artifact."""
+        decay, ratio = self._decay
+        lr0 = self.config.lr
+        return (lr0 - lr0 * ratio) * (1 - min(step, decay) / decay) + lr0 * ratio
+
+    def train_step(self, step: int, faults: Sequence[FaultSpec] = ()) -> StepMetrics:
+        c = self.config
+        self.model.train()
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr_at(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        x, y = self.pipeline.batch(step)
+        b = c.per_replica_batch
+        snapshot = [t.clone() for t in self._buffers] if c.replicas > 1 else None
+        after: list[list[torch.Tensor]] = []
+        loss_sum, correct, count = 0.0, 0, 0
+        self.injector.begin_step(faults, step)
+        try:
+            for r in range(c.replicas):
+                self.injector.replica = r
+                torch.manual_seed(_seed(c.seed, step, r))
+                if snapshot is not None and r:
+                    for t, s in zip(self._buffers, snapshot):
+                        t.copy_(s)
+                xr, yr = _to_input(x[r * b:(r + 1) * b], self.wl), torch.from_numpy(y[r * b:(r + 1) * b])
+                out = self.model(xr)
+                loss = self.wl.loss(out, yr)
+                (loss / c.replicas).backward()
+                loss_sum += float(loss.detach())
+                correct += int((out.detach().argmax(-1) == yr).sum())
+                count += yr.numel()
+                if snapshot is not None:
+                    after.append([t.clone() for t in self._buffers])
+            self.injector.replica = 0
+            if snapshot is not None:
+                with torch.no_grad():
+                    for i, t in enumerate(self._buffers):
+                        if t.is_floating_point():
+                            t.copy_(torch.stack([a[i] for a in after]).mean(0))
+                        else:
+                            t.copy_(after[-1][i])
+            self.optimizer.step()
+        finally:
+            self.injector.end_step()
+        return StepMetrics(loss_sum / c.replicas, correct / max(count, 1))
+
+    @torch.no_grad()
+    def evaluate(self) -> EvalMetrics:
+        self.model.eval()
+        total, correct, loss_sum = 0, 0, 0.0
+        for x, y in self.pipeline.test_batches(256):
+            xt, yt = _to_input(x, self.wl), torch.from_numpy(y)
+            out = self.model(xt)
+            n = yt.numel()
+            loss_sum += float(self.wl.loss(out, yt)) * n
+            correct += int((out.argmax(-1) == yt).sum())
+            total += n
+        return EvalMetrics(loss_sum / max(total, 1), correct / max(total, 1))
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        out = {f"model/{k}": v.detach().cpu().numpy().copy()
+               for k, v in self.model.state_dict().items()}
+        for i, st in self.optimizer.state_dict()["state"].items():
+            for k, v in st.items():
+                out[f"optim/{i}/{k}"] = (v.detach().cpu().numpy().copy()
+                                         if isinstance(v, torch.Tensor) else np.asarray(v))
+        return out
+
+    def set_state(self, state: Mapping[str, np.ndarray]) -> None:
+        model = {k[6:]: torch.from_numpy(np.array(v)) for k, v in state.items()
+                 if k.startswith("model/")}
+        self.model.load_state_dict(model)
+        opt: dict[int, dict] = {}
+        for k, v in state.items():
+            if k.startswith("optim/"):
+                _, i, name = k.split("/", 2)
+                opt.setdefault(int(i), {})[name] = torch.from_numpy(np.array(v))
+        sd = self.optimizer.state_dict()
+        sd["state"] = opt
+        self.optimizer.load_state_dict(sd)
+
+    def replica_gradient_probe(self):
+        """Record each replica's contribution to every parameter's gradient (for tests and
+        the replica-divergence detector): returns (records, remove)."""
+        records: dict[int, dict[str, torch.Tensor]] = {}
+        handles = []
+        for name, p in self.model.named_parameters():
+            def hook(g, name=name):
+                records.setdefault(self.injector.replica, {})[name] = g.detach().clone()
+            handles.append(p.register_hook(hook))
+        return records, lambda: [h.remove() for h in handles]
+
+
+def operand_shapes(config: WorkloadConfig):
+    """Every layer's operand shapes (canonical layout, per replica) from one forward pass on
+    the meta device: nothing is allocated, so the artifact's full size is instant."""
+    with torch.device("meta"):
+        wl = build_workload(config, with_data=False)
+    model = wl.model
+    table: dict[str, dict] = {}
+    handles = []
+    for name, mod in layer_map(model).items():
+        def hook(m, args, out, name=name):
+            x = args[0] if args else None
+            entry = table.setdefault(name, {})
+            w = m.weight
+            wshape = canonical_shape(w.shape, weight_perm(w.dim()))
+            wd = dtype_name(w)
+            entry.update({Site.FWD_WEIGHT: (wshape, wd), Site.GRAD_WT: (wshape, wd),
+                          Site.PARAM: (wshape, wd), Site.OPT_STATE: (wshape, wd),
+                          Site.BWD_WEIGHT: (wshape, wd)})
+            if getattr(m, "bias", None) is not None:
+                entry["bias"] = (tuple(m.bias.shape), dtype_name(m.bias))
+            if isinstance(out, torch.Tensor):
+                oshape = canonical_shape(out.shape, act_perm(out.dim()))
+                entry[Site.FWD_OUTPUT] = entry[Site.GRAD_OUT] = (oshape, dtype_name(out))
+            if isinstance(x, torch.Tensor):
+                ishape = canonical_shape(x.shape, act_perm(x.dim()))
+                entry[Site.FWD_INPUT] = entry[Site.GRAD_IN] = (ishape, dtype_name(x))
+                if isinstance(m, nn.Conv2d) and isinstance(out, torch.Tensor):
+                    # the dilated incoming gradient lives on the input's spatial grid
+                    n, h, w_, _ = ishape
+                    entry[Site.BWD_INPUT] = ((n, h, w_, oshape[-1]), dtype_name(out))
+                elif isinstance(m, nn.Linear) and isinstance(out, torch.Tensor):
+                    entry[Site.BWD_INPUT] = (oshape, dtype_name(out))
+            if not isinstance(m, (nn.Conv2d, nn.Linear)):
+                entry.pop(Site.BWD_WEIGHT, None)
+        handles.append(mod.register_forward_hook(hook))
+    shape = (config.per_replica_batch,) + tuple(wl.sample_shape)
+    with torch.device("meta"):
+        x = torch.zeros(shape, dtype=wl.input_dtype)
+        if x.dim() == 4:
+            x = x.permute(0, 3, 1, 2)
+        model(x)
+    for h in handles:
+        h.remove()
+    return table
+
+
+class _TorchBackend:
+    name = "torch"
+
+    def build_trainer(self, config: WorkloadConfig) -> TorchTrainer:
+        return TorchTrainer(config)
+
+    def operand_shapes(self, config: WorkloadConfig):
+        return operand_shapes(config)
+
+
+BACKEND = _TorchBackend()

@@ -1,0 +1,548 @@
+"""The torch corruption kernels agree with the NumPy reference bit for bit (NaN payloads
+included), for every value model, dtype, bit position and emulated layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from faultlab.errors import SpecError
+from faultlab.faults import (DTYPE_LAYOUT, LAYOUT_BITS, BitLayout, Corruption, PositionSpec,
+                             ValueModel, ValueSpec, resolve)
+from faultlab.injectors.torch_kernels import prepare
+from faultlab.kernels.reference import apply_reference, bits_to_float, convert_bits
+
+DTYPES = ["float32", "float16", "bfloat16", "float64", "int8"]
+FLOAT_DTYPES = DTYPES[:4]
+FLOAT_LAYOUTS = [BitLayout.FP32, BitLayout.FP16, BitLayout.BF16, BitLayout.FP64]
+TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+         "float64": torch.float64, "int8": torch.int8}
+UINT = {"float32": np.uint32, "float16": np.uint16, "bfloat16": np.uint16,
+        "float64": np.uint64, "int8": np.uint8}
+SINT = {np.uint8: np.int8, np.uint16: np.int16, np.uint32: np.int32, np.uint64: np.int64}
+NP = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16,
+      "float64": np.float64, "int8": np.int8}
+TORCH_INT = {"float32": torch.int32, "float16": torch.int16, "bfloat16": torch.int16,
+             "float64": torch.int64, "int8": torch.int8}
+
+# (exponent bits, mantissa bits) per float dtype
+FMT = {"float16": (5, 10), "bfloat16": (8, 7), "float32": (8, 23), "float64": (11, 52)}
+
+
+def _specials(dtype: str) -> list[int]:
+    """Bit patterns of the special values of a dtype."""
+    if dtype == "int8":
+        return [0, 1, 0xFF, 0x7F, 0x80, 0x81, 0xFE]
+    e, m = FMT[dtype]
+    w = 1 + e + m
+    sign = 1 << (w - 1)
+    inf = ((1 << e) - 1) << m
+    quiet = 1 << (m - 1)
+    one = ((1 << (e - 1)) - 1) << m
+    pats = [0, 1, (1 << m) - 1, 1 << m, inf - 1, inf, inf | quiet, inf | 1, inf | (quiet - 1),
+            inf | quiet | 0x5, inf | ((1 << m) - 1), one, one | 1, one + (1 << m)]
+    return pats + [p | sign for p in pats]
+
+
+SPECIALS = {d: np.array(_specials(d), dtype=np.uint64) for d in DTYPES}
+
+
+def make_tensor(dtype: str, n: int, seed: int) -> np.ndarray:
+    """A flat array of `dtype` (uint16 bits for bf16): random bit patterns, ordinary values
+    over many magnitudes, and special values (+-0, subnormals, max/min finite, Inf, NaNs)."""
+    rng = np.random.default_rng(seed)
+    u = UINT[dtype]
+    w = np.dtype(u).itemsize * 8
+    raw = rng.integers(0, np.uint64(2 ** w - 1), size=n, dtype=np.uint64, endpoint=True)
+    kind = rng.integers(0, 3, size=n)
+    if dtype == "int8":
+        ordinary = rng.integers(-128, 128, size=n).astype(np.int8).view(np.uint8).astype(np.uint64)
+    else:
+        vals = rng.standard_normal(n) * 10.0 ** rng.uniform(-8, 8, size=n)
+        ordinary = convert_bits(vals.view(np.uint64), BitLayout.FP64,
+                                DTYPE_LAYOUT[dtype]).astype(np.uint64)
+    special = rng.choice(SPECIALS[dtype], size=n)
+    bits = np.where(kind == 0, raw, np.where(kind == 1, ordinary, special)).astype(u)
+    return bits if dtype == "bfloat16" else bits.view(NP[dtype])
+
+
+def to_torch(x: np.ndarray, dtype: str) -> torch.Tensor:
+    u = UINT[dtype]
+    return torch.from_numpy(x.view(u).view(SINT[u]).copy()).view(TORCH[dtype])
+
+
+def tbits(t: torch.Tensor, dtype: str) -> np.ndarray:
+    u = UINT[dtype]
+    return t.contiguous().view(TORCH_INT[dtype]).numpy().view(u)
+
+
+def nbits(x: np.ndarray, dtype: str) -> np.ndarray:
+    return x.view(UINT[dtype])
+
+
+def check(x: np.ndarray, c: Corruption, dtype: str) -> np.ndarray:
+    """Run reference and torch (apply and apply_); assert bit equality and locality."""
+    ref = apply_reference(x, c, dtype)
+    assert ref.dtype == x.dtype and ref.shape == x.shape
+    t = to_torch(x, dtype)
+    tc = prepare(c, t)
+    out = tc.apply(t)
+    got, want = tbits(out, dtype), nbits(ref, dtype)
+    bad = np.nonzero(got != want)[0]
+    assert bad.size == 0, (f"{c.model.value}/{c.layout.value} on {dtype}: element {bad[0]}: "
+                           f"x={nbits(x, dtype)[bad[0]]:#x} torch={got[bad[0]]:#x} "
+                           f"reference={want[bad[0]]:#x}")
+    assert (tbits(t, dtype) == nbits(x, dtype)).all(), "apply modified its input"
+    outside = np.ones(x.size, dtype=bool)
+    outside[np.asarray(c.index)] = False
+    assert (want[outside] == nbits(x, dtype)[outside]).all(), "non-indexed element changed"
+    t2 = to_torch(x, dtype)
+    ptr = t2.data_ptr()
+    assert tc.apply_(t2) is t2 and t2.data_ptr() == ptr
+    assert (tbits(t2, dtype) == want).all(), "apply_ differs from apply"
+    return ref
+
+
+def layouts_for(dtype: str) -> list[BitLayout]:
+    return [BitLayout.INT8] if dtype == "int8" else FLOAT_LAYOUTS + [BitLayout.INT8]
+
+
+def pick_index(rng, n: int, k: int) -> np.ndarray:
+    return rng.choice(n, size=min(k, n), replace=False).astype(np.int64)
+
+
+_BASE = settings(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def cfg(n: int) -> settings:
+    return settings(_BASE, max_examples=n)
+
+
+@st.composite
+def dtype_layout(draw, dtypes=DTYPES):
+    dtype = draw(st.sampled_from(dtypes))
+    return dtype, draw(st.sampled_from(layouts_for(dtype)))
+
+
+# --- bit-level models --------------------------------------------------------------------
+
+@cfg(600)
+@given(dl=dtype_layout(), data=st.data(), n=st.integers(1, 48), seed=st.integers(0, 2**32 - 1),
+       model=st.sampled_from(["flip", "stuck0", "stuck1"]))
+def test_single_bit_every_position(dl, data, n, seed, model):
+    dtype, layout = dl
+    bit = data.draw(st.integers(0, LAYOUT_BITS[layout] - 1), label="bit")
+    rng = np.random.default_rng(seed)
+    x = make_tensor(dtype, n, seed)
+    idx = pick_index(rng, n, int(rng.integers(1, n + 1)))
+    masks = np.full(idx.size, np.uint64(1) << np.uint64(bit), dtype=np.uint64)
+    c = Corruption(ValueModel.BITFLIP if model == "flip" else ValueModel.STUCK_AT, idx, layout,
+                   masks=masks, stuck=0 if model == "stuck0" else 1)
+    check(x, c, dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("layout", FLOAT_LAYOUTS + [BitLayout.INT8])
+def test_every_bit_exhaustive_on_specials(dtype, layout):
+    """Every bit of every emulated layout, flipped in every special value at once."""
+    x = np.concatenate([SPECIALS[dtype].astype(UINT[dtype]).view(NP[dtype]),
+                        make_tensor(dtype, 16, 7)])
+    for bit in range(LAYOUT_BITS[layout]):
+        for model in (ValueModel.BITFLIP, ValueModel.STUCK_AT):
+            idx = np.arange(x.size, dtype=np.int64)
+            masks = np.full(x.size, np.uint64(1) << np.uint64(bit), dtype=np.uint64)
+            check(x, Corruption(model, idx, layout, masks=masks, stuck=bit % 2), dtype)
+
+
+@cfg(400)
+@given(dl=dtype_layout(), data=st.data(), n=st.integers(1, 48), seed=st.integers(0, 2**32 - 1),
+       mode=st.sampled_from(["random", "consecutive", "groups"]))
+def test_k_bit_random_masks(dl, data, n, seed, mode):
+    dtype, layout = dl
+    width = LAYOUT_BITS[layout]
+    k = data.draw(st.integers(1, width), label="bits")
+    count = data.draw(st.integers(1, n), label="count")
+    spec = ValueSpec(ValueModel.BITFLIP, bits=k, layout=layout)
+    shape = (n,)
+    c = resolve(spec, PositionSpec(mode, count=count, groups=3), shape, dtype,
+                np.random.default_rng([seed, 1]), np.random.default_rng([seed, 2]))
+    popcount = np.array([bin(int(m)).count("1") for m in c.masks])
+    assert (popcount == k).all()
+    assert width == 64 or (c.masks < np.uint64(1 << width)).all()
+    check(make_tensor(dtype, n, seed), c, dtype)
+
+
+@cfg(250)
+@given(dl=dtype_layout(), n=st.integers(1, 40), seed=st.integers(0, 2**32 - 1),
+       stuck=st.sampled_from([0, 1]), chosen=st.booleans())
+def test_stuck_at_via_resolve(dl, n, seed, stuck, chosen):
+    dtype, layout = dl
+    bit = int(np.random.default_rng(seed).integers(LAYOUT_BITS[layout])) if chosen else None
+    spec = ValueSpec(ValueModel.STUCK_AT, bit=bit, stuck=stuck, layout=layout)
+    c = resolve(spec, PositionSpec("random", count=max(1, n // 2)), (n,), dtype,
+                np.random.default_rng(seed), np.random.default_rng(seed + 1))
+    ref = check(make_tensor(dtype, n, seed), c, dtype)
+    if layout is DTYPE_LAYOUT[dtype]:  # natively, the bit really is stuck
+        b = nbits(ref, dtype)[c.index].astype(np.uint64)
+        assert (((b & c.masks) != 0) == bool(stuck)).all()
+
+
+@cfg(150)
+@given(dtype=st.sampled_from(DTYPES), n=st.integers(1, 48), seed=st.integers(0, 2**32 - 1),
+       k=st.integers(1, 8))
+def test_bitflip_twice_restores(dtype, n, seed, k):
+    width = LAYOUT_BITS[DTYPE_LAYOUT[dtype]]
+    c = resolve(ValueSpec(ValueModel.BITFLIP, bits=min(k, width)),
+                PositionSpec("random", count=max(1, n // 3)), (n,), dtype,
+                np.random.default_rng(seed), np.random.default_rng(seed))
+    x = make_tensor(dtype, n, seed)
+    once = check(x, c, dtype)
+    twice = check(once, c, dtype)
+    assert (nbits(twice, dtype) == nbits(x, dtype)).all()
+    t = to_torch(x, dtype)
+    tc = prepare(c, t)
+    tc.apply_(t)
+    tc.apply_(t)
+    assert (tbits(t, dtype) == nbits(x, dtype)).all()
+
+
+# --- value models -----------------------------------------------------------------------
+
+def _finite_for(dtype):
+    if dtype == "int8":
+        return st.floats(-300, 300, allow_nan=False)
+    return st.one_of(st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=True),
+                     st.floats(-70000, 70000), st.floats(-1e-6, 1e-6),
+                     st.sampled_from([0.0, -0.0, 2.0 ** -149, 2.0 ** -24, 2.0 ** -133,
+                                      65504.0, 65520.0, 3.4028235e38, 3.4e38 * 1.0000001,
+                                      1 + 2.0 ** -11 + 2.0 ** -40, 2.5, -3.5]))
+
+
+@cfg(400)
+@given(dtype=st.sampled_from(DTYPES), data=st.data(), n=st.integers(1, 32),
+       seed=st.integers(0, 2**32 - 1), one=st.booleans())
+def test_set(dtype, data, n, seed, one):
+    rng = np.random.default_rng(seed)
+    idx = pick_index(rng, n, int(rng.integers(1, n + 1)))
+    vals = data.draw(st.lists(_finite_for(dtype), min_size=1 if one else idx.size,
+                              max_size=1 if one else idx.size), label="values")
+    values = np.broadcast_to(np.array(vals, dtype=np.float64), idx.shape).copy()
+    c = Corruption(ValueModel.SET, idx, DTYPE_LAYOUT[dtype], values=values)
+    ref = check(make_tensor(dtype, n, seed), c, dtype)
+    # non-NaN values round exactly like torch's own float64 -> dtype conversion
+    if dtype == "int8":
+        want = torch.from_numpy(np.clip(np.rint(values), -128, 127)).to(torch.int8)
+    else:
+        want = torch.from_numpy(values).to(TORCH[dtype])
+    ok = ~np.isnan(values)
+    assert (tbits(want, dtype)[ok] == nbits(ref, dtype)[idx][ok]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int8_rejects_non_finite(dtype):
+    x = make_tensor(dtype, 8, 3)
+    idx = np.array([1, 4], dtype=np.int64)
+    layout = DTYPE_LAYOUT[dtype]
+    bad = [Corruption(ValueModel.SET, idx, layout, values=np.array([1.0, np.nan])),
+           Corruption(ValueModel.SET, idx, layout, values=np.array([np.inf, 1.0])),
+           Corruption(ValueModel.NAN, idx, layout), Corruption(ValueModel.POS_INF, idx, layout),
+           Corruption(ValueModel.NEG_INF, idx, layout)]
+    for c in bad:
+        if dtype == "int8":
+            with pytest.raises(SpecError):
+                apply_reference(x, c, dtype)
+            with pytest.raises(SpecError):
+                prepare(c, to_torch(x, dtype))
+        else:
+            check(x, c, dtype)
+    if dtype == "int8":
+        for layout in FLOAT_LAYOUTS:
+            with pytest.raises(SpecError):
+                resolve(ValueSpec("bitflip", layout=layout), PositionSpec(), (8,), "int8",
+                        np.random.default_rng(0), np.random.default_rng(0))
+            c = Corruption(ValueModel.BITFLIP, idx, layout, masks=np.array([1, 2], np.uint64))
+            with pytest.raises(SpecError):
+                apply_reference(x, c, dtype)
+            with pytest.raises(SpecError):
+                prepare(c, to_torch(x, dtype))
+
+
+@cfg(300)
+@given(dl=dtype_layout(), n=st.integers(1, 48), seed=st.integers(0, 2**32 - 1),
+       model=st.sampled_from([ValueModel.RANDOM, ValueModel.ZERO, ValueModel.NAN,
+                              ValueModel.POS_INF, ValueModel.NEG_INF]))
+def test_replacement_models(dl, n, seed, model):
+    dtype, layout = dl
+    if dtype == "int8" and model not in (ValueModel.RANDOM, ValueModel.ZERO):
+        return
+    c = resolve(ValueSpec(model, layout=layout), PositionSpec("random", count=max(1, n // 2)),
+                (n,), dtype, np.random.default_rng(seed), np.random.default_rng(seed + 7))
+    ref = check(make_tensor(dtype, n, seed), c, dtype)
+    got = nbits(ref, dtype)[c.index]
+    if dtype != "int8":
+        vals = bits_to_float(got.astype(np.uint64), DTYPE_LAYOUT[dtype])
+        if model is ValueModel.ZERO:
+            assert (got == 0).all()
+        elif model is ValueModel.NAN:
+            assert np.isnan(vals).all()
+        elif model is ValueModel.POS_INF:
+            assert (vals == np.inf).all()
+        elif model is ValueModel.NEG_INF:
+            assert (vals == -np.inf).all()
+
+
+@cfg(300)
+@given(layout=st.sampled_from(FLOAT_LAYOUTS + [BitLayout.INT8]), n=st.integers(1, 200),
+       seed=st.integers(0, 2**32 - 1))
+def test_resolve_random_values_finite_and_representable(layout, n, seed):
+    dtype = {BitLayout.FP32: "float32", BitLayout.FP16: "float16", BitLayout.BF16: "float32",
+             BitLayout.FP64: "float64", BitLayout.INT8: "float32"}[layout]
+    c = resolve(ValueSpec(ValueModel.RANDOM, layout=layout), PositionSpec("random", count=n),
+                (n,), dtype, np.random.default_rng(seed), np.random.default_rng(seed))
+    v = c.values
+    assert v.dtype == np.float64 and v.shape == (n,) and np.isfinite(v).all()
+    if layout is BitLayout.INT8:
+        assert (v == np.rint(v)).all() and v.min() >= -128 and v.max() <= 127
+    elif layout is BitLayout.FP32:
+        assert (v.astype(np.float32).astype(np.float64) == v).all()
+    elif layout is BitLayout.FP16:
+        assert (v.astype(np.float16).astype(np.float64) == v).all()
+    elif layout is BitLayout.BF16:
+        f = v.astype(np.float32)
+        assert (f.astype(np.float64) == v).all() and (f.view(np.uint32) & 0xFFFF == 0).all()
+
+
+@cfg(200)
+@given(dtype=st.sampled_from(DTYPES), n=st.integers(2, 48), seed=st.integers(0, 2**32 - 1))
+def test_copy(dtype, n, seed):
+    c = resolve(ValueSpec(ValueModel.COPY), PositionSpec("random", count=int(n * 0.6) or 1),
+                (n,), dtype, np.random.default_rng(seed), np.random.default_rng(seed))
+    assert (c.src != c.index).all()
+    x = make_tensor(dtype, n, seed)
+    ref = check(x, c, dtype)
+    assert (nbits(ref, dtype)[c.index] == nbits(x, dtype)[c.src]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_copy_reads_originals_when_src_overlaps_index(dtype):
+    x = make_tensor(dtype, 10, 11)
+    idx = np.array([0, 1, 2, 3, 4], dtype=np.int64)
+    src = np.array([1, 2, 3, 4, 0], dtype=np.int64)  # a rotation: every source is also hit
+    ref = check(x, Corruption(ValueModel.COPY, idx, DTYPE_LAYOUT[dtype], src=src), dtype)
+    assert (nbits(ref, dtype)[idx] == nbits(x, dtype)[src]).all()
+    idx2 = np.array([5, 6, 7], dtype=np.int64)
+    src2 = np.array([6, 7, 5], dtype=np.int64)
+    ref2 = check(x, Corruption(ValueModel.COPY, idx2, DTYPE_LAYOUT[dtype], src=src2), dtype)
+    assert (nbits(ref2, dtype)[idx2] == nbits(x, dtype)[src2]).all()
+
+
+_factors = st.one_of(st.floats(allow_nan=False, allow_infinity=False),
+                     st.floats(-4, 4), st.floats(-1e-30, 1e-30),
+                     st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, 1.0000001, 3.4e38, 1e39,
+                                      2.0 ** -149, 1e-46, 65504.0, 1e300, 1 / 3]))
+
+
+@cfg(400)
+@given(dtype=st.sampled_from(DTYPES), factor=_factors, n=st.integers(1, 48),
+       seed=st.integers(0, 2**32 - 1), degrade=st.booleans())
+def test_scale_and_degrade(dtype, factor, n, seed, degrade):
+    rng = np.random.default_rng(seed)
+    idx = pick_index(rng, n, int(rng.integers(1, n + 1)))
+    model = ValueModel.DEGRADE if degrade else ValueModel.SCALE
+    c = Corruption(model, idx, DTYPE_LAYOUT[dtype], factor=factor)
+    x = make_tensor(dtype, n, seed)
+    ref = check(x, c, dtype)
+    # torch's own arithmetic gives the same values wherever no NaN is involved
+    t = to_torch(x, dtype)[torch.from_numpy(idx)]
+    with np.errstate(over="ignore"):
+        f32 = float(np.float32(factor))
+    if dtype == "int8":
+        plain = torch.round(t.float() * f32).clamp(-128, 127).to(torch.int8)
+    else:
+        plain = t * (factor if dtype == "float64" else f32)
+    ok = ~torch.isnan(plain.float()).numpy() if dtype != "int8" else np.ones(idx.size, bool)
+    assert (tbits(plain, dtype)[ok] == nbits(ref, dtype)[idx][ok]).all()
+
+
+def test_degrade_via_resolve():
+    for dtype in DTYPES:
+        spec = ValueSpec(ValueModel.DEGRADE, ramp=0.01)
+        c = resolve(spec, PositionSpec("random", count=5), (4, 5), dtype,
+                    np.random.default_rng(1), np.random.default_rng(2), onset=3)
+        assert c.factor == pytest.approx(1.04)
+        check(make_tensor(dtype, 20, 5), c, dtype)
+
+
+# --- layout emulation cross-checks -------------------------------------------------------
+
+@cfg(250)
+@given(layout=st.sampled_from([BitLayout.FP16, BitLayout.BF16]), data=st.data(),
+       n=st.integers(1, 48), seed=st.integers(0, 2**32 - 1))
+def test_emulation_matches_plain_torch_casts(layout, data, n, seed):
+    """fp32 tensor, fp16/bf16 layout: the same as cast, flip in the integer view, cast back."""
+    bit = data.draw(st.integers(0, 15), label="bit")
+    x = make_tensor("float32", n, seed)
+    idx = np.arange(n, dtype=np.int64)
+    c = Corruption(ValueModel.BITFLIP, idx, layout,
+                   masks=np.full(n, np.uint64(1) << np.uint64(bit), dtype=np.uint64))
+    ref = check(x, c, "float32")
+    td = torch.float16 if layout is BitLayout.FP16 else torch.bfloat16
+    t = torch.from_numpy(x.copy())
+    plain = (t.to(td).view(torch.int16) ^ (1 << bit if bit < 15 else -32768)).view(td).float()
+    ok = ~(torch.isnan(plain).numpy() | np.isnan(x))
+    assert (tbits(plain, "float32")[ok] == nbits(ref, "float32")[ok]).all()
+
+
+@cfg(250)
+@given(dtype=st.sampled_from(FLOAT_DTYPES), data=st.data(), n=st.integers(1, 48),
+       seed=st.integers(0, 2**32 - 1))
+def test_int8_quantisation_formula(dtype, data, n, seed):
+    bit = data.draw(st.integers(0, 7), label="bit")
+    x = make_tensor(dtype, n, seed)
+    idx = np.arange(n, dtype=np.int64)
+    c = Corruption(ValueModel.BITFLIP, idx, BitLayout.INT8,
+                   masks=np.full(n, np.uint64(1) << np.uint64(bit), dtype=np.uint64))
+    ref = check(x, c, dtype)
+    # an independent transcription of the documented formula, rounded by torch's own casts
+    wt = np.float64 if dtype == "float64" else np.float32
+    with np.errstate(all="ignore"):
+        xw = bits_to_float(nbits(x, dtype).astype(np.uint64), DTYPE_LAYOUT[dtype]).astype(wt)
+        fin = np.isfinite(xw)
+        scale = (np.abs(xw[fin]).max() if fin.any() else wt(0)) / wt(127)
+        scale = wt(1) if scale == 0 else scale
+        q = np.clip(np.rint(np.nan_to_num(xw / scale, nan=0.0, posinf=127, neginf=-127)),
+                    -127, 127).astype(np.int8)
+        q = (q.view(np.uint8) ^ np.uint8(1 << bit)).view(np.int8)
+        want = torch.from_numpy(q.astype(wt) * scale).to(TORCH[dtype])
+    assert (tbits(want, dtype) == nbits(ref, dtype)).all()
+    assert (np.abs(q.astype(np.float64)) <= 128).all()
+
+
+# --- misc properties ---------------------------------------------------------------------
+
+@cfg(200)
+@given(raw=st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=64))
+def test_bits_to_float(raw):
+    r = np.array(raw, dtype=np.uint64)
+    for layout, ft, ut in ((BitLayout.FP32, np.float32, np.uint32),
+                           (BitLayout.FP16, np.float16, np.uint16),
+                           (BitLayout.FP64, np.float64, np.uint64)):
+        got = bits_to_float(r, layout)
+        assert got.dtype == np.float64
+        want = (r & np.uint64((1 << LAYOUT_BITS[layout]) - 1)).astype(ut).view(ft)
+        with np.errstate(invalid="ignore"):
+            want64 = want.astype(np.float64)
+        same = (got == want64) | (np.isnan(got) & np.isnan(want64))
+        assert same.all()
+        assert (np.signbit(got) == np.signbit(want)).all()
+        fin = np.isfinite(got)
+        assert (got[fin].astype(ft).view(ut) == want[fin].view(ut)).all()
+    low = (r & np.uint64(0xFFFF)).astype(np.uint16)
+    tb = torch.from_numpy(low.view(np.int16)).view(torch.bfloat16).double().numpy()
+    got = bits_to_float(r, BitLayout.BF16)
+    assert ((got == tb) | (np.isnan(got) & np.isnan(tb))).all()
+    assert (np.signbit(got) == np.signbit(tb)).all()
+    i8 = bits_to_float(r, BitLayout.INT8)
+    assert (i8 == (r & np.uint64(0xFF)).astype(np.uint8).view(np.int8)).all()
+
+
+@cfg(100)
+@given(dl=dtype_layout(), seed=st.integers(0, 2**32 - 1),
+       model=st.sampled_from([ValueModel.BITFLIP, ValueModel.COPY, ValueModel.SCALE,
+                              ValueModel.RANDOM]))
+def test_non_contiguous_input(dl, seed, model):
+    dtype, layout = dl
+    shape = (5, 7)
+    base = to_torch(make_tensor(dtype, 35, seed), dtype).view(7, 5)
+    t = base.t()  # (5, 7), not contiguous
+    assert not t.is_contiguous()
+    x = tbits(t, dtype).reshape(-1)  # canonical row-major elements of t
+    x = x if dtype == "bfloat16" else x.view(NP[dtype])
+    spec = ValueSpec(model, layout=layout if model is ValueModel.BITFLIP else "native",
+                     factor=0.37)
+    c = resolve(spec, PositionSpec("random", count=6), shape, dtype,
+                np.random.default_rng(seed), np.random.default_rng(seed))
+    ref = apply_reference(x, c, dtype)
+    tc = prepare(c, t)
+    out = tc.apply(t)
+    assert out.shape == t.shape and out.is_contiguous()
+    assert (tbits(out, dtype).reshape(-1) == nbits(ref, dtype)).all()
+    ptr = base.data_ptr()
+    assert tc.apply_(t) is t  # in place through the strided view, into base's storage
+    assert t.data_ptr() == ptr
+    assert (tbits(base.t(), dtype).reshape(-1) == nbits(ref, dtype)).all()
+
+
+def test_duplicate_indices_last_entry_wins():
+    x = make_tensor("float32", 8, 2)
+    idx = np.array([3, 1, 3, 5, 1], dtype=np.int64)
+    c = Corruption(ValueModel.SET, idx, BitLayout.FP32,
+                   values=np.array([1.0, 2.0, 3.0, 4.0, 5.0]))
+    ref = check(x, c, "float32")
+    assert ref[3] == 3.0 and ref[1] == 5.0 and ref[5] == 4.0
+    m = np.array([1, 2, 4, 8, 16], dtype=np.uint64)
+    c = Corruption(ValueModel.BITFLIP, idx, BitLayout.FP16, masks=m)
+    check(x, c, "float32")
+
+
+def test_autograd_and_no_grad():
+    x = torch.randn(4, 6, dtype=torch.float32, requires_grad=True)
+    c = resolve(ValueSpec(ValueModel.BITFLIP, bit=30), PositionSpec("random", count=3),
+                (4, 6), "float32", np.random.default_rng(0), np.random.default_rng(0))
+    tc = prepare(c, x)
+    y = tc.apply(x * 2)
+    y.sum().backward()
+    g = x.grad.view(-1)
+    hit = torch.zeros(24, dtype=torch.bool)
+    hit[torch.from_numpy(c.index)] = True
+    assert (g[hit] == 0).all() and (g[~hit] == 2).all()
+    with torch.no_grad():
+        z = tc.apply(x)
+    assert not z.requires_grad
+
+    # inside a gradient hook
+    seen = {}
+    w = torch.randn(4, 6, requires_grad=True)
+
+    def hook(grad):
+        seen["before"] = grad.clone()
+        return tc.apply(grad)
+
+    w.register_hook(hook)
+    (w * 3).sum().backward()
+    ref = apply_reference(seen["before"].numpy().reshape(-1), c, "float32")
+    assert (w.grad.numpy().reshape(-1).view(np.uint32) == ref.view(np.uint32)).all()
+
+    # in place on a leaf parameter (stored state)
+    p = torch.nn.Parameter(torch.randn(4, 6))
+    before = p.detach().numpy().reshape(-1).copy()
+    tc.apply_(p)
+    assert (p.detach().numpy().reshape(-1).view(np.uint32)
+            == apply_reference(before, c, "float32").view(np.uint32)).all()
+
+
+def test_prepare_with_remapped_index_and_range_checks():
+    x = make_tensor("float32", 12, 4)
+    c = Corruption(ValueModel.ZERO, np.array([0, 1], dtype=np.int64), BitLayout.FP32)
+    t = to_torch(x, "float32")
+    out = prepare(c, t, index=np.array([10, 11])).apply(t)
+    assert (out[10:] == 0).all() and (tbits(out, "float32")[:10] == nbits(x, "float32")[:10]).all()
+    with pytest.raises(SpecError):
+        prepare(c, t, index=np.array([3, 12])).apply(t)
+    with pytest.raises(SpecError):
+        prepare(c, t).apply(t.double())
+    with pytest.raises(SpecError):
+        apply_reference(x, Corruption(ValueModel.ZERO, np.array([12]), BitLayout.FP32), "float32")
+
+
+def test_resolve_rejects_too_many_bits():
+    with pytest.raises(SpecError):
+        resolve(ValueSpec(ValueModel.BITFLIP, bits=20), PositionSpec(), (4,), "float16",
+                np.random.default_rng(0), np.random.default_rng(0))
+    c = resolve(ValueSpec(ValueModel.BITFLIP, bits=64), PositionSpec(count=3), (4,), "float64",
+                np.random.default_rng(0), np.random.default_rng(0))
+    assert (c.masks == np.uint64(0xFFFFFFFFFFFFFFFF)).all()
+    check(make_tensor("float64", 4, 0), c, "float64")
