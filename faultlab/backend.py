@@ -7,6 +7,7 @@ to these two things; the torch and TensorFlow code lives behind them.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from dataclasses import dataclass
 from typing import Mapping, Protocol, Sequence
@@ -86,10 +87,11 @@ def check_fault(table: OperandTable, fault: FaultSpec, config: WorkloadConfig) -
     """Raise SpecError when a fault names a missing layer, an unsupported site or a position
     outside its operand."""
     if fault.layer not in table:
-        names = sorted(table)
-        hint = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-        raise SpecError(f"unknown layer {fault.layer!r} in workload {config.workload} "
-                        f"(layers: {hint})")
+        close = difflib.get_close_matches(fault.layer, list(table), n=3, cutoff=0.6)
+        hint = (f"did you mean {', '.join(close)}?" if close else
+                f"'faultlab workloads --layers {config.workload}' lists them")
+        raise SpecError(f"unknown layer {fault.layer!r} in workload {config.workload} ({hint})",
+                        "layer")
     sites = table[fault.layer]
     site = fault.site
     if site in (Site.PARAM, Site.GRAD_WT, Site.OPT_STATE) and fault.tensor == "bias":
@@ -97,11 +99,15 @@ def check_fault(table: OperandTable, fault: FaultSpec, config: WorkloadConfig) -
     else:
         key = site
     if key not in sites:
-        raise SpecError(f"site {site.value} is not available on layer {fault.layer}")
+        raise SpecError(f"site {site.value} is not available on layer {fault.layer}", "site")
     shape, _ = sites[key]
     if fault.replica >= config.replicas:
-        raise SpecError(f"replica {fault.replica} is out of range 0..{config.replicas - 1}")
+        raise SpecError(f"replica {fault.replica} is out of range 0..{config.replicas - 1}",
+                        "replica")
     if fault.step >= config.total_steps:
         raise SpecError(f"step {fault.step} is past the end of training "
-                        f"({config.total_steps} steps)")
-    fault.positions.check(shape, what=f"{site.value} operand of {fault.layer}")
+                        f"({config.total_steps} steps)", "step")
+    try:
+        fault.positions.check(shape, what=f"{site.value} operand of {fault.layer}")
+    except SpecError as e:
+        raise SpecError(str(e), "positions") from None

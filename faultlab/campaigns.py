@@ -16,7 +16,7 @@ import os
 import re
 import stat
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from .errors import CampaignError, SpecError
@@ -506,7 +506,12 @@ def parse_isca(text: str, path: str = "<campaign>", framework: str | None = None
         fault = FaultSpec(site, vspec, pspec, layer=base, replica=replica, step=step,
                           duration=duration, seed=seed)
     first = min(r for r, _ in cells.values())
-    return [Trial("0", cfg, (fault,), horizon=horizon, source=f"{path}:{first}")]
+    def loc(key):
+        return f"{path}:{cells[key][0]}: column '{key}'" if key in cells else f"{path}:{first}"
+    where = {"layer": loc("target_layer"), "site": loc("fmodel"), "positions": loc("inj_pos"),
+             "replica": loc("target_worker"), "step": loc("target_step")}
+    return [Trial("0", cfg, (fault,), horizon=horizon, source=f"{path}:{first}",
+                  locations=(where,))]
 
 
 def _isca_stage(text: str, what: str) -> str:
@@ -547,6 +552,7 @@ class _Group:
     horizon: int | None
     faults: list[FaultSpec]
     control: bool
+    rows: list[int] = field(default_factory=list)
 
 
 def parse_columnar(text: str, path: str = "<campaign>",
@@ -598,7 +604,7 @@ def parse_columnar(text: str, path: str = "<campaign>",
         fault = _columnar_fault(rec, cfg, tid, len(group.faults) if group else 0)
         if group is None:
             groups[tid] = _Group(row, explicit, cfg, horizon, [fault] if fault else [],
-                                 fault is None)
+                                 fault is None, [row] if fault else [])
             continue
         _agree(rec, tid, group, cfg, horizon)
         if group.control or fault is None:
@@ -606,9 +612,13 @@ def parse_columnar(text: str, path: str = "<campaign>",
                                      f"rows (first on row {group.row}); a control trial has "
                                      f"exactly one row")
         group.faults.append(fault)
+        group.rows.append(row)
     if not groups:
         raise CampaignError("no trials (only a header)", file=path, row=header_row)
-    return [Trial(tid, g.cfg, tuple(g.faults), horizon=g.horizon, source=f"{path}:{g.row}")
+    return [Trial(tid, g.cfg, tuple(g.faults), horizon=g.horizon, source=f"{path}:{g.row}",
+                  locations=tuple({k: f"{path}:{r}: column '{k}'" for k in
+                                   ("layer", "site", "positions", "replica", "step")}
+                                  for r in g.rows))
             for tid, g in groups.items()]
 
 

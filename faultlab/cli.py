@@ -184,6 +184,18 @@ def _results_path(a, campaign_path: str) -> Path:
     return Path("faultlab-results") / (Path(campaign_path).stem + ".sqlite")
 
 
+def _stop_after() -> int | None:
+    """FAULTLAB_STOP_AFTER=N: a test hook that simulates Ctrl-C once N results of this run are
+    stored (tests/test_cli.py uses it to check that an interrupted campaign resumes and loses
+    nothing). Unset or empty: no effect."""
+    text = os.environ.get("FAULTLAB_STOP_AFTER", "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise FaultlabError(f"FAULTLAB_STOP_AFTER must be a positive integer, got {text!r}")
+    return int(text)
+
+
 def cmd_run(a) -> int:
     from .campaigns import load_campaign
     from .executor import LocalPool
@@ -196,6 +208,7 @@ def cmd_run(a) -> int:
     if a.expect and a.expect not in OUTCOMES:
         raise FaultlabError(f"--expect: unknown outcome {a.expect!r} (one of: {', '.join(OUTCOMES)})")
     rules = OutcomeRules.from_pairs(a.rule)
+    stop_after = _stop_after()
     camp = load_campaign(a.campaign, a.framework)
     validate_trials(camp.trials)
     threads = a.threads or _default_threads(a.workers)
@@ -219,9 +232,16 @@ def cmd_run(a) -> int:
                 bar = Progress(len(todo), "trials", enabled=not quiet)
                 bar.update(note="running")
 
+                stored = 0
+
                 def on_result(res):
+                    nonlocal stored
                     store.add(res)
                     bar.update(res.outcome)
+                    stored += 1
+                    if stop_after is not None and stored >= stop_after:
+                        # test hook (FAULTLAB_STOP_AFTER): simulate Ctrl-C after N stored results
+                        raise KeyboardInterrupt
                 pool.trials(todo, camp.digest, on_result)
         results = store.results(camp.digest)
         rows = summarize(results)

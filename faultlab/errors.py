@@ -10,7 +10,12 @@ class FaultlabError(Exception):
 
 
 class SpecError(FaultlabError):
-    """A fault, position or workload specification is invalid."""
+    """A fault, position or workload specification is invalid; `field` names the part
+    (layer, site, positions, replica, step) so a caller can point at the file cell."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class CampaignError(FaultlabError):

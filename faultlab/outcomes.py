@@ -36,7 +36,7 @@ class OutcomeRules:
     degrade: float = 0.10          # accuracy gap that counts as degraded
     sharp: float = 0.25            # gap, `sharp_steps` after the injection, that makes it sharp
     sharp_steps: int = 1
-    further: float = 0.10          # a sharp drop followed by this much more: SharpSlowDegrade
+    further: float = 0.10          # trial accuracy falling this much more after a sharp drop
     test_tolerance: float = 0.02   # final test accuracy below golden by more: LowTestAccuracy
 
     @classmethod
@@ -90,8 +90,8 @@ def classify(trial_acc: Sequence[float], golden_acc: Sequence[float], inject_ind
                    SHORT_TERM if first_nonfinite <= rules.short_term_steps else LATENT)
         return Classification(outcome, first_nonfinite, None, None, False)
     n = min(len(trial_acc), len(golden_acc))
-    gap = [g - t for g, t in zip(_smooth(golden_acc[:n], rules.window),
-                                 _smooth(trial_acc[:n], rules.window))][inject_index:]
+    t_s = _smooth(trial_acc[:n], rules.window)
+    gap = [g - t for g, t in zip(_smooth(golden_acc[:n], rules.window), t_s)][inject_index:]
     if not gap:
         return Classification(MASKED, None, 0.0, 0.0, bit_exact)
     max_drop = max(gap)
@@ -101,7 +101,10 @@ def classify(trial_acc: Sequence[float], golden_acc: Sequence[float], inject_ind
     early = (golden_acc[k] - trial_acc[k]) if k < n else gap[-1]
     if final_gap >= rules.degrade:
         if early >= rules.sharp:
-            outcome = SHARP_SLOW if final_gap >= early + rules.further else SHARP
+            # after the sharp drop, does the trial's own accuracy keep falling?
+            after = trial_acc[k:k + rules.window]
+            level = sum(after) / len(after) if after else t_s[-1]
+            outcome = SHARP_SLOW if level - t_s[-1] >= rules.further else SHARP
         else:
             outcome = SLOW
     elif (test_acc is not None and golden_test_acc is not None

@@ -126,8 +126,8 @@ def validate_trials(trials, session: Session | None = None) -> None:
         key = t.workload.key()
         if key not in tables:
             tables[key] = session.backend(t.workload).operand_shapes(t.workload)
-        for f in t.faults:
+        for i, f in enumerate(t.faults):
             try:
                 check_fault(tables[key], f, t.workload)
             except SpecError as e:
-                raise SpecError(f"{t.source}: {e}") from None
+                raise SpecError(f"{t.where(i, e.field)}: {e}", e.field) from None

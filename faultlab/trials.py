@@ -19,6 +19,13 @@ class Trial:
     faults: tuple[FaultSpec, ...] = ()
     horizon: int | None = None     # steps to run after the first injection; None = to the end
     source: str = ""               # "file:row" the trial came from, for messages
+    locations: tuple = ()          # per fault: {field: "file:row: column 'x'"} for messages
+
+    def where(self, fault_index: int, field: str | None) -> str:
+        """The file position that defines `field` of fault `fault_index` (for errors)."""
+        if field and fault_index < len(self.locations):
+            return self.locations[fault_index].get(field, self.source)
+        return self.source
 
     @property
     def inject_step(self) -> int | None:

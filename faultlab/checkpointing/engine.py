@@ -114,10 +114,16 @@ class EngineSettings:
 class CheckpointEngine:
     """Concurrent, crash-consistent checkpoints of {name: numpy array} states into one file.
 
-    target: a path (an OSStorage is made for it) or a Storage. An existing file is reopened:
-    its committed checkpoints are verified and kept, and counters continue after them. A new
-    file is created at the first save, with slots sized from that state (or from slot_bytes).
-    chunk_bytes / pool_bytes / writers may be "auto": a short probe of the storage picks them.
+    target: a path (an OSStorage is made for it) or a Storage. An existing file is reopened
+    (taking the writer lock): its newest `keep` commits that verify are protected, and
+    counters continue after every commit record it holds; its geometry (slot count and size,
+    block size) wins over the arguments. A new file is created at the first save, with
+    keep + max_in_flight slots sized from that state, or at once when slot_bytes is given.
+
+    max_in_flight: saves persisting at once (save() blocks beyond it). keep: committed
+    checkpoints never overwritten. chunk_bytes: unit of staging, hashing and writing.
+    pool_bytes: staging memory (a state larger than it streams through it). writers: writer
+    threads. Each of the last three may be "auto": a short probe of the storage picks it.
     """
 
     def __init__(self, target: str | os.PathLike | Storage, *, max_in_flight: int = 2,
@@ -176,7 +182,9 @@ class CheckpointEngine:
             if geom.slot_count - self._keep < 1:
                 raise CheckpointError(f"checkpoint {self._storage.name} has {geom.slot_count} "
                                       f"slots: keep={self._keep} leaves none to save into")
-            good, max_counter = valid_commits(self._storage, geom)
+            # Only the newest `keep` verified commits need protecting; reading further back
+            # would cost a whole slot per commit for slots that are reused first anyway.
+            good, max_counter = valid_commits(self._storage, geom, want=self._keep)
         except BaseException:
             self._storage.close()
             raise
@@ -228,7 +236,9 @@ class CheckpointEngine:
         arrays = normalize_state(state)
         meta = encode_meta(meta)
         layout = plan(arrays, self._chunk_bytes)
-        manifest_len = len(encode_manifest(_manifest(layout, 0, step, meta,
+        # Sized with the widest counter and fixed-width chunk hashes: the real manifest,
+        # encoded at commit time, can only be shorter.
+        manifest_len = len(encode_manifest(_manifest(layout, 2**63 - 1, step, meta,
                                                      [0] * len(layout.chunks))))
         manifest_offset = align_up(layout.data_bytes, self._block_size)
         with self._create_lock:
@@ -306,6 +316,9 @@ class CheckpointEngine:
         if self._closed:
             raise CheckpointError("checkpoint engine is closed")
         if self._failure is not None:
+            with self._cond:
+                for h in self._failed:       # the caller is being told now
+                    h._observed = True
             raise CheckpointError(f"checkpoint engine stopped after an earlier error "
                                   f"(reopen the file to go on): {self._failure}")
 
@@ -424,6 +437,8 @@ class CheckpointEngine:
     def _commit(self, job: _SaveJob) -> CommitInfo:
         geom, st, h = self._geom, self._storage, job.handle
         raw = encode_manifest(_manifest(job.layout, h.counter, h.step, job.meta, job.hashes))
+        if job.manifest_offset + len(raw) > geom.slot_bytes:      # never spill into a neighbour
+            raise CheckpointError(f"manifest of step {h.step} does not fit its slot")
         st.pwrite(geom.slot_offset(job.slot) + job.manifest_offset, raw)
         # Data and manifest must be durable before the record that vouches for them exists:
         # otherwise a power loss could keep the record and lose what it points at.

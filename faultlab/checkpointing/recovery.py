@@ -130,11 +130,15 @@ def verify_commit(storage: Storage, geom: Geometry, rec: Record) -> None:
             raise FormatError(f"chunk {i} damaged")
 
 
-def valid_commits(storage: Storage, geom: Geometry) -> tuple[list[CommitInfo], int]:
-    """Every fully verified commit, newest first, and the largest counter seen in any record."""
+def valid_commits(storage: Storage, geom: Geometry,
+                  want: int | None = None) -> tuple[list[CommitInfo], int]:
+    """Fully verified commits, newest first (stopping after `want` of them), and the largest
+    counter that any valid record holds."""
     records, max_counter = scan_records(storage, geom)
     good = []
     for rec in records:
+        if want is not None and len(good) >= want:
+            break
         try:
             verify_commit(storage, geom, rec)
         except FormatError:

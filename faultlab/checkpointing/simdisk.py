@@ -32,7 +32,8 @@ class PendingWrite:
     data: bytes
 
     def sectors(self, sector_size: int) -> range:
-        return range(self.offset // sector_size, (self.offset + len(self.data) - 1) // sector_size + 1)
+        last = (self.offset + len(self.data) - 1) // sector_size
+        return range(self.offset // sector_size, last + 1)
 
 
 @dataclass(frozen=True)
@@ -378,6 +379,9 @@ class _Reader(Storage):
 
     def exists(self) -> bool:
         return self._disk.exists()
+
+    def reader(self) -> Storage:
+        return _Reader(self._disk)
 
     def create(self, size: int, header: bytes) -> None:
         raise CheckpointError(f"checkpoint {self.name} is open read-only")

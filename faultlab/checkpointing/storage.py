@@ -63,9 +63,9 @@ class Storage(ABC):
     def readinto(self, offset: int, buf) -> int:
         """Fill `buf` from `offset`; return the bytes read (short only at end of file)."""
 
+    @abstractmethod
     def reader(self) -> Storage:
         """An independent, unopened handle for reading the same file (used by recovery)."""
-        raise NotImplementedError
 
     def pread(self, offset: int, n: int) -> bytes:
         buf = bytearray(n)

@@ -98,7 +98,7 @@ BUILTINS: dict[str, WorkloadInfo] = {
     "mlp": WorkloadInfo(
         "mlp", "three-layer perceptron on scikit-learn's 8x8 digits",
         dict(replicas=2, per_replica_batch=32, width=64, input_size=8, dataset="digits",
-             steps_per_epoch=20, epochs=10, lr=1e-3, seed=0, eval_samples=512)),
+             steps_per_epoch=20, epochs=10, lr=1e-2, seed=0, eval_samples=512)),
     "transformer": WorkloadInfo(
         "transformer", "two-block causal transformer language model on a generated corpus",
         dict(replicas=2, per_replica_batch=16, width=64, input_size=32, dataset="corpus",

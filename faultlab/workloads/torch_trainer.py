@@ -70,7 +70,8 @@ def build_workload(config: WorkloadConfig, with_data: bool = True) -> TorchWorkl
         if not isinstance(wl, TorchWorkload):
             raise SpecError(f"workload {name!r} returned {type(wl).__name__}, not TorchWorkload")
         return wl
-    data = datamod.load(config) if with_data or name == "transformer" else None
+    channels = 1 if name == "mlp" else 3
+    data = datamod.load(config, channels) if with_data or name == "transformer" else None
     s = config.input_size
     if name == "resnet18":
         dropout = float(config.option("dropout", "0.1"))
@@ -110,6 +111,7 @@ class TorchTrainer:
         self.layers = layer_map(self.model)
         self.injector = TorchInjector(self.layers, self.optimizer)
         self._buffers = [b for _, b in self.model.named_buffers()]
+        self._probe: dict | None = None
         decay = int(config.option("decay_steps", "0")) or config.total_steps
         self._decay = (decay, float(config.option("end_lr_ratio", "0.1")))
 
@@ -131,6 +133,7 @@ class TorchTrainer:
         after: list[list[torch.Tensor]] = []
         loss_sum, correct, count = 0.0, 0, 0
         self.injector.begin_step(faults, step)
+        probes = self._install_probe() if self._probe is not None else []
         try:
             for r in range(c.replicas):
                 self.injector.replica = r
@@ -158,6 +161,8 @@ class TorchTrainer:
             self.optimizer.step()
         finally:
             self.injector.end_step()
+            for h in probes:
+                h.remove()
         return StepMetrics(loss_sum / c.replicas, correct / max(count, 1))
 
     @torch.no_grad()
@@ -196,15 +201,25 @@ class TorchTrainer:
         self.optimizer.load_state_dict(sd)
 
     def replica_gradient_probe(self):
-        """Record each replica's contribution to every parameter's gradient (for tests and
-        the replica-divergence detector): returns (records, remove)."""
+        """Record each replica's contribution to every parameter's gradient in the following
+        steps, as the optimizer receives it (after any injected corruption): returns
+        (records {replica: {name: grad}}, stop). For tests and the divergence detector."""
         records: dict[int, dict[str, torch.Tensor]] = {}
+        self._probe = records
+
+        def stop():
+            self._probe = None
+        return records, stop
+
+    def _install_probe(self) -> list:
+        """Hooks registered after the injector's, so they see the delivered gradient."""
+        records = self._probe
         handles = []
         for name, p in self.model.named_parameters():
             def hook(g, name=name):
                 records.setdefault(self.injector.replica, {})[name] = g.detach().clone()
             handles.append(p.register_hook(hook))
-        return records, lambda: [h.remove() for h in handles]
+        return handles
 
 
 def operand_shapes(config: WorkloadConfig):

@@ -75,3 +75,27 @@ def commit_timeline(log) -> list[tuple[int, int, int]]:
             unsynced = []
     out.extend((c, w, None) for c, w in unsynced)
     return out
+
+
+def assert_data_durable_before_records(log) -> int:
+    """Check the commit protocol on an op log: no record is written while its slot has
+    unsynced writes. Returns the number of records checked."""
+    geom, dirty, records = None, set(), 0
+    for i, op in enumerate(log):
+        if op[0] == "create":
+            geom = decode_header(op[2])
+        elif op[0] == "sync":
+            dirty.clear()
+        elif op[0] == "write" and geom is not None:
+            offset, data = op[1], op[2]
+            if offset >= geom.slots_offset:
+                dirty.add((offset - geom.slots_offset) // geom.slot_bytes)
+            elif offset >= geom.records_offset:
+                slot = (offset - geom.records_offset) // geom.block_size
+                try:
+                    decode_record(data, geom, slot)
+                except FormatError:
+                    continue                              # a tombstone
+                assert slot not in dirty, f"op {i}: record written before its data was synced"
+                records += 1
+    return records

@@ -1,4 +1,5 @@
-"""Damaged, truncated and foreign files: recovery falls back or refuses, never returns wrong data."""
+"""Damaged, truncated and foreign files: recovery falls back or refuses, never returns wrong
+data."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from faultlab.checkpointing import CheckpointEngine, SimDisk, recover
-from faultlab.checkpointing.format import HEADER_BYTES
+from faultlab.checkpointing.format import HEADER_BYTES, decode_record
 from faultlab.errors import CheckpointError
 
 BLOCK = 512
@@ -36,7 +37,7 @@ def reference_file():
 
 
 def check_recovery(image: bytes):
-    """Either a one-line CheckpointError or a checkpoint equal to what was saved under its counter."""
+    """A one-line CheckpointError, or a checkpoint equal to what was saved under its counter."""
     _, expected, _, _ = reference_file()
     try:
         r = recover(SimDisk.from_bytes(image, block_size=BLOCK))
@@ -57,14 +58,26 @@ def newest_ranges():
             range(base, base + geom.slot_bytes)]
 
 
+def manifest_positions() -> list[int]:
+    image, _, geom, _ = reference_file()
+    out = []
+    for slot in range(geom.slot_count):
+        at = geom.record_offset(slot)
+        rec = decode_record(image[at:at + BLOCK], geom, slot)
+        start = geom.slot_offset(slot) + rec.manifest_offset
+        out.extend(range(start, start + rec.manifest_bytes))
+    return out
+
+
 positions = st.one_of(
     st.integers(0, len(reference_file()[0]) - 1),               # anywhere
     st.integers(0, HEADER_BYTES - 1),                            # header
     st.integers(BLOCK, BLOCK * 4 - 1),                           # commit records
+    st.sampled_from(manifest_positions()),                       # manifests
     st.sampled_from(newest_ranges()[2]))                         # newest slot
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(flips=st.lists(st.tuples(positions, st.integers(1, 255)), min_size=1, max_size=8))
 def test_flipped_bytes_never_yield_wrong_data(flips):
     image, _, _, newest = reference_file()
@@ -142,3 +155,16 @@ def test_a_commit_record_copied_from_another_file_is_ignored():
     spliced[slot] = donor[slot]
     r = check_recovery(bytes(spliced))
     assert r is not None and r.step == 11                       # fell back, never the donor's
+
+
+@pytest.mark.parametrize("old, new", [(b'"i":2', b'"i":7'), (b'"offset":0', b'"offset":8')])
+def test_a_manifest_edited_into_other_valid_json_is_caught_by_its_checksum(old, new):
+    image, _, geom, newest = reference_file()
+    at = geom.record_offset(newest.slot)
+    rec = decode_record(image[at:at + BLOCK], geom, newest.slot)
+    start = geom.slot_offset(newest.slot) + rec.manifest_offset
+    manifest = image[start:start + rec.manifest_bytes]
+    assert old in manifest
+    edited = image[:start] + manifest.replace(old, new, 1) + image[start + len(manifest):]
+    r = check_recovery(edited)
+    assert r is not None and r.step == 11

@@ -10,9 +10,12 @@ were written / durable is read from the disk's operation log, not from recovery.
 from __future__ import annotations
 
 import random
+import threading
 
 import numpy as np
-from ckpt_helpers import commit_timeline, same_bits
+import pytest
+from ckpt_helpers import (HookedDisk, assert_data_durable_before_records, commit_timeline,
+                          same_bits)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -39,12 +42,14 @@ def make_state(sizes, seed):
                              dtype=DTYPES[NAMES.index(n)]).copy() for n, k in sizes.items()}
 
 
-def run(saves, keep, max_in_flight, chunk_blocks, pool_chunks, writers):
+def run(saves, keep, max_in_flight, chunk_blocks, pool_chunks, writers,
+        disk_geometry=(512, 128)):
     """Run the saves; return the disk and {counter: (step, state, meta)}."""
-    disk = SimDisk(block_size=512, sector_size=128)
+    block, sector = disk_geometry
+    disk = SimDisk(block_size=block, sector_size=sector)
     expected = {}
-    with CheckpointEngine(disk, keep=keep, max_in_flight=max_in_flight, block_size=512,
-                          chunk_bytes=512 * chunk_blocks, pool_bytes=512 * chunk_blocks
+    with CheckpointEngine(disk, keep=keep, max_in_flight=max_in_flight, block_size=block,
+                          chunk_bytes=block * chunk_blocks, pool_bytes=block * chunk_blocks
                           * pool_chunks, writers=writers, slot_bytes=16384) as eng:
         for step, (sizes, seed, wait) in enumerate(saves):
             state = make_state(sizes, seed)
@@ -58,6 +63,7 @@ def run(saves, keep, max_in_flight, chunk_blocks, pool_chunks, writers):
 def check_all_crash_points(disk, expected, images_per_point, seed=0):
     """Assert the property at every crash point; return how many images were checked."""
     log = disk.log
+    assert assert_data_durable_before_records(log) == len(expected)   # every save committed
     timeline = commit_timeline(log)
     rng, checked = random.Random(seed), 0
     for k, state in disk.crash_states():
@@ -90,13 +96,29 @@ def check_all_crash_points(disk, expected, images_per_point, seed=0):
     return checked
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(saves=save_sequences(), keep=st.integers(1, 3), max_in_flight=st.integers(1, 3),
-       chunk_blocks=st.integers(1, 2), pool_chunks=st.integers(1, 3), writers=st.integers(1, 3))
+CONFIGS = dict(saves=save_sequences(), keep=st.integers(1, 3), max_in_flight=st.integers(1, 3),
+               chunk_blocks=st.integers(1, 2), pool_chunks=st.integers(1, 3),
+               writers=st.integers(1, 3),
+               disk_geometry=st.sampled_from([(512, 128), (4096, 512)]))   # block, sector
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(**CONFIGS)
 def test_every_power_loss_image_recovers_a_committed_checkpoint_bit_exact(
-        saves, keep, max_in_flight, chunk_blocks, pool_chunks, writers):
-    disk, expected = run(saves, keep, max_in_flight, chunk_blocks, pool_chunks, writers)
-    check_all_crash_points(disk, expected, images_per_point=10)
+        saves, keep, max_in_flight, chunk_blocks, pool_chunks, writers, disk_geometry):
+    disk, expected = run(saves, keep, max_in_flight, chunk_blocks, pool_chunks, writers,
+                         disk_geometry)
+    check_all_crash_points(disk, expected, images_per_point=30)
+
+
+@pytest.mark.slow
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(**CONFIGS)
+def test_every_power_loss_image_recovers_many_more_sequences(
+        saves, keep, max_in_flight, chunk_blocks, pool_chunks, writers, disk_geometry):
+    disk, expected = run(saves, keep, max_in_flight, chunk_blocks, pool_chunks, writers,
+                         disk_geometry)
+    check_all_crash_points(disk, expected, images_per_point=100)
 
 
 def test_exhaustive_images_for_a_small_fixed_run():
@@ -105,4 +127,35 @@ def test_exhaustive_images_for_a_small_fixed_run():
              ({"w": 10, "b": 5}, 4, False), ({"opt/exp_avg": 300, "w": 100}, 5, False)]
     disk, expected = run(saves, keep=2, max_in_flight=2, chunk_blocks=1, pool_chunks=2,
                          writers=2)
-    assert check_all_crash_points(disk, expected, images_per_point=80) > 1000
+    assert check_all_crash_points(disk, expected, images_per_point=400) > 2000
+
+
+def test_power_loss_around_an_older_commit_that_finishes_late():
+    """Save A is held mid-write while B (newer) commits; then A commits. No crash point may
+    recover A once B's commit is durable."""
+    release, held = threading.Event(), threading.Event()
+    disk = HookedDisk(block_size=512, sector_size=128)
+    eng = CheckpointEngine(disk, keep=2, max_in_flight=2, block_size=512, chunk_bytes=512,
+                           pool_bytes=8192, writers=2, slot_bytes=16384)
+    slot0 = range(eng.geometry.slot_offset(0), eng.geometry.slot_offset(1))
+
+    def hold_a(offset, data):
+        if offset in slot0 and not release.is_set():
+            held.set()
+            release.wait()
+
+    disk.before_write = hold_a
+    expected = {}
+    a_state, b_state = make_state({"w": 100}, 1), make_state({"w": 90, "b": 300}, 2)
+    a = eng.save(0, a_state, {"seed": 1})
+    expected[a.counter] = (0, a_state, {"seed": 1})
+    held.wait()
+    b = eng.save(1, b_state, {"seed": 2})
+    expected[b.counter] = (1, b_state, {"seed": 2})
+    b.wait()
+    release.set()
+    a.wait()
+    eng.close()
+    order = [c for c, _, _ in commit_timeline(disk.log)]
+    assert order == [b.counter, a.counter]                      # A really committed late
+    assert check_all_crash_points(disk, expected, images_per_point=200) > 200

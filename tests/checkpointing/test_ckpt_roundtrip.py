@@ -156,3 +156,22 @@ def test_slot_bytes_sizes_the_file_up_front():
         eng.save(0, {"w": np.zeros(1000)}).wait()
         eng.save(1, {"w": np.zeros(100_000)}).wait()
     assert recover(disk).step == 1
+
+
+def test_a_save_that_just_fits_its_slot_never_spills_into_the_next():
+    disk = SimDisk(block_size=512)
+    with CheckpointEngine(disk, block_size=512, slot_bytes=2048, keep=1,
+                          max_in_flight=1) as eng:
+        for step in range(11):                              # counters reach two digits
+            eng.save(step, {"x": np.zeros(8)}).wait()
+        neighbour = eng.committed()[-1]
+        accepted = None
+        for pad in range(1600, 0, -1):                      # the largest meta that fits
+            try:
+                accepted = eng.save(99, {"x": np.zeros(8)}, {"pad": "p" * pad}).wait()
+                break
+            except CheckpointError:
+                continue
+        assert accepted is not None and accepted.slot != neighbour.slot
+    assert neighbour in list_commits(disk)
+    assert recover(disk).commit == accepted

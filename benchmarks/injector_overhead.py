@@ -1,0 +1,424 @@
+#!/usr/bin/env python
+"""Injector overhead: what faultlab's torch hooks cost per training step and per forward pass.
+
+Usage:
+    python benchmarks/injector_overhead.py [--workload resnet18] [--steps N] [--repeats R]
+                                           [--infer-iters K] [--warmup W] [--threads T] [--json]
+
+Reference workload: the small ResNet-18 the campaigns use (width 16, 32x32 digits, 4 emulated
+replicas x 16 samples, seed 123). Variants, measured side by side in one process:
+
+training (one `TorchTrainer.train_step`: 4 replica forward+backward passes, Adam step)
+  train/none           faults=() -- no hooks at all. This is also what every step in which no
+                       fault fires costs: the runner passes only the faults firing at a step and
+                       the injector installs hooks for those only.
+  train/idle-fwd       armed but idle: a fwd_output fault on basicblock_2_basic_0_conv2 whose
+                       replica index is 4 (== replicas). FaultSpec accepts it (the campaign parser
+                       range-checks replicas, the injector does not), so the hook is installed and
+                       called on every replica, and its replica check fails every time. This is
+                       exactly the cost a firing fault's hook adds while the *other* replicas'
+                       shards are computed.
+  train/idle-bwd       the same for a bwd_input fault on basicblock_4_basic_0_downsample (a full
+                       backward hook).
+  train/fire-fwd       a fwd_output bitflip (bit 22, the top mantissa bit: keeps training finite,
+                       so no variant times NaN arithmetic) at one position of
+                       basicblock_2_basic_0_conv2's output, replica 1, permanent (every step).
+  train/fire-bwd       a bwd_input bitflip (bit 22) at one position of the dilated incoming
+                       gradient of basicblock_4_basic_0_downsample, replica 1, every step: the hook
+                       recomputes that layer's input gradient with a full convolution.
+
+inference (one forward pass, eval mode, torch.no_grad, batch 16, NCHW 3x32x32)
+  infer/plain          the model alone.
+  infer/faultlab-idle  TorchInjector hook installed for a fwd_output fault of another replica.
+  infer/faultlab       TorchInjector fwd_output fault: value 1e4 SET at one position of
+                       basicblock_2_basic_0_conv2's output.
+  infer/pytorchfi      pytorchfi 0.6.0 `declare_neuron_fi` with the same value at the same
+                       position (its corrupted deep copy of the model; forward hooks on all 20
+                       Conv2d layers). pytorchfi 0.6.0 never resets its layer counter, so
+                       `reset_current_layer()` is called before every forward (included).
+
+Every training variant has its own TorchTrainer built from the same configuration (and every
+inference injector its own copy of the model), so a fault in one variant cannot change what
+another computes. Each repeat runs --steps training rounds and --infer-iters inference rounds;
+a round runs one iteration of every variant of the group, its start rotating, so a burst of load
+from elsewhere on a shared machine hits neighbouring variants alike. A repeat's value is the
+median ms of its iterations; the table shows the median and the minimum of those over repeats,
+their ratios to the matching baseline (training variants vs train/none, inference vs
+infer/plain), and `paired`: the median over all rounds of iteration / baseline iteration of the
+same round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import random
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from faultlab.faults import (Duration, FaultSpec, PositionSpec, Site,  # noqa: E402
+                             ValueSpec)
+from faultlab.injectors.torch_hooks import TorchInjector  # noqa: E402
+from faultlab.workloads.base import default_config  # noqa: E402
+from faultlab.workloads.torch_models import layer_map  # noqa: E402
+from faultlab.workloads.torch_trainer import (TorchTrainer, build_workload,  # noqa: E402
+                                              operand_shapes)
+
+FWD_LAYER = "basicblock_2_basic_0_conv2"
+BWD_LAYER = "basicblock_4_basic_0_downsample"
+SET_VALUE = 1e4
+FLIP_BIT = 22
+
+REFERENCE = {
+    "resnet18": dict(width=16, input_size=32, replicas=4, per_replica_batch=16, dataset="digits",
+                     steps_per_epoch=20, epochs=6, lr=1e-3, seed=123),
+}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    try:
+        from importlib.metadata import version
+        pfi = version("pytorchfi")
+    except Exception:
+        pfi = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "pytorchfi": pfi, "platform": platform.platform()}
+
+
+def loadavg():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+class Variant:
+    """A measured variant: `one()` runs one untimed-setup-free iteration and returns seconds."""
+
+    def __init__(self, name: str, group: str, desc: str, one):
+        self.name, self.group, self.desc, self.one = name, group, desc, one
+        self.samples: list[list[float]] = []   # per repeat: ms of each iteration
+
+
+class TrainRun:
+    """One trainer stepping through the same step indices as the other training variants."""
+
+    def __init__(self, config, faults):
+        self.trainer = TorchTrainer(config)
+        self.faults = tuple(faults)
+        self.step = 0
+        self.last = None
+
+    def one(self) -> float:
+        s = self.step
+        firing = [f for f in self.faults if f.active(s)]   # as faultlab.runner does
+        t0 = time.perf_counter()
+        self.last = self.trainer.train_step(s, firing)
+        dt = time.perf_counter() - t0
+        self.step += 1
+        return dt
+
+
+def forward_timer(model, x, before=None):
+    """One timed forward pass (no_grad); `before` runs inside the timed region."""
+    def one() -> float:
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            if before is not None:
+                before()
+            model(x)
+            return time.perf_counter() - t0
+    return one
+
+
+def build(args):
+    cfg = default_config(args.workload, **REFERENCE[args.workload])
+    shapes = operand_shapes(cfg)
+    out_shape = shapes[FWD_LAYER][Site.FWD_OUTPUT][0]      # canonical NHWC
+    bwd_shape = shapes[BWD_LAYER][Site.BWD_INPUT][0]       # (n, h_in, w_in, c_out)
+    fpos = (0, out_shape[1] // 2, out_shape[2] // 2, out_shape[3] // 2)
+    bpos = (0, bwd_shape[1] // 2, bwd_shape[2] // 2, bwd_shape[3] // 2)
+    perm = Duration("permanent")
+    flip = ValueSpec("bitflip", bit=FLIP_BIT)
+
+    def fwd(replica, value=flip):
+        return FaultSpec(Site.FWD_OUTPUT, value, PositionSpec("explicit", indices=(fpos,)),
+                         layer=FWD_LAYER, replica=replica, duration=perm, seed=7)
+
+    def bwd(replica):
+        return FaultSpec(Site.BWD_INPUT, flip, PositionSpec("explicit", indices=(bpos,)),
+                         layer=BWD_LAYER, replica=replica, duration=perm, seed=7)
+
+    R = cfg.replicas
+    train_specs = [
+        ("train/none", "training step, no injector (faults=())", ()),
+        ("train/idle-fwd", f"armed, idle: fwd_output hook on {FWD_LAYER}, replica {R} "
+                           f"(never matches)", (fwd(R),)),
+        ("train/idle-bwd", f"armed, idle: bwd_input full backward hook on {BWD_LAYER}, "
+                           f"replica {R} (never matches)", (bwd(R),)),
+        ("train/fire-fwd", f"firing: fwd_output bitflip bit {FLIP_BIT} at {fpos} of {FWD_LAYER},"
+                           f" replica 1, every step", (fwd(1),)),
+        ("train/fire-bwd", f"firing: bwd_input bitflip bit {FLIP_BIT} at {bpos} of {BWD_LAYER},"
+                           f" replica 1, every step (recomputes the backward conv)", (bwd(1),)),
+    ]
+    runs, variants = {}, []
+    for name, desc, faults in train_specs:
+        seed_everything(cfg.seed)
+        runs[name] = TrainRun(cfg, faults)
+        variants.append(Variant(name, "train", desc, runs[name].one))
+
+    # --- inference ------------------------------------------------------------------------------
+    from pytorchfi.core import fault_injection
+    pfi_version = machine()['pytorchfi']
+
+    seed_everything(cfg.seed)
+    model = build_workload(cfg, with_data=False).model.eval()
+    b = cfg.per_replica_batch
+    x = torch.rand((b, 3, cfg.input_size, cfg.input_size),
+                   generator=torch.Generator().manual_seed(cfg.seed))
+    set_fault = fwd(0, ValueSpec("set", values=(SET_VALUE,)))
+    idle_fault = fwd(1, ValueSpec("set", values=(SET_VALUE,)))   # injector.replica stays 0
+
+    conv_names = [n.replace(".", "_") for n, m in model.named_modules()
+                  if isinstance(m, torch.nn.Conv2d)]
+    layer_num = conv_names.index(FWD_LAYER)
+    pfi = fault_injection(model, b, input_shape=[3, cfg.input_size, cfg.input_size],
+                          layer_types=[torch.nn.Conv2d], use_cuda=False)
+    _, h, w, c = fpos
+    pfi_model = pfi.declare_neuron_fi(batch=[0], layer_num=[layer_num], dim1=[c], dim2=[h],
+                                      dim3=[w], value=[SET_VALUE])
+    pfi_model.eval()
+
+    # Each injector variant gets its own copy of the model with its hooks installed once for
+    # the whole run (pytorchfi works on its own deep copy too), so iterations can interleave.
+    fl_idle_model, fl_model = copy.deepcopy(model), copy.deepcopy(model)
+    inj_idle, inj = TorchInjector(layer_map(fl_idle_model)), TorchInjector(layer_map(fl_model))
+    inj_idle.begin_step([idle_fault], 0)
+    inj.begin_step([set_fault], 0)
+
+    variants += [
+        Variant("infer/plain", "infer", "forward pass, no injector", forward_timer(model, x)),
+        Variant("infer/faultlab-idle", "infer",
+                f"faultlab TorchInjector, fwd_output hook on {FWD_LAYER} for another replica",
+                forward_timer(fl_idle_model, x)),
+        Variant("infer/faultlab", "infer",
+                f"faultlab TorchInjector, fwd_output SET {SET_VALUE:g} at {fpos} (NHWC) of "
+                f"{FWD_LAYER}", forward_timer(fl_model, x)),
+        Variant("infer/pytorchfi", "infer",
+                f"pytorchfi {pfi_version} declare_neuron_fi, value {SET_VALUE:g} at layer_num "
+                f"{layer_num} (b,c,h,w)=(0,{c},{h},{w})",
+                forward_timer(pfi_model, x, pfi.reset_current_layer)),
+    ]
+
+    # --- correctness checks of the inference variants (untimed) ---------------------------------
+    with torch.no_grad():
+        plain, fl, fl_idle = model(x), fl_model(x), fl_idle_model(x)
+        pfi.reset_current_layer()
+        pf = pfi_model(x)
+    checks = {
+        "infer_faultlab_equals_pytorchfi": bool(torch.equal(fl, pf)),
+        "infer_fault_changes_output": not bool(torch.equal(fl, plain)),
+        "infer_idle_equals_plain": bool(torch.equal(fl_idle, plain)),
+    }
+    info = {"config": cfg.to_dict(), "fwd_position_nhwc": list(fpos),
+            "bwd_position_nhwc": list(bpos), "pytorchfi_layer_num": layer_num,
+            "pytorchfi_conv_layers": pfi.get_total_layers()}
+    return variants, runs, checks, info
+
+
+def train_checks(runs) -> dict:
+    """Idle hooks must leave training bit-identical; firing faults must change it."""
+    ref = runs["train/none"].trainer.model.state_dict()
+
+    def same(name):
+        sd = runs[name].trainer.model.state_dict()
+        return all(torch.equal(ref[k], sd[k]) for k in ref)
+
+    out = {f"{n}_bit_identical_to_none": same(n) for n in ("train/idle-fwd", "train/idle-bwd")}
+    out.update({f"{n}_changed_training": not same(n) for n in ("train/fire-fwd", "train/fire-bwd")})
+    out["all_losses_finite"] = all(r.last is not None and np.isfinite(r.last.loss)
+                                   for r in runs.values())
+    return out
+
+
+def summarise(variants) -> list[dict]:
+    base = {"train": "train/none", "infer": "infer/plain"}
+    by = {v.name: v for v in variants}
+    rows = []
+    for v in variants:
+        bv = by[base[v.group]]
+        blocks = [statistics.median(b) for b in v.samples]       # per repeat
+        bblocks = [statistics.median(b) for b in bv.samples]
+        med, mn = statistics.median(blocks), min(blocks)
+        bmed, bmn = statistics.median(bblocks), min(bblocks)
+        # iteration i of a round ran right next to the baseline's iteration i
+        paired = [a / b for ra, rb in zip(v.samples, bv.samples) for a, b in zip(ra, rb)]
+        rows.append({"variant": v.name, "group": v.group, "baseline": bv.name,
+                     "description": v.desc, "median_ms": med, "min_ms": mn,
+                     "ratio": med / bmed, "ratio_min": mn / bmn,
+                     "paired_ratio": statistics.median(paired),
+                     "blocks_ms": blocks, "samples_ms": v.samples})
+    return rows
+
+
+def table(rows) -> str:
+    head = (f"{'variant':<22}{'median ms':>11}{'min ms':>10}{'ratio':>8}{'ratio(min)':>12}"
+            f"{'paired':>8}  baseline")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['variant']:<22}{r['median_ms']:>11.2f}{r['min_ms']:>10.2f}"
+                     f"{r['ratio']:>8.3f}{r['ratio_min']:>12.3f}{r['paired_ratio']:>8.3f}"
+                     f"  {r['baseline']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", default="resnet18", choices=sorted(REFERENCE))
+    p.add_argument("--steps", type=int, default=6, help="timed training steps per block (6)")
+    p.add_argument("--repeats", type=int, default=5, help="round-robin repeats (5)")
+    p.add_argument("--infer-iters", type=int, default=40, help="timed forwards per block (40)")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed training steps per variant before the first repeat (3)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (2)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    args = p.parse_args(argv)
+    for k in ("steps", "repeats", "infer_iters", "threads"):
+        if getattr(args, k) < 1:
+            p.error(f"--{k.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        p.error("--warmup must be >= 0")
+
+    torch.set_num_threads(args.threads)
+    seed_everything(0)
+    command = "python " + " ".join(shlex.quote(a) for a in
+                                   [os.path.relpath(__file__, ROOT)] + list(sys.argv[1:]
+                                                                          if argv is None else argv))
+    started = _dt.datetime.now(_dt.timezone.utc)
+    load0 = loadavg()
+    t_start = time.perf_counter()
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    log("building trainers and models ...")
+    variants, runs, checks, info = build(args)
+    train_v = [v for v in variants if v.group == "train"]
+    infer_v = [v for v in variants if v.group == "infer"]
+
+    log(f"warm-up: {args.warmup} training steps per training variant, 10 forwards per "
+        f"inference variant")
+    for _ in range(args.warmup):
+        for v in train_v:
+            v.one()
+    for _ in range(10):
+        for v in infer_v:
+            v.one()
+
+    # Round-robin at the iteration level: one iteration of each variant per round, the start of
+    # the round rotating, so a burst of load from elsewhere hits neighbouring variants alike.
+    rnd = 0
+    for r in range(args.repeats):
+        for group, n in ((train_v, args.steps), (infer_v, args.infer_iters)):
+            for v in group:
+                v.samples.append([])
+            gc.collect()
+            for _ in range(n):
+                k = rnd % len(group)
+                rnd += 1
+                for v in group[k:] + group[:k]:
+                    v.samples[-1].append(v.one() * 1e3)
+        log(f"repeat {r + 1}/{args.repeats} done ({time.perf_counter() - t_start:.0f} s)")
+
+    checks.update(train_checks(runs))
+    rows = summarise(variants)
+    doc = {
+        "benchmark": "injector_overhead", "command": command,
+        "date_utc": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(), "threads": args.threads,
+        "loadavg_start": load0, "loadavg_end": loadavg(),
+        "steps": args.steps, "repeats": args.repeats, "infer_iters": args.infer_iters,
+        "warmup": args.warmup, "wall_s": round(time.perf_counter() - t_start, 1),
+        "workload": info, "checks": checks, "results": rows,
+        "notes": [
+            "train/idle-*: the fault's replica index equals the replica count, so its hook is "
+            "installed and runs on all replicas but never fires; this is the per-replica cost of "
+            "a firing fault's hook on the replicas it does not hit. Steps in which no fault "
+            "fires install no hooks and cost train/none.",
+            f"train/fire-*: bit {FLIP_BIT} (top mantissa bit) so every variant trains on finite "
+            "values; the fault is resolved again every step (new hooks per step), as in a "
+            "campaign.",
+            "each repeat runs --steps rounds of training and --infer-iters rounds of inference; "
+            "a round runs one iteration of every variant of the group (rotating start). A "
+            "repeat's value is the median ms of its iterations; median ms / min ms are the median "
+            "and minimum of those over repeats; ratio = median / baseline median; ratio(min) = "
+            "min / baseline min; paired = median over all rounds of (iteration / the baseline's "
+            "iteration in the same round), the estimate least sensitive to load from elsewhere.",
+        ],
+    }
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    m = doc["machine"]
+    print(f"faultlab injector overhead -- {args.workload}: width {info['config']['width']}, "
+          f"{info['config']['input_size']}x{info['config']['input_size']} "
+          f"{info['config']['dataset']}, {info['config']['replicas']} replicas x "
+          f"{info['config']['per_replica_batch']}")
+    print(f"date     {doc['date_utc']}")
+    print(f"machine  {m['cpu']}; {m['cores']} cores ({m['usable_cores']} usable), "
+          f"torch.set_num_threads({args.threads}); loadavg {load0} -> {doc['loadavg_end']}")
+    print(f"software python {m['python']}, torch {m['torch']}, pytorchfi {m['pytorchfi']}")
+    print(f"command  {command}")
+    print(f"timing   {args.repeats} repeats x ({args.steps} training rounds + {args.infer_iters} "
+          f"inference rounds), interleaved round-robin; {args.warmup} warm-up steps and 10 "
+          f"warm-up forwards per variant excluded; wall {doc['wall_s']} s")
+    print()
+    print(table(rows))
+    print()
+    for r in rows:
+        print(f"  {r['variant']:<20} {r['description']}")
+    print()
+    for n in doc["notes"]:
+        print(f"note: {n}")
+    print("checks: " + ", ".join(f"{k}={v}" for k, v in checks.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
