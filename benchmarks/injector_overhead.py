@@ -82,6 +82,7 @@ from faultlab.workloads.torch_trainer import (TorchTrainer, build_workload,  # n
 FWD_LAYER = "basicblock_2_basic_0_conv2"
 BWD_LAYER = "basicblock_4_basic_0_downsample"
 SET_VALUE = 1e4
+LAYER_CALLS = 20     # layer-level variants: calls per timed iteration
 FLIP_BIT = 22
 
 REFERENCE = {
@@ -128,10 +129,11 @@ def loadavg():
 
 
 class Variant:
-    """A measured variant: `one()` runs one untimed-setup-free iteration and returns seconds."""
+    """A measured variant: `one()` runs one iteration and returns its seconds."""
 
-    def __init__(self, name: str, group: str, desc: str, one):
+    def __init__(self, name: str, group: str, desc: str, one, baseline: str | None = None):
         self.name, self.group, self.desc, self.one = name, group, desc, one
+        self.baseline = baseline or {"train": "train/none", "infer": "infer/plain"}[group]
         self.samples: list[list[float]] = []   # per repeat: ms of each iteration
 
 
@@ -245,6 +247,44 @@ def build(args):
                 forward_timer(pfi_model, x, pfi.reset_current_layer)),
     ]
 
+    # --- one layer alone: the per-call cost of an idle hook, measurable despite noise ----------
+    def layer_timer(mod, shape, backward: bool):
+        xin = torch.rand(shape, generator=torch.Generator().manual_seed(cfg.seed),
+                         requires_grad=backward)
+
+        def one() -> float:
+            t0 = time.perf_counter()
+            for _ in range(LAYER_CALLS):
+                out = mod(xin)
+                if backward:
+                    out.sum().backward()
+            return (time.perf_counter() - t0) / LAYER_CALLS
+        return one
+
+    def nchw(canon):
+        n, hh, ww, cc = canon
+        return (n, cc, hh, ww)
+
+    lmodel = build_workload(cfg, with_data=False).model.train()
+    lmods = {}
+    for tag in ("plain", "idle"):
+        mm = copy.deepcopy(lmodel)
+        lmods[tag] = (layer_map(mm)[FWD_LAYER], layer_map(mm)[BWD_LAYER])
+    lay_inj = TorchInjector({FWD_LAYER: lmods["idle"][0], BWD_LAYER: lmods["idle"][1]})
+    lay_inj.begin_step([fwd(R), bwd(R)], 0)       # both idle: replica R never computed
+    fin = nchw(shapes[FWD_LAYER][Site.FWD_INPUT][0])
+    bin_ = nchw(shapes[BWD_LAYER][Site.FWD_INPUT][0])
+    variants += [
+        Variant("layer/fwd-plain", "layer", f"{FWD_LAYER} alone, forward, input {fin}",
+                layer_timer(lmods["plain"][0], fin, False), "layer/fwd-plain"),
+        Variant("layer/fwd-idle", "layer", f"the same with the idle fwd_output hook",
+                layer_timer(lmods["idle"][0], fin, False), "layer/fwd-plain"),
+        Variant("layer/bwd-plain", "layer", f"{BWD_LAYER} alone, forward+backward, input {bin_}",
+                layer_timer(lmods["plain"][1], bin_, True), "layer/bwd-plain"),
+        Variant("layer/bwd-idle", "layer", f"the same with the idle bwd_input full backward hook",
+                layer_timer(lmods["idle"][1], bin_, True), "layer/bwd-plain"),
+    ]
+
     # --- correctness checks of the inference variants (untimed) ---------------------------------
     with torch.no_grad():
         plain, fl, fl_idle = model(x), fl_model(x), fl_idle_model(x)
@@ -277,34 +317,51 @@ def train_checks(runs) -> dict:
 
 
 def summarise(variants) -> list[dict]:
-    base = {"train": "train/none", "infer": "infer/plain"}
     by = {v.name: v for v in variants}
     rows = []
     for v in variants:
-        bv = by[base[v.group]]
+        bv = by[v.baseline]
         blocks = [statistics.median(b) for b in v.samples]       # per repeat
         bblocks = [statistics.median(b) for b in bv.samples]
         med, mn = statistics.median(blocks), min(blocks)
         bmed, bmn = statistics.median(bblocks), min(bblocks)
         # iteration i of a round ran right next to the baseline's iteration i
-        paired = [a / b for ra, rb in zip(v.samples, bv.samples) for a, b in zip(ra, rb)]
+        pairs = [(a, b) for ra, rb in zip(v.samples, bv.samples) for a, b in zip(ra, rb)]
+        paired = [a / b for a, b in pairs]
         rows.append({"variant": v.name, "group": v.group, "baseline": bv.name,
                      "description": v.desc, "median_ms": med, "min_ms": mn,
                      "ratio": med / bmed, "ratio_min": mn / bmn,
                      "paired_ratio": statistics.median(paired),
+                     "paired_delta_ms": statistics.median([a - b for a, b in pairs]),
                      "blocks_ms": blocks, "samples_ms": v.samples})
     return rows
 
 
 def table(rows) -> str:
     head = (f"{'variant':<22}{'median ms':>11}{'min ms':>10}{'ratio':>8}{'ratio(min)':>12}"
-            f"{'paired':>8}  baseline")
+            f"{'paired':>8}{'paired +ms':>12}  baseline")
     lines = [head, "-" * len(head)]
+    group = None
     for r in rows:
-        lines.append(f"{r['variant']:<22}{r['median_ms']:>11.2f}{r['min_ms']:>10.2f}"
+        if group is not None and r["group"] != group:
+            lines.append("")
+        group = r["group"]
+        lines.append(f"{r['variant']:<22}{r['median_ms']:>11.3f}{r['min_ms']:>10.3f}"
                      f"{r['ratio']:>8.3f}{r['ratio_min']:>12.3f}{r['paired_ratio']:>8.3f}"
-                     f"  {r['baseline']}")
+                     f"{r['paired_delta_ms']:>+12.3f}  {r['baseline']}")
     return "\n".join(lines)
+
+
+def derived(rows, replicas: int) -> dict:
+    """What the layer-level idle-hook costs predict for a training step."""
+    by = {r["variant"]: r for r in rows}
+    step = by["train/none"]["median_ms"]
+    out = {}
+    for tag, v in (("fwd", "layer/fwd-idle"), ("bwd", "layer/bwd-idle")):
+        us = by[v]["paired_delta_ms"] * 1e3
+        out[f"idle_{tag}_hook_us_per_call"] = round(us, 2)
+        out[f"idle_{tag}_predicted_train_ratio"] = round(1 + replicas * us / 1e3 / step, 5)
+    return out
 
 
 def main(argv=None) -> int:
@@ -341,6 +398,7 @@ def main(argv=None) -> int:
     variants, runs, checks, info = build(args)
     train_v = [v for v in variants if v.group == "train"]
     infer_v = [v for v in variants if v.group == "infer"]
+    layer_v = [v for v in variants if v.group == "layer"]
 
     log(f"warm-up: {args.warmup} training steps per training variant, 10 forwards per "
         f"inference variant")
@@ -348,14 +406,15 @@ def main(argv=None) -> int:
         for v in train_v:
             v.one()
     for _ in range(10):
-        for v in infer_v:
+        for v in infer_v + layer_v:
             v.one()
 
     # Round-robin at the iteration level: one iteration of each variant per round, the start of
     # the round rotating, so a burst of load from elsewhere hits neighbouring variants alike.
     rnd = 0
     for r in range(args.repeats):
-        for group, n in ((train_v, args.steps), (infer_v, args.infer_iters)):
+        for group, n in ((train_v, args.steps), (infer_v, args.infer_iters),
+                         (layer_v, args.infer_iters)):
             for v in group:
                 v.samples.append([])
             gc.collect()
@@ -368,6 +427,7 @@ def main(argv=None) -> int:
 
     checks.update(train_checks(runs))
     rows = summarise(variants)
+    pred = derived(rows, info["config"]["replicas"])
     doc = {
         "benchmark": "injector_overhead", "command": command,
         "date_utc": started.strftime("%Y-%m-%d %H:%M UTC"),
@@ -375,7 +435,7 @@ def main(argv=None) -> int:
         "loadavg_start": load0, "loadavg_end": loadavg(),
         "steps": args.steps, "repeats": args.repeats, "infer_iters": args.infer_iters,
         "warmup": args.warmup, "wall_s": round(time.perf_counter() - t_start, 1),
-        "workload": info, "checks": checks, "results": rows,
+        "workload": info, "checks": checks, "derived": pred, "results": rows,
         "notes": [
             "train/idle-*: the fault's replica index equals the replica count, so its hook is "
             "installed and runs on all replicas but never fires; this is the per-replica cost of "
@@ -413,6 +473,12 @@ def main(argv=None) -> int:
     print()
     for r in rows:
         print(f"  {r['variant']:<20} {r['description']}")
+    print()
+    print(f"idle hook cost per call (layer-level, paired): fwd_output "
+          f"{pred['idle_fwd_hook_us_per_call']:+.1f} us, bwd_input {pred['idle_bwd_hook_us_per_call']:+.1f}"
+          f" us; x{info['config']['replicas']} replicas per step predicts train/idle-fwd "
+          f"{pred['idle_fwd_predicted_train_ratio']:.4f}x, train/idle-bwd "
+          f"{pred['idle_bwd_predicted_train_ratio']:.4f}x")
     print()
     for n in doc["notes"]:
         print(f"note: {n}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -387,40 +386,50 @@ def test_run_again_resumes_without_redoing(first_run, rerun):
     assert rerun.after == rerun.before                        # rows untouched (seq, wall_s, ...)
 
 
-def test_run_fresh_reruns(first_run, rerun):
+@pytest.fixture(scope="module")
+def fresh_interrupted(first_run, rerun):
+    """--fresh on a copy of the finished campaign's database, stopped (FAULTLAB_STOP_AFTER, the
+    CLI's simulated Ctrl-C) after 2 of its 3 trials, then the plain command run again to
+    finish. One pair of runs serves the --fresh tests and the interrupt/resume tests."""
     db = first_run.dir / "fresh.sqlite"
     _copy_db(first_run.db, db)
-    before = _rows(db)
-    p = _cli(["run", "camp.csv", "--results", db.name, "--fresh"], first_run.dir, first_run.env)
-    assert p.returncode == 0, _show(p)
-    assert "resuming" not in p.stderr and "3/3" in p.stderr   # every trial ran again
-    assert p.stdout == first_run.proc.stdout                  # deterministic: same results
-    after = _rows(db)
-    assert set(after) == set(before)
-    for tid in before:
-        assert after[tid] != before[tid], f"trial {tid} was not rerun"
-    assert _outcomes(db) == EXPECTED
-
-
-def test_interrupted_run_resumes_and_loses_nothing(tmp_path, faultlab_cache, first_run):
-    (tmp_path / "camp.csv").write_text(CAMPAIGN)
-    db = tmp_path / "interrupted.sqlite"
+    original = _rows(db)
     args = ["run", "camp.csv", "--results", db.name]
-    p = _cli(args, tmp_path, _env(faultlab_cache, FAULTLAB_STOP_AFTER="2"))
+    stopped = _cli(args + ["--fresh"], first_run.dir,
+                   _env(first_run.env["FAULTLAB_CACHE"], FAULTLAB_STOP_AFTER="2"))
+    after_stop = _rows(db)
+    resumed = _cli(args, first_run.dir, first_run.env)
+    return SimpleNamespace(db=db, original=original, stopped=stopped, after_stop=after_stop,
+                           resumed=resumed, final=_rows(db))
+
+
+def test_run_fresh_reruns(fresh_interrupted):
+    r = fresh_interrupted
+    assert "resuming" not in r.stopped.stderr, r.stopped.stderr   # earlier results discarded
+    assert "0/3" in r.stopped.stderr                               # all three trials to do
+    assert len(r.original) == 3 and len(r.after_stop) == 2        # the old rows are gone...
+    for tid, row in r.after_stop.items():
+        assert row != r.original[tid], f"trial {tid} was not rerun"  # ...and these are new
+
+
+def test_interrupted_run_exits_130_with_results_kept(fresh_interrupted):
+    p = fresh_interrupted.stopped
     assert p.returncode == 130, _show(p)
     assert "interrupted" in p.stderr and "Traceback" not in p.stderr
-    stored = _rows(db)
-    assert len(stored) == 2
-    p = _cli(args, tmp_path, _env(faultlab_cache))
+    assert len(fresh_interrupted.after_stop) == 2                  # N=2 trials stored
+
+
+def test_interrupted_run_resumes_and_loses_nothing(first_run, fresh_interrupted):
+    r = fresh_interrupted
+    p = r.resumed
     assert p.returncode == 0, _show(p)
     assert "resuming: 2 of 3" in p.stderr, p.stderr
-    assert "1/1" in p.stderr                                   # only the missing trial ran
-    final = _rows(db)                                          # each trial exactly once
-    assert len(final) == 3
-    for tid, row in stored.items():
-        assert final[tid] == row, f"trial {tid} was redone or changed"
-    assert _outcomes(db) == EXPECTED
-    assert p.stdout == first_run.proc.stdout                  # same results as uninterrupted
+    assert "1/1" in p.stderr                                       # only the missing trial ran
+    assert len(r.final) == 3                                       # each trial exactly once
+    for tid, row in r.after_stop.items():
+        assert r.final[tid] == row, f"trial {tid} was redone or changed"
+    assert _outcomes(r.db) == EXPECTED
+    assert p.stdout == first_run.proc.stdout   # deterministic: same table as the first run
 
 
 # --- report -------------------------------------------------------------------------------------
