@@ -5,6 +5,8 @@ Usage:
     python benchmarks/injector_overhead.py [--workload resnet18] [--steps N] [--repeats R]
                                            [--infer-iters K] [--warmup W] [--threads T] [--json]
 
+A default run takes about a minute on an idle 2-core machine (several on a busy one).
+
 Reference workload: the small ResNet-18 the campaigns use (width 16, 32x32 digits, 4 emulated
 replicas x 16 samples, seed 123). Variants, measured side by side in one process:
 
@@ -37,15 +39,24 @@ inference (one forward pass, eval mode, torch.no_grad, batch 16, NCHW 3x32x32)
                        Conv2d layers). pytorchfi 0.6.0 never resets its layer counter, so
                        `reset_current_layer()` is called before every forward (included).
 
+layer (one layer alone, forward -- or forward+backward for the backward site -- reported per
+call): the per-call costs that a whole training step's noise hides. fwd-plain / fwd-idle /
+fwd-fire on basicblock_2_basic_0_conv2, bwd-plain / bwd-idle / bwd-fire on
+basicblock_4_basic_0_downsample; "fire" runs begin_step, the call and end_step each call, i.e. a
+firing fault's whole per-step cost on its layer (install, resolve, corrupt, remove). From these
+the script predicts the training ratios: replicas x idle for an idle fault, fire +
+(replicas - 1) x idle for a firing one.
+
 Every training variant has its own TorchTrainer built from the same configuration (and every
-inference injector its own copy of the model), so a fault in one variant cannot change what
-another computes. Each repeat runs --steps training rounds and --infer-iters inference rounds;
-a round runs one iteration of every variant of the group, its start rotating, so a burst of load
-from elsewhere on a shared machine hits neighbouring variants alike. A repeat's value is the
-median ms of its iterations; the table shows the median and the minimum of those over repeats,
-their ratios to the matching baseline (training variants vs train/none, inference vs
-infer/plain), and `paired`: the median over all rounds of iteration / baseline iteration of the
-same round.
+inference or layer variant its own copy of the model), so a fault in one variant cannot change
+what another computes. Each repeat runs --steps training rounds, --infer-iters inference
+rounds and --infer-iters layer rounds; a round runs one iteration of every variant of the
+group, its start rotating, so a burst of load from elsewhere on a shared machine hits
+neighbouring variants alike. A repeat's value is the median ms of its iterations; the table
+shows the median and the minimum of those over repeats, their ratios to the matching baseline
+(training variants vs train/none, inference vs infer/plain, layer variants vs their plain
+layer), and `paired`: the median over all rounds of iteration / baseline iteration of the same
+round (`paired +ms`: the median difference).
 """
 
 from __future__ import annotations
@@ -82,7 +93,7 @@ from faultlab.workloads.torch_trainer import (TorchTrainer, build_workload,  # n
 FWD_LAYER = "basicblock_2_basic_0_conv2"
 BWD_LAYER = "basicblock_4_basic_0_downsample"
 SET_VALUE = 1e4
-LAYER_CALLS = 20     # layer-level variants: calls per timed iteration
+LAYER_CALLS = 10     # layer-level variants: calls per timed iteration
 FLIP_BIT = 22
 
 REFERENCE = {
@@ -247,42 +258,57 @@ def build(args):
                 forward_timer(pfi_model, x, pfi.reset_current_layer)),
     ]
 
-    # --- one layer alone: the per-call cost of an idle hook, measurable despite noise ----------
-    def layer_timer(mod, shape, backward: bool):
-        xin = torch.rand(shape, generator=torch.Generator().manual_seed(cfg.seed),
-                         requires_grad=backward)
-
-        def one() -> float:
-            t0 = time.perf_counter()
-            for _ in range(LAYER_CALLS):
-                out = mod(xin)
-                if backward:
-                    out.sum().backward()
-            return (time.perf_counter() - t0) / LAYER_CALLS
-        return one
-
+    # --- one layer alone: per-call hook costs, small enough to drown in a whole step's noise --
     def nchw(canon):
         n, hh, ww, cc = canon
         return (n, cc, hh, ww)
 
+    def layer_timer(mod, shape, backward: bool, injector=None, fault=None):
+        """LAYER_CALLS calls of one layer (forward, or forward+backward). With `fault`, each
+        call is a whole step of that layer: begin_step (install; the fault is resolved on its
+        first use), the call, end_step -- what a firing fault costs per training step."""
+        xin = torch.rand(nchw(shape), generator=torch.Generator().manual_seed(cfg.seed),
+                         requires_grad=True)
+        state = {"step": 0}
+
+        def one() -> float:
+            t0 = time.perf_counter()
+            for _ in range(LAYER_CALLS):
+                if fault is not None:
+                    injector.begin_step([fault], state["step"])
+                    state["step"] += 1
+                out = mod(xin)
+                if backward:
+                    out.sum().backward()
+                if fault is not None:
+                    injector.end_step()
+            return (time.perf_counter() - t0) / LAYER_CALLS
+        return one
+
     lmodel = build_workload(cfg, with_data=False).model.train()
     lmods = {}
-    for tag in ("plain", "idle"):
-        mm = copy.deepcopy(lmodel)
-        lmods[tag] = (layer_map(mm)[FWD_LAYER], layer_map(mm)[BWD_LAYER])
-    lay_inj = TorchInjector({FWD_LAYER: lmods["idle"][0], BWD_LAYER: lmods["idle"][1]})
-    lay_inj.begin_step([fwd(R), bwd(R)], 0)       # both idle: replica R never computed
-    fin = nchw(shapes[FWD_LAYER][Site.FWD_INPUT][0])
-    bin_ = nchw(shapes[BWD_LAYER][Site.FWD_INPUT][0])
+    for tag in ("plain", "idle", "fire"):
+        lm = layer_map(copy.deepcopy(lmodel))
+        lmods[tag] = {FWD_LAYER: lm[FWD_LAYER], BWD_LAYER: lm[BWD_LAYER]}
+    TorchInjector(lmods["idle"]).begin_step([fwd(R), bwd(R)], 0)   # idle: replica R never runs
+    fire_inj = TorchInjector(lmods["fire"])                        # its replica stays 0
+    fin, bin_ = shapes[FWD_LAYER][Site.FWD_INPUT][0], shapes[BWD_LAYER][Site.FWD_INPUT][0]
     variants += [
-        Variant("layer/fwd-plain", "layer", f"{FWD_LAYER} alone, forward, input {fin}",
-                layer_timer(lmods["plain"][0], fin, False), "layer/fwd-plain"),
-        Variant("layer/fwd-idle", "layer", f"the same with the idle fwd_output hook",
-                layer_timer(lmods["idle"][0], fin, False), "layer/fwd-plain"),
-        Variant("layer/bwd-plain", "layer", f"{BWD_LAYER} alone, forward+backward, input {bin_}",
-                layer_timer(lmods["plain"][1], bin_, True), "layer/bwd-plain"),
-        Variant("layer/bwd-idle", "layer", f"the same with the idle bwd_input full backward hook",
-                layer_timer(lmods["idle"][1], bin_, True), "layer/bwd-plain"),
+        Variant("layer/fwd-plain", "layer", f"{FWD_LAYER} alone, forward, input {nchw(fin)}",
+                layer_timer(lmods["plain"][FWD_LAYER], fin, False), "layer/fwd-plain"),
+        Variant("layer/fwd-idle", "layer", "the same, idle fwd_output hook installed",
+                layer_timer(lmods["idle"][FWD_LAYER], fin, False), "layer/fwd-plain"),
+        Variant("layer/fwd-fire", "layer", "the same, fwd_output bitflip firing: begin_step + "
+                "call + end_step per call", layer_timer(lmods["fire"][FWD_LAYER], fin, False,
+                                                        fire_inj, fwd(0)), "layer/fwd-plain"),
+        Variant("layer/bwd-plain", "layer", f"{BWD_LAYER} alone, forward+backward, input "
+                f"{nchw(bin_)}", layer_timer(lmods["plain"][BWD_LAYER], bin_, True),
+                "layer/bwd-plain"),
+        Variant("layer/bwd-idle", "layer", "the same, idle bwd_input full backward hook installed",
+                layer_timer(lmods["idle"][BWD_LAYER], bin_, True), "layer/bwd-plain"),
+        Variant("layer/bwd-fire", "layer", "the same, bwd_input bitflip firing: begin_step + "
+                "call + end_step per call", layer_timer(lmods["fire"][BWD_LAYER], bin_, True,
+                                                        fire_inj, bwd(0)), "layer/bwd-plain"),
     ]
 
     # --- correctness checks of the inference variants (untimed) ---------------------------------
@@ -353,14 +379,19 @@ def table(rows) -> str:
 
 
 def derived(rows, replicas: int) -> dict:
-    """What the layer-level idle-hook costs predict for a training step."""
+    """What the layer-level costs predict for a training step: an idle fault's hook runs on
+    every replica; a firing fault fires on one replica and idles on the others."""
     by = {r["variant"]: r for r in rows}
     step = by["train/none"]["median_ms"]
     out = {}
-    for tag, v in (("fwd", "layer/fwd-idle"), ("bwd", "layer/bwd-idle")):
-        us = by[v]["paired_delta_ms"] * 1e3
-        out[f"idle_{tag}_hook_us_per_call"] = round(us, 2)
-        out[f"idle_{tag}_predicted_train_ratio"] = round(1 + replicas * us / 1e3 / step, 5)
+    for tag in ("fwd", "bwd"):
+        idle = by[f"layer/{tag}-idle"]["paired_delta_ms"]
+        fire = by[f"layer/{tag}-fire"]["paired_delta_ms"]
+        out[f"{tag}_idle_hook_us_per_call"] = round(idle * 1e3, 1)
+        out[f"{tag}_firing_us_per_step"] = round(fire * 1e3, 1)
+        out[f"train_idle_{tag}_predicted_ratio"] = round(1 + replicas * idle / step, 4)
+        out[f"train_fire_{tag}_predicted_ratio"] = round(
+            1 + (fire + (replicas - 1) * idle) / step, 4)
     return out
 
 
@@ -368,11 +399,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", default="resnet18", choices=sorted(REFERENCE))
-    p.add_argument("--steps", type=int, default=6, help="timed training steps per block (6)")
-    p.add_argument("--repeats", type=int, default=5, help="round-robin repeats (5)")
-    p.add_argument("--infer-iters", type=int, default=40, help="timed forwards per block (40)")
-    p.add_argument("--warmup", type=int, default=3,
-                   help="untimed training steps per variant before the first repeat (3)")
+    p.add_argument("--steps", type=int, default=4,
+                   help="timed training rounds per repeat (4)")
+    p.add_argument("--repeats", type=int, default=5, help="repeats (5)")
+    p.add_argument("--infer-iters", type=int, default=30,
+                   help="timed inference rounds and layer rounds per repeat (30)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed training steps per variant before the first repeat (2)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (2)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     args = p.parse_args(argv)
@@ -384,9 +417,9 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     seed_everything(0)
+    cli = list(sys.argv[1:] if argv is None else argv)
     command = "python " + " ".join(shlex.quote(a) for a in
-                                   [os.path.relpath(__file__, ROOT)] + list(sys.argv[1:]
-                                                                          if argv is None else argv))
+                                   [os.path.relpath(__file__, ROOT)] + cli)
     started = _dt.datetime.now(_dt.timezone.utc)
     load0 = loadavg()
     t_start = time.perf_counter()
@@ -428,11 +461,19 @@ def main(argv=None) -> int:
     checks.update(train_checks(runs))
     rows = summarise(variants)
     pred = derived(rows, info["config"]["replicas"])
+    load1 = loadavg()
+    usable = machine()["usable_cores"] or 1
+    busy = None
+    if load0 and load1 and max(load0[0], load1[0]) > usable + 0.5:
+        busy = (f"the machine was busy (1-min load average {load0[0]} -> {load1[0]} on {usable} "
+                f"cores): other processes took CPU time, so absolute times are inflated and the "
+                f"whole-step ratios are noisy; trust 'paired' and the layer-level predictions "
+                f"more.")
     doc = {
         "benchmark": "injector_overhead", "command": command,
         "date_utc": started.strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(), "threads": args.threads,
-        "loadavg_start": load0, "loadavg_end": loadavg(),
+        "loadavg_start": load0, "loadavg_end": load1, "busy_warning": busy,
         "steps": args.steps, "repeats": args.repeats, "infer_iters": args.infer_iters,
         "warmup": args.warmup, "wall_s": round(time.perf_counter() - t_start, 1),
         "workload": info, "checks": checks, "derived": pred, "results": rows,
@@ -444,7 +485,13 @@ def main(argv=None) -> int:
             f"train/fire-*: bit {FLIP_BIT} (top mantissa bit) so every variant trains on finite "
             "values; the fault is resolved again every step (new hooks per step), as in a "
             "campaign.",
-            "each repeat runs --steps rounds of training and --infer-iters rounds of inference; "
+            f"layer/*: one layer alone, {LAYER_CALLS} calls per iteration, reported per call; "
+            "idle = hook installed, replica check fails; fire = begin_step, call, end_step per "
+            "call (a firing fault's whole per-step cost on its layer). The predicted training "
+            "ratios add replicas x idle (idle) or fire + (replicas - 1) x idle (fire) to "
+            "train/none.",
+            "each repeat runs --steps rounds of training and --infer-iters rounds of inference "
+            "and of the layer group; "
             "a round runs one iteration of every variant of the group (rotating start). A "
             "repeat's value is the median ms of its iterations; median ms / min ms are the median "
             "and minimum of those over repeats; ratio = median / baseline median; ratio(min) = "
@@ -466,20 +513,27 @@ def main(argv=None) -> int:
     print(f"software python {m['python']}, torch {m['torch']}, pytorchfi {m['pytorchfi']}")
     print(f"command  {command}")
     print(f"timing   {args.repeats} repeats x ({args.steps} training rounds + {args.infer_iters} "
-          f"inference rounds), interleaved round-robin; {args.warmup} warm-up steps and 10 "
-          f"warm-up forwards per variant excluded; wall {doc['wall_s']} s")
+          f"inference rounds + {args.infer_iters} layer rounds), interleaved round-robin; "
+          f"{args.warmup} warm-up steps and 10 warm-up iterations per variant excluded; "
+          f"wall {doc['wall_s']} s")
     print()
     print(table(rows))
     print()
     for r in rows:
         print(f"  {r['variant']:<20} {r['description']}")
     print()
-    print(f"idle hook cost per call (layer-level, paired): fwd_output "
-          f"{pred['idle_fwd_hook_us_per_call']:+.1f} us, bwd_input {pred['idle_bwd_hook_us_per_call']:+.1f}"
-          f" us; x{info['config']['replicas']} replicas per step predicts train/idle-fwd "
-          f"{pred['idle_fwd_predicted_train_ratio']:.4f}x, train/idle-bwd "
-          f"{pred['idle_bwd_predicted_train_ratio']:.4f}x")
+    print("layer-level costs (paired, per call of the layer):")
+    for t, site in (("fwd", f"fwd_output on {FWD_LAYER}"), ("bwd", f"bwd_input on {BWD_LAYER}")):
+        print(f"  {site}: idle hook {pred[f'{t}_idle_hook_us_per_call']:+.1f} us, firing "
+              f"(install + resolve + corrupt + remove) {pred[f'{t}_firing_us_per_step']:+.1f} us")
+    print(f"  => predicted training ratios: idle-fwd {pred['train_idle_fwd_predicted_ratio']:.4f}, "
+          f"idle-bwd {pred['train_idle_bwd_predicted_ratio']:.4f}, fire-fwd "
+          f"{pred['train_fire_fwd_predicted_ratio']:.4f}, fire-bwd "
+          f"{pred['train_fire_bwd_predicted_ratio']:.4f}")
     print()
+    if busy:
+        print(f"WARNING: {busy}")
+        print()
     for n in doc["notes"]:
         print(f"note: {n}")
     print("checks: " + ", ".join(f"{k}={v}" for k, v in checks.items()))

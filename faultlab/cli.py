@@ -36,8 +36,18 @@ An interrupted campaign resumes where it stopped: run the same command again."""
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a usage error on one line, like every other bad input (exit 2)."""
+
+    def error(self, message: str):
+        command = self.prog.split(None, 1)[1:]          # "faultlab run" -> ["run"]
+        where = f"{command[0]}: " if command else ""
+        message = " ".join(message.split())
+        self.exit(2, f"faultlab: error: {where}{message} (see '{self.prog} --help')\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="faultlab",
         description="Inject hardware faults into DL training, classify what they do, "
                     "detect and recover.",
@@ -305,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\nfaultlab: interrupted; finished trials are saved, run again to resume",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and closed: not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -668,7 +668,7 @@ def _acc(x: float | None) -> str:
     return f"{x:.4f}"
 
 
-def format_results(results: Sequence[TrialResult], fault_width: int = 40) -> str:
+def format_results(results: Sequence[TrialResult], fault_width: int = 60) -> str:
     """A per-trial ASCII table: trial id, fault (layer/site and value model), injection step,
     outcome, final test accuracy / golden, and ``=`` when the trial was bit-exact with the
     golden run. A detection column appears when any result has detection data."""

@@ -6,8 +6,9 @@ golden run of the tiny configuration below is recorded once. The contract checke
 success, 1 on a failed check, 2 on bad input with exactly one line on stderr naming the problem
 (never a traceback), 130 when interrupted; --json prints one JSON document on stdout.
 
-Independent commands are started together (`_cli_many`) so that the Python and torch start-up of
-the child processes overlaps; the whole file takes about a minute on two cores.
+Independent commands are started together (`_cli_many`), and the `run` scenario runs on a
+background thread while the other tests go on, so that the start-up of the child processes
+(Python, torch) overlaps; the whole file takes about a minute on two cores.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -295,6 +297,18 @@ def test_run_bad_input(tmp_path, env):
         _assert_user_error(p, *n)
 
 
+def test_usage_errors_are_one_line(tmp_path, env):
+    """argparse's own errors (unknown command, bad option value, missing argument) follow the
+    same contract: exit 2, one line, no usage dump."""
+    cases = {("bogus",): ["bogus"],
+             ("run", "camp.csv", "--framework", "bogus"): ["run", "--framework", "bogus"],
+             ("run", "camp.csv", "--workers", "many"): ["--workers", "many"],
+             ("validate",): ["validate", "campaign"],
+             ("report", "x.sqlite", "--no-such-flag"): ["--no-such-flag"]}
+    for p, needles in zip(_cli_many(list(cases), tmp_path, env), cases.values()):
+        _assert_user_error(p, *needles)
+
+
 def test_report_bad_input(tmp_path, env):
     (tmp_path / "not_a_db.sqlite").write_text(CAMPAIGN)
     missing, foreign = _cli_many([["report", "nosuch.sqlite"],
@@ -304,30 +318,77 @@ def test_report_bad_input(tmp_path, env):
 
 
 # --- run ----------------------------------------------------------------------------------------
+#
+# The `run` commands form one scenario, each step depending on the ones before it:
+#   1. the tiny campaign, first time (records the golden run; default results path);
+#   2. at once: the same run again with --expect Masked; again with --json --csv; and --fresh on
+#      a copy of the finished database, stopped after 2 of its 3 trials by the CLI's simulated
+#      Ctrl-C (FAULTLAB_STOP_AFTER);
+#   3. the plain command again on that copy, which resumes and finishes it.
+# The scenario runs on a background thread started with this module (unless pytest-xdist already
+# runs tests in parallel), so it overlaps the validate tests above; the tests below wait for it.
 
-@pytest.fixture(scope="module")
-def first_run(tmp_path_factory, faultlab_cache):
-    """The tiny campaign run once, with the default results path (faultlab-results/camp.sqlite)."""
-    d = tmp_path_factory.mktemp("run")
-    (d / "camp.csv").write_text(CAMPAIGN)
-    env = _env(faultlab_cache)
-    p = _cli(["run", "camp.csv"], d, env)
-    return SimpleNamespace(dir=d, env=env, proc=p, db=d / "faultlab-results" / "camp.sqlite")
+class _Scenario(threading.Thread):
+    def __init__(self, d: Path, env: dict):
+        super().__init__(name="faultlab-cli-run-scenario", daemon=True)
+        self.dir, self.env, self.error = d, env, None
+        self.r = SimpleNamespace(dir=d, env=env, db=d / "faultlab-results" / "camp.sqlite",
+                                 fresh_db=d / "fresh.sqlite")
+
+    def run(self):
+        try:
+            self._steps()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test that waits
+            self.error = e
+
+    def _steps(self):
+        r, d, env = self.r, self.dir, self.env
+        (d / "camp.csv").write_text(CAMPAIGN)
+        r.first = _cli(["run", "camp.csv"], d, env)
+        assert r.first.returncode == 0 and r.db.is_file(), _show(r.first)
+        r.before = _rows(r.db)
+        _copy_db(r.db, r.fresh_db)
+        r.fresh_original = _rows(r.fresh_db)
+        fresh_args = ["run", "camp.csv", "--results", r.fresh_db.name]
+        procs = [_start(["run", "camp.csv", "--expect", "Masked"], d, env),
+                 _start(["run", "camp.csv", "--json", "--csv", "out.csv"], d, env),
+                 _start(fresh_args + ["--fresh"], d,
+                        dict(env, FAULTLAB_STOP_AFTER="2"))]
+        r.expect, r.json, r.stopped = [_finish(p) for p in procs]
+        r.after = _rows(r.db)
+        r.after_stop = _rows(r.fresh_db)
+        r.resumed = _cli(fresh_args, d, env)
+        r.final = _rows(r.fresh_db)
+
+    def result(self) -> SimpleNamespace:
+        if self.ident is None:        # not started early (pytest-xdist): run it now
+            self.start()
+        self.join(4 * TIMEOUT)
+        if self.is_alive():
+            pytest.fail("the run scenario did not finish")
+        if self.error is not None:
+            raise self.error
+        return self.r
 
 
-@pytest.fixture(scope="module")
-def rerun(first_run):
-    """The same command run again two ways at once (the campaign is complete, so nothing
-    trains): with --expect Masked, and with --json --csv. Rows before and after are kept."""
-    before = _rows(first_run.db)
-    expect, js = _cli_many([["run", "camp.csv", "--expect", "Masked"],
-                            ["run", "camp.csv", "--json", "--csv", "out.csv"]],
-                           first_run.dir, first_run.env)
-    return SimpleNamespace(before=before, after=_rows(first_run.db), json=js, expect=expect)
+@pytest.fixture(scope="module", autouse=True)
+def _run_scenario(tmp_path_factory, faultlab_cache):
+    scenario = _Scenario(tmp_path_factory.mktemp("run"), _env(faultlab_cache))
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        scenario.start()   # overlap it with the tests before the run tests
+    yield scenario
+    if scenario.ident is not None:
+        scenario.join(4 * TIMEOUT)
 
 
-def test_run_table_and_summary(first_run):
-    p = first_run.proc
+@pytest.fixture
+def run(_run_scenario) -> SimpleNamespace:
+    """The results of the run scenario (waits for it; starts it first if it is not running)."""
+    return _run_scenario.result()
+
+
+def test_run_table_and_summary(run):
+    p = run.first
     assert p.returncode == 0, _show(p)
     assert "Traceback" not in p.stderr
     assert "golden run" in p.stderr and "3/3" in p.stderr      # progress on stderr
@@ -341,11 +402,11 @@ def test_run_table_and_summary(first_run):
                if ln.split()[:1] and ln.split()[0] in ("Masked", "ImmediateINFsNaNs", "Total")
                and len(ln.split()) > 1 and ln.split()[1].isdigit()}
     assert summary == {"Masked": "2", "ImmediateINFsNaNs": "1", "Total": "3"}, p.stdout
-    assert _outcomes(first_run.db) == EXPECTED
+    assert _outcomes(run.db) == EXPECTED
 
 
-def test_run_json(first_run, rerun):
-    p = rerun.json
+def test_run_json(run):
+    p = run.json
     assert p.returncode == 0, _show(p)
     assert p.stdout.count("\n") == 1
     doc = json.loads(p.stdout)                                  # exactly one JSON document
@@ -358,19 +419,18 @@ def test_run_json(first_run, rerun):
     assert trials["nan"]["first_nonfinite_step"] == 7         # epoch 1, step 2 of 5
     counts = {r["outcome"]: r["count"] for r in doc["summary"]}
     assert counts["Masked"] == 2 and counts["ImmediateINFsNaNs"] == 1
-    assert "resuming" not in p.stdout
 
 
-def test_run_csv(first_run, rerun):
-    assert rerun.json.returncode == 0, _show(rerun.json)
-    with open(first_run.dir / "out.csv", newline="") as f:
+def test_run_csv(run):
+    assert run.json.returncode == 0, _show(run.json)
+    with open(run.dir / "out.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3
     assert {r["trial_id"]: r["outcome"] for r in rows} == EXPECTED
 
 
-def test_run_expect_not_met_is_exit_1(rerun):
-    p = rerun.expect
+def test_run_expect_not_met_is_exit_1(run):
+    p = run.expect
     assert p.returncode == 1, _show(p)
     assert "Traceback" not in p.stderr
     assert "expected every trial to be Masked" in p.stderr
@@ -378,66 +438,48 @@ def test_run_expect_not_met_is_exit_1(rerun):
     assert "Total" in p.stdout                                  # the table is still printed
 
 
-def test_run_again_resumes_without_redoing(first_run, rerun):
-    p = rerun.expect                                            # the run again, with --expect
+def test_run_again_resumes_without_redoing(run):
+    p = run.expect                                              # the run again, with --expect
     assert "resuming: 3 of 3" in p.stderr, p.stderr
     assert "golden run" not in p.stderr and "trials [" not in p.stderr   # nothing ran
-    assert p.stdout == first_run.proc.stdout                  # same table, same summary
-    assert rerun.after == rerun.before                        # rows untouched (seq, wall_s, ...)
+    assert p.stdout == run.first.stdout                        # same table, same summary
+    assert run.after == run.before                             # rows untouched (seq, wall_s, ...)
 
 
-@pytest.fixture(scope="module")
-def fresh_interrupted(first_run, rerun):
-    """--fresh on a copy of the finished campaign's database, stopped (FAULTLAB_STOP_AFTER, the
-    CLI's simulated Ctrl-C) after 2 of its 3 trials, then the plain command run again to
-    finish. One pair of runs serves the --fresh tests and the interrupt/resume tests."""
-    db = first_run.dir / "fresh.sqlite"
-    _copy_db(first_run.db, db)
-    original = _rows(db)
-    args = ["run", "camp.csv", "--results", db.name]
-    stopped = _cli(args + ["--fresh"], first_run.dir,
-                   _env(first_run.env["FAULTLAB_CACHE"], FAULTLAB_STOP_AFTER="2"))
-    after_stop = _rows(db)
-    resumed = _cli(args, first_run.dir, first_run.env)
-    return SimpleNamespace(db=db, original=original, stopped=stopped, after_stop=after_stop,
-                           resumed=resumed, final=_rows(db))
+def test_run_fresh_reruns(run):
+    p = run.stopped
+    assert "resuming" not in p.stderr, p.stderr                # earlier results discarded
+    assert "0/3" in p.stderr                                    # all three trials to do
+    assert len(run.fresh_original) == 3 and len(run.after_stop) == 2  # the old rows are gone
+    for tid, row in run.after_stop.items():
+        assert row != run.fresh_original[tid], f"trial {tid} was not rerun"
 
 
-def test_run_fresh_reruns(fresh_interrupted):
-    r = fresh_interrupted
-    assert "resuming" not in r.stopped.stderr, r.stopped.stderr   # earlier results discarded
-    assert "0/3" in r.stopped.stderr                               # all three trials to do
-    assert len(r.original) == 3 and len(r.after_stop) == 2        # the old rows are gone...
-    for tid, row in r.after_stop.items():
-        assert row != r.original[tid], f"trial {tid} was not rerun"  # ...and these are new
-
-
-def test_interrupted_run_exits_130_with_results_kept(fresh_interrupted):
-    p = fresh_interrupted.stopped
+def test_interrupted_run_exits_130_with_results_kept(run):
+    p = run.stopped
     assert p.returncode == 130, _show(p)
     assert "interrupted" in p.stderr and "Traceback" not in p.stderr
-    assert len(fresh_interrupted.after_stop) == 2                  # N=2 trials stored
+    assert len(run.after_stop) == 2                             # N=2 trials stored
 
 
-def test_interrupted_run_resumes_and_loses_nothing(first_run, fresh_interrupted):
-    r = fresh_interrupted
-    p = r.resumed
+def test_interrupted_run_resumes_and_loses_nothing(run):
+    p = run.resumed
     assert p.returncode == 0, _show(p)
     assert "resuming: 2 of 3" in p.stderr, p.stderr
-    assert "1/1" in p.stderr                                       # only the missing trial ran
-    assert len(r.final) == 3                                       # each trial exactly once
-    for tid, row in r.after_stop.items():
-        assert r.final[tid] == row, f"trial {tid} was redone or changed"
-    assert _outcomes(r.db) == EXPECTED
-    assert p.stdout == first_run.proc.stdout   # deterministic: same table as the first run
+    assert "1/1" in p.stderr                                    # only the missing trial ran
+    assert len(run.final) == 3                                  # each trial exactly once
+    for tid, row in run.after_stop.items():
+        assert run.final[tid] == row, f"trial {tid} was redone or changed"
+    assert _outcomes(run.fresh_db) == EXPECTED
+    assert p.stdout == run.first.stdout   # deterministic: same table as the uninterrupted run
 
 
 # --- report -------------------------------------------------------------------------------------
 
-def test_report_csv_and_json(first_run, tmp_path):
+def test_report_csv_and_json(run, tmp_path):
     csv_out = tmp_path / "report.csv"
-    text, js = _cli_many([["report", first_run.db, "--csv", csv_out],
-                          ["report", first_run.db, "--json"]], tmp_path, first_run.env)
+    text, js = _cli_many([["report", run.db, "--csv", csv_out],
+                          ["report", run.db, "--json"]], tmp_path, run.env)
     assert text.returncode == 0, _show(text)
     for trial, outcome in EXPECTED.items():
         assert outcome in _table_line(text.stdout, trial).split()

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -62,6 +64,8 @@ def build_workload(config: WorkloadConfig, with_data: bool = True) -> TorchWorkl
     name = config.workload
     if is_user_workload(name):
         mod_name, _, fn_name = name.partition(":")
+        if os.getcwd() not in sys.path:  # as `python -m` does: modules of the current directory
+            sys.path.insert(0, os.getcwd())
         try:
             fn = getattr(importlib.import_module(mod_name), fn_name)
         except (ImportError, AttributeError) as e:
