@@ -3,9 +3,13 @@
 
 Usage:
     python benchmarks/injector_overhead.py [--workload resnet18] [--steps N] [--repeats R]
-                                           [--infer-iters K] [--warmup W] [--threads T] [--json]
+                                           [--infer-iters K] [--warmup W] [--threads T]
+                                           [--max-minutes M] [--json]
 
-A default run takes about a minute on an idle 2-core machine (several on a busy one).
+A default run takes about a minute on an idle 2-core machine; on a busy one --max-minutes
+(default 5) cuts the number of repeats. With --threads 2 on 2 cores that other processes also
+use, every parallel torch op waits for both of its threads to be scheduled: steps get ~10x
+slower and far noisier than with --threads 1.
 
 Reference workload: the small ResNet-18 the campaigns use (width 16, 32x32 digits, 4 emulated
 replicas x 16 samples, seed 123). Variants, measured side by side in one process:
@@ -407,13 +411,16 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2,
                    help="untimed training steps per variant before the first repeat (2)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (2)")
+    p.add_argument("--max-minutes", type=float, default=5.0,
+                   help="start no further repeat that would end past this much wall time; at "
+                        "least one repeat always runs; 0 = no limit (5)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     args = p.parse_args(argv)
     for k in ("steps", "repeats", "infer_iters", "threads"):
         if getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be at least 1")
-    if args.warmup < 0:
-        p.error("--warmup must be >= 0")
+    if args.warmup < 0 or args.max_minutes < 0:
+        p.error("--warmup and --max-minutes must be >= 0")
 
     torch.set_num_threads(args.threads)
     seed_everything(0)
@@ -445,7 +452,15 @@ def main(argv=None) -> int:
     # Round-robin at the iteration level: one iteration of each variant per round, the start of
     # the round rotating, so a burst of load from elsewhere hits neighbouring variants alike.
     rnd = 0
+    budget = args.max_minutes * 60
+    last = 0.0
     for r in range(args.repeats):
+        elapsed = time.perf_counter() - t_start
+        if r and budget and elapsed + last > budget:
+            log(f"time budget: stopping after {r} of {args.repeats} repeats "
+                f"(--max-minutes {args.max_minutes:g})")
+            break
+        t_rep = time.perf_counter()
         for group, n in ((train_v, args.steps), (infer_v, args.infer_iters),
                          (layer_v, args.infer_iters)):
             for v in group:
@@ -456,7 +471,9 @@ def main(argv=None) -> int:
                 rnd += 1
                 for v in group[k:] + group[:k]:
                     v.samples[-1].append(v.one() * 1e3)
+        last = time.perf_counter() - t_rep
         log(f"repeat {r + 1}/{args.repeats} done ({time.perf_counter() - t_start:.0f} s)")
+    done = len(train_v[0].samples)
 
     checks.update(train_checks(runs))
     rows = summarise(variants)
@@ -468,13 +485,14 @@ def main(argv=None) -> int:
         busy = (f"the machine was busy (1-min load average {load0[0]} -> {load1[0]} on {usable} "
                 f"cores): other processes took CPU time, so absolute times are inflated and the "
                 f"whole-step ratios are noisy; trust 'paired' and the layer-level predictions "
-                f"more.")
+                f"more" + (", or rerun with --threads 1." if args.threads > 1 else "."))
     doc = {
         "benchmark": "injector_overhead", "command": command,
         "date_utc": started.strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(), "threads": args.threads,
         "loadavg_start": load0, "loadavg_end": load1, "busy_warning": busy,
-        "steps": args.steps, "repeats": args.repeats, "infer_iters": args.infer_iters,
+        "steps": args.steps, "repeats": args.repeats, "repeats_done": done,
+        "max_minutes": args.max_minutes, "infer_iters": args.infer_iters,
         "warmup": args.warmup, "wall_s": round(time.perf_counter() - t_start, 1),
         "workload": info, "checks": checks, "derived": pred, "results": rows,
         "notes": [
@@ -512,7 +530,8 @@ def main(argv=None) -> int:
           f"torch.set_num_threads({args.threads}); loadavg {load0} -> {doc['loadavg_end']}")
     print(f"software python {m['python']}, torch {m['torch']}, pytorchfi {m['pytorchfi']}")
     print(f"command  {command}")
-    print(f"timing   {args.repeats} repeats x ({args.steps} training rounds + {args.infer_iters} "
+    cut = "" if done == args.repeats else f" (of {args.repeats}: --max-minutes reached)"
+    print(f"timing   {done} repeats{cut} x ({args.steps} training rounds + {args.infer_iters} "
           f"inference rounds + {args.infer_iters} layer rounds), interleaved round-robin; "
           f"{args.warmup} warm-up steps and 10 warm-up iterations per variant excluded; "
           f"wall {doc['wall_s']} s")

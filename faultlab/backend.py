@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Protocol, Sequence
 
 import numpy as np
@@ -23,6 +23,9 @@ from .workloads.base import WorkloadConfig
 class StepMetrics:
     loss: float
     acc: float
+    #: cheap per-step detector signals (faultlab.detectors.Signals) when the trainer was
+    #: asked for them; not part of equality, so metrics compare as the run's numbers
+    signals: object = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,8 @@ class Trainer(Protocol):
     """A live training session of one workload configuration."""
 
     config: WorkloadConfig
+    #: which optional signals train_step collects (a faultlab.detectors.SignalSpec), or None
+    signal_spec: object
 
     def train_step(self, step: int, faults: Sequence[FaultSpec] = ()) -> StepMetrics:
         """Run global step `step` (all replicas), injecting `faults` (those firing now)."""

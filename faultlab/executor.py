@@ -32,10 +32,10 @@ def set_threads(threads: int) -> None:
         pass
 
 
-def _worker_main(conn, threads: int, rules: OutcomeRules) -> None:
+def _worker_main(conn, threads: int, rules: OutcomeRules, detect=None) -> None:
     set_threads(threads)
     from .runner import Session
-    session = Session(threads=threads, rules=rules)
+    session = Session(threads=threads, rules=rules, detect=detect)
     while True:
         try:
             task = conn.recv()
@@ -76,8 +76,9 @@ class LocalPool:
     """A pool of trial workers on this machine."""
 
     def __init__(self, workers: int = 1, threads: int = 1, rules: OutcomeRules | None = None,
-                 timeout: float = 3600.0):
+                 timeout: float = 3600.0, detect=None):
         self.n, self.threads, self.timeout = max(1, workers), threads, timeout
+        self.detect = detect   # runner.DetectOptions: protected trials (faultlab run --detect)
         self.rules = rules or OutcomeRules()
         self._ctx = mp.get_context("spawn")
         self._workers: list[_Worker] = []
@@ -90,7 +91,8 @@ class LocalPool:
 
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
-        p = self._ctx.Process(target=_worker_main, args=(child, self.threads, self.rules),
+        p = self._ctx.Process(target=_worker_main,
+                              args=(child, self.threads, self.rules, self.detect),
                               daemon=True)
         p.start()
         child.close()
@@ -134,8 +136,8 @@ class LocalPool:
                         task, w.task = w.task, None
                         if msg[0] == "ok":
                             on_done(task, msg[1])
-                        else:
-                            on_fail(task, msg[0], msg[1])
+                        else:  # an unexpected exception carries its traceback along
+                            on_fail(task, msg[0], "\n".join(msg[1:]))
                         continue
                 dead = not w.proc.is_alive() or w.proc.sentinel in ready
                 late = time.monotonic() > w.deadline
@@ -154,9 +156,11 @@ class LocalPool:
         """Record (or find cached) golden runs, in parallel across configurations."""
         errors = []
         self._run([("golden", c, "") for c in configs], lambda t, r: None,
-                  lambda t, kind, msg: errors.append(msg))
-        if errors:
-            raise FaultlabError(errors[0])
+                  lambda t, kind, msg: errors.append((kind, msg)))
+        for kind, msg in errors:
+            if kind == "user":
+                raise FaultlabError(msg)
+            raise RuntimeError(f"golden run failed: {msg}")  # a bug: keep it loud
 
     def trials(self, trials: Iterable[Trial], campaign: str,
                on_result: Callable[[TrialResult], None]) -> None:

@@ -220,8 +220,9 @@ class Duration:
         if not 0.0 < self.probability <= 1.0:
             raise SpecError(f"probability must be in (0, 1], got {self.probability}")
 
-    def active(self, step: int, start: int, seed: int) -> bool:
-        """Whether the fault fires at `step` (deterministic in seed and step)."""
+    def active(self, step: int, start: int, seed: int, attempt: int = 0) -> bool:
+        """Whether the fault fires at `step` (deterministic in seed, step and attempt: a
+        replayed step redraws an intermittent fault with attempt > 0)."""
         if step < start:
             return False
         k = self.kind
@@ -231,7 +232,8 @@ class Duration:
             return step < start + self.steps
         if k is DurationKind.PERMANENT:
             return True
-        return bool(np.random.default_rng([seed, step, 0x1A7]).random() < self.probability)
+        key = [seed, step, 0x1A7] + ([attempt] if attempt else [])
+        return bool(np.random.default_rng(key).random() < self.probability)
 
     def last_step(self, start: int) -> int | None:
         """The last step the fault can fire at, None when it never stops."""
@@ -273,8 +275,8 @@ class FaultSpec:
             if n not in (1, k):
                 raise SpecError(f"{n} replacement values for {k} positions")
 
-    def active(self, step: int) -> bool:
-        return self.duration.active(step, self.step, self.seed)
+    def active(self, step: int, attempt: int = 0) -> bool:
+        return self.duration.active(step, self.step, self.seed, attempt)
 
     def resolve(self, shape: tuple[int, ...], dtype: str, step: int) -> "Corruption":
         """Resolve positions and random parameters against an operand at `step`.

@@ -23,7 +23,7 @@ from . import __version__
 from .errors import CheckpointError
 from .workloads.base import WorkloadConfig
 
-FORMAT = 1
+FORMAT = 2
 
 
 def cache_root() -> Path:
@@ -66,7 +66,7 @@ class GoldenRun:
     checkpoints: list[int] = field(default_factory=list)  # state after k steps saved
     directory: Path | None = None
     wall_s: float = 0.0
-
+    signals: list[dict] = field(default_factory=list)  # per step: detectors' signals
     def checkpoint_before(self, step: int) -> int:
         """The latest checkpoint taken at or before `step` (training resumes from it)."""
         i = bisect.bisect_right(self.checkpoints, step) - 1
@@ -84,7 +84,8 @@ class GoldenRun:
         return {"format": FORMAT, "faultlab": __version__, "config": self.config.to_dict(),
                 "loss": self.loss, "acc": self.acc,
                 "evals": {str(k): list(v) for k, v in self.evals.items()},
-                "checkpoints": self.checkpoints, "wall_s": self.wall_s}
+                "checkpoints": self.checkpoints, "wall_s": self.wall_s,
+                "signals": self.signals}
 
 
 def eval_points(config: WorkloadConfig) -> list[int]:
@@ -100,6 +101,8 @@ def record(trainer, config: WorkloadConfig, directory: Path, progress=None) -> G
     tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
     try:
         run = GoldenRun(config, directory=tmp)
+        from .detectors.signals import SignalSpec
+        trainer.signal_spec = SignalSpec(history=True, params=True)
         every = config.checkpoint_interval
         evals = set(eval_points(config))
         for step in range(config.total_steps):
@@ -109,6 +112,8 @@ def record(trainer, config: WorkloadConfig, directory: Path, progress=None) -> G
             m = trainer.train_step(step)
             run.loss.append(m.loss)
             run.acc.append(m.acc)
+            if m.signals is not None:
+                run.signals.append(m.signals.to_dict())
             if step + 1 in evals:
                 e = trainer.evaluate()
                 run.evals[step + 1] = (e.loss, e.acc)
@@ -116,8 +121,12 @@ def record(trainer, config: WorkloadConfig, directory: Path, progress=None) -> G
                 progress(step + 1, config.total_steps)
         run.wall_s = time.perf_counter() - t0
         (tmp / "golden.json").write_text(json.dumps(run.to_json()))
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(tmp, directory)
+        if directory.exists() and load(config, directory) is None:
+            shutil.rmtree(directory, ignore_errors=True)   # stale (older format or version)
+        try:
+            os.rename(tmp, directory)   # atomic; fails if another process got there first
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)   # theirs is equivalent: same config
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -138,4 +147,4 @@ def load(config: WorkloadConfig, directory: Path) -> GoldenRun | None:
         return None
     return GoldenRun(config, d["loss"], d["acc"],
                      {int(k): tuple(v) for k, v in d["evals"].items()}, d["checkpoints"],
-                     directory, d.get("wall_s", 0.0))
+                     directory, d.get("wall_s", 0.0), d.get("signals", []))

@@ -277,11 +277,12 @@ class CheckpointEngine:
                 h._observed = True
             raise unseen[0]._error
 
-    def load_latest(self) -> Restored:
-        """The newest checkpoint in the file whose record and data verify (see recover())."""
+    def load_latest(self, before_step: int | None = None) -> Restored:
+        """The newest checkpoint in the file whose record and data verify (see recover());
+        with `before_step`, the newest taken before that step."""
         if not self._storage.exists():
             raise CheckpointError(f"no checkpoint file at {self._storage.name}")
-        return recover(self._storage)
+        return recover(self._storage, before_step)
 
     def close(self) -> None:
         """Finish the saves in flight, stop the writers and close the file (idempotent)."""

@@ -147,10 +147,13 @@ def valid_commits(storage: Storage, geom: Geometry,
     return good, max_counter
 
 
-def load_latest_from(storage: Storage) -> Restored:
-    """The newest fully verified checkpoint in an opened storage."""
+def load_latest_from(storage: Storage, before_step: int | None = None) -> Restored:
+    """The newest fully verified checkpoint in an opened storage (only those taken before
+    `before_step` when given: rollback past a checkpoint that already holds a fault)."""
     geom = read_geometry(storage)
     records, _ = scan_records(storage, geom)
+    if before_step is not None:
+        records = [r for r in records if r.step < before_step]
     size, reasons = storage.size(), []
     for rec in records:
         try:
@@ -170,7 +173,7 @@ def _reader_for(target: str | os.PathLike | Storage) -> Storage:
     return target.reader() if isinstance(target, Storage) else OSStorage(target)
 
 
-def recover(target: str | os.PathLike | Storage) -> Restored:
+def recover(target: str | os.PathLike | Storage, before_step: int | None = None) -> Restored:
     """Load the newest committed checkpoint that verifies, from a path or a Storage.
 
     Returns (step, state, meta) with `.commit` telling which commit was used; raises a
@@ -180,7 +183,7 @@ def recover(target: str | os.PathLike | Storage) -> Restored:
     storage = _reader_for(target)
     storage.open(write=False)
     try:
-        return load_latest_from(storage)
+        return load_latest_from(storage, before_step)
     finally:
         storage.close()
 

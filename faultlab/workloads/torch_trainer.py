@@ -116,6 +116,9 @@ class TorchTrainer:
         self.injector = TorchInjector(self.layers, self.optimizer)
         self._buffers = [b for _, b in self.model.named_buffers()]
         self._probe: dict | None = None
+        self._kernels: list | None = None
+        self.signal_spec = None   # a faultlab.detectors.SignalSpec to collect signals
+        self.lr_scale = 1.0       # set by a recovery policy that re-runs a step more gently
         decay = int(config.option("decay_steps", "0")) or config.total_steps
         self._decay = (decay, float(config.option("end_lr_ratio", "0.1")))
 
@@ -129,13 +132,14 @@ class TorchTrainer:
         c = self.config
         self.model.train()
         for g in self.optimizer.param_groups:
-            g["lr"] = self.lr_at(step)
+            g["lr"] = self.lr_at(step) * self.lr_scale
         self.optimizer.zero_grad(set_to_none=True)
         x, y = self.pipeline.batch(step)
         b = c.per_replica_batch
         snapshot = [t.clone() for t in self._buffers] if c.replicas > 1 else None
         after: list[list[torch.Tensor]] = []
         loss_sum, correct, count = 0.0, 0, 0
+        replica_losses: list[float] = []
         self.injector.begin_step(faults, step)
         probes = self._install_probe() if self._probe is not None else []
         try:
@@ -149,7 +153,9 @@ class TorchTrainer:
                 out = self.model(xr)
                 loss = self.wl.loss(out, yr)
                 (loss / c.replicas).backward()
-                loss_sum += float(loss.detach())
+                loss_r = float(loss.detach())
+                loss_sum += loss_r
+                replica_losses.append(loss_r)
                 correct += int((out.detach().argmax(-1) == yr).sum())
                 count += yr.numel()
                 if snapshot is not None:
@@ -162,12 +168,55 @@ class TorchTrainer:
                             t.copy_(torch.stack([a[i] for a in after]).mean(0))
                         else:
                             t.copy_(after[-1][i])
+            pre = self._pre_step_signals(replica_losses) if self.signal_spec else None
             self.optimizer.step()
+            sig = self._post_step_signals(step, pre) if pre is not None else None
         finally:
             self.injector.end_step()
             for h in probes:
                 h.remove()
-        return StepMetrics(loss_sum / c.replicas, correct / max(count, 1))
+        return StepMetrics(loss_sum / c.replicas, correct / max(count, 1), sig)
+
+    # --- detector signals: fused reductions, one host sync per step -----------------------------
+
+    def _kernel_params(self) -> list[tuple[str, torch.Tensor]]:
+        if self._kernels is None:
+            self._kernels = [(name, m.weight) for name, m in self.layers.items()
+                             if isinstance(m, (nn.Conv2d, nn.Linear))]
+        return self._kernels
+
+    def _pre_step_signals(self, replica_losses: list[float]):
+        """Gradient norms of the averaged gradient (one fused foreach reduction)."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return replica_losses, torch.stack(torch._foreach_norm(grads)) if grads else None
+
+    def _post_step_signals(self, step: int, pre):
+        from ..detectors.signals import Signals
+        spec = self.signal_spec
+        replica_losses, gnorms = pre
+        parts, names = [], []
+        if gnorms is not None:
+            parts.append(gnorms.square().sum().sqrt().reshape(1))
+        m_names = []
+        if spec.history:
+            st = self.optimizer.state
+            kernels = [(n, st[p]["exp_avg"]) for n, p in self._kernel_params()
+                       if p in st and "exp_avg" in st[p]]
+            if kernels:
+                m_names = [n for n, _ in kernels]
+                parts.append(torch.stack(torch._foreach_norm([m for _, m in kernels], float("inf"))))
+        if spec.params:
+            parts.append(torch.stack(torch._foreach_norm(list(self.model.parameters()))).sum().reshape(1))
+        vals = torch.cat(parts).tolist() if parts else []   # the one host sync of the step
+        i = 0
+        grad_norm = vals[0] if gnorms is not None else 0.0
+        i += gnorms is not None
+        m_max = dict(zip(m_names, vals[i:i + len(m_names)]))
+        i += len(m_names)
+        param_sum = vals[i] if spec.params else None
+        return Signals(step=step, loss=sum(replica_losses) / len(replica_losses),
+                       replica_loss=replica_losses, grad_norm=grad_norm, m_max=m_max,
+                       param_norm=param_sum)
 
     @torch.no_grad()
     def evaluate(self) -> EvalMetrics:
