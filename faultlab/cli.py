@@ -30,9 +30,30 @@ An interrupted campaign resumes where it stopped: run the same command again."""
     "workloads": """examples:
   faultlab workloads
   faultlab workloads --layers resnet18 --json""",
+    "detect": """examples:
+  faultlab detect --check                       # overhead of detection on the reference workload
+  faultlab detect --check --workload mlp --json
+  faultlab detect --campaign campaigns/mixed.csv --workers 2   # coverage, latency, recovery
+
+Without --check it only times the workload unprotected (as the artifact's detection.py does).""",
+    "replay": """examples:
+  faultlab replay --rerun                       # checkpoint + rollback/replay overhead, recovery time
+  faultlab replay --rerun --every 5 --steps 40 --json""",
     "report": """examples:
   faultlab report faultlab-results/inj_masked.sqlite
   faultlab report faultlab-results/mixed.sqlite --csv mixed.csv""",
+    "crash": """examples:
+  faultlab crash                                   # 100 SIGKILLs of the faultlab engine
+  faultlab crash --engine all --kills 50           # the engine and every baseline side by side
+  faultlab crash --engine sync --engine checkfreq --kills 20 --json
+  faultlab crash --workload rng-mlp --steps 40     # a loop that carries every RNG state
+  faultlab crash --power-loss                      # power-loss images at 60 crash points
+  faultlab crash --power-loss --points 0 --images 30   # every crash point, 30 images each
+  faultlab crash --engine naive --kills 20         # negative control: it tears (exit 1)
+
+Engines: faultlab, sync, checkfreq, dcp-async, naive; all = the first four.
+Exit code 1 when an engine tore, mixed or lost a committed checkpoint, or a resumed run did
+not end bit-identical to the uninterrupted one (docs/checkpointing.md).""",
 }
 
 
@@ -44,6 +65,37 @@ class _Parser(argparse.ArgumentParser):
         where = f"{command[0]}: " if command else ""
         message = " ".join(message.split())
         self.exit(2, f"faultlab: error: {where}{message} (see '{self.prog} --help')\n")
+
+
+def _protect_args(p, with_flag: bool = True) -> None:
+    if with_flag:
+        p.add_argument("--detect", action="store_true",
+                       help="also run each trial under detection and recovery")
+    p.add_argument("--detectors", default="nonfinite,history,spike",
+                   help="comma-separated: nonfinite, history, spike, abft (default: %(default)s)")
+    p.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
+                   help="detector threshold, e.g. bound=20 z=12 tol=1e-3 (docs/detection.md)")
+    p.add_argument("--checkpoint-every", type=int, default=10,
+                   help="steps between persistent checkpoints of a protected trial")
+    p.add_argument("--policy", choices=["stop", "skip", "lower_lr"], default="stop",
+                   help="what to do when replay repeats the anomaly (default stop)")
+
+
+def _detect_options(a):
+    from .runner import DetectOptions
+    th = []
+    for t in a.threshold:
+        k, sep, v = t.partition("=")
+        try:
+            th.append((k.strip(), float(v)))
+        except ValueError:
+            raise FaultlabError(f"--threshold {t!r}: expected NAME=NUMBER") from None
+        if not sep:
+            raise FaultlabError(f"--threshold {t!r}: expected NAME=NUMBER")
+    opts = DetectOptions(tuple(x.strip() for x in a.detectors.split(",") if x.strip()),
+                         tuple(th), a.checkpoint_every, a.policy)
+    opts.suite()  # validates names now: a bad one is a one-line error before any work
+    return opts
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,8 +125,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--rule", action="append", default=[], metavar="NAME=VALUE",
                    help="change an outcome threshold (see docs/outcomes.md)")
     r.add_argument("--expect", metavar="OUTCOME", help="exit 1 unless every trial has OUTCOME")
+    r.add_argument("--expect-after", metavar="OUTCOME",
+                   help="with --detect: exit 1 unless every trial ends OUTCOME after recovery")
     r.add_argument("--csv", help="also export the results to this CSV file")
     r.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    _protect_args(r)
 
     v = cmd("validate", "check a campaign file against its workloads (no training)")
     v.add_argument("campaign")
@@ -86,12 +141,58 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--framework", choices=["torch", "tf"], default="torch")
     w.add_argument("--json", action="store_true")
 
+    d = cmd("detect", "measure detection overhead; with --campaign, detection coverage")
+    d.add_argument("--check", action="store_true",
+                   help="also run with detection, interleaved, and print the overhead ratio")
+    d.add_argument("--workload", help="built-in workload (default: the reference ResNet-18)")
+    d.add_argument("--framework", choices=["torch", "tf"])
+    d.add_argument("--campaign", help="run this campaign with --detect and report coverage")
+    d.add_argument("--steps", type=int, default=60, help="timed steps per variant (default 60)")
+    d.add_argument("--workers", type=int, default=1)
+    d.add_argument("--results", help="results database for --campaign")
+    d.add_argument("--json", action="store_true")
+    _protect_args(d, with_flag=False)
+
+    rr = cmd("replay", "measure checkpoint + rollback/replay overhead and recovery time")
+    rr.add_argument("--rerun", action="store_true",
+                    help="roll back and replay every --every steps (else checkpointing only)")
+    rr.add_argument("--workload", help="built-in workload (default: the reference ResNet-18)")
+    rr.add_argument("--framework", choices=["torch", "tf"])
+    rr.add_argument("--steps", type=int, default=60)
+    rr.add_argument("--every", type=int, default=10, help="steps between reruns (default 10)")
+    rr.add_argument("--checkpoint-every", type=int, default=10)
+    rr.add_argument("--repeats", type=int, default=2)
+    rr.add_argument("--json", action="store_true")
+
     rp = cmd("report", "summarise a results database; export CSV / Parquet")
     rp.add_argument("results")
     rp.add_argument("--campaign", help="campaign digest (default: all)")
     rp.add_argument("--csv")
     rp.add_argument("--parquet")
     rp.add_argument("--json", action="store_true")
+
+    c = cmd("crash", "kill -9 / power-loss campaign against checkpoint engines")
+    c.add_argument("--engine", action="append", metavar="NAME",
+                   help="engine to test (repeatable; default faultlab; 'all' = faultlab, "
+                        "sync, checkfreq, dcp-async)")
+    c.add_argument("--kills", type=int, default=100, help="SIGKILLs per engine (default 100)")
+    c.add_argument("--power-loss", action="store_true",
+                   help="power-loss mode: check every image of a simulated disk at chosen "
+                        "crash points instead of killing processes")
+    c.add_argument("--workload", default="mlp",
+                   help="training loop: mlp (default), rng-mlp, or module:function / "
+                        "file.py:function returning a TrainingLoop")
+    c.add_argument("--steps", type=int, default=24, help="training steps per run (default 24)")
+    c.add_argument("--every", type=int, default=1, help="checkpoint every N steps (default 1)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the kill points (default 0)")
+    c.add_argument("--jitter-ms", type=float, default=0.0,
+                   help="race kills: wait a random 0..N ms after the announcement")
+    c.add_argument("--points", type=int, default=60,
+                   help="power loss: crash points to check (0 = every operation; default 60)")
+    c.add_argument("--images", type=int, default=12,
+                   help="power loss: images per crash point (default 12)")
+    c.add_argument("--dir", help="working directory (default: a temporary one, removed after)")
+    c.add_argument("--json", action="store_true")
     return p
 
 
@@ -206,34 +307,36 @@ def _stop_after() -> int | None:
     return int(text)
 
 
-def cmd_run(a) -> int:
+def _run_campaign(a, detect=None):
+    """Parse, validate, run what is not done yet, store as each trial ends; the results."""
     from .campaigns import load_campaign
     from .executor import LocalPool
     from .outcomes import OutcomeRules
-    from .results import OUTCOMES, ResultStore, format_results, format_summary, summarize, to_csv
+    from .results import ResultStore
     from .runner import validate_trials
 
     if a.workers < 1:
         raise FaultlabError("--workers must be at least 1")
-    if a.expect and a.expect not in OUTCOMES:
-        raise FaultlabError(f"--expect: unknown outcome {a.expect!r} (one of: {', '.join(OUTCOMES)})")
-    rules = OutcomeRules.from_pairs(a.rule)
+    rules = OutcomeRules.from_pairs(getattr(a, "rule", []))
     stop_after = _stop_after()
     camp = load_campaign(a.campaign, a.framework)
     validate_trials(camp.trials)
-    threads = a.threads or _default_threads(a.workers)
+    threads = getattr(a, "threads", 0) or _default_threads(a.workers)
+    # a protected run is a different experiment: its results are kept under their own id
+    campaign_id = camp.digest + ("+detect" if detect is not None else "")
     store = ResultStore(_results_path(a, camp.path))
     with store:
-        if a.fresh:
-            store.clear(camp.digest)
-        done = store.done(camp.digest)
+        if getattr(a, "fresh", False):
+            store.clear(campaign_id)
+        done = store.done(campaign_id)
         todo = [t for t in camp.trials if t.trial_id not in done]
         quiet = a.json
         if done:
             _say(f"resuming: {len(done)} of {len(camp.trials)} trial(s) already done "
                  f"in {store.path}", quiet)
         if todo:
-            with LocalPool(min(a.workers, len(todo)), threads, rules, a.timeout) as pool:
+            with LocalPool(min(a.workers, len(todo)), threads, rules,
+                           getattr(a, "timeout", 3600.0), detect) as pool:
                 configs = {t.workload.key(): t.workload for t in todo}
                 _say(f"golden run: {len(configs)} configuration(s) "
                      f"({', '.join(sorted({c.workload for c in configs.values()}))}), "
@@ -247,30 +350,150 @@ def cmd_run(a) -> int:
                 def on_result(res):
                     nonlocal stored
                     store.add(res)
-                    bar.update(res.outcome)
+                    bar.update(res.outcome if detect is None else
+                               f"{res.outcome}->{res.outcome_after}")
                     stored += 1
                     if stop_after is not None and stored >= stop_after:
                         # test hook (FAULTLAB_STOP_AFTER): simulate Ctrl-C after N stored results
                         raise KeyboardInterrupt
-                pool.trials(todo, camp.digest, on_result)
-        results = store.results(camp.digest)
-        rows = summarize(results)
-        if a.csv:
-            to_csv(results, a.csv)
-        if a.json:
-            print(json.dumps({"campaign": camp.path, "digest": camp.digest,
-                              "results_db": str(store.path),
-                              "summary": [r.__dict__ for r in rows],
-                              "trials": [r.to_dict(strict=True) for r in results]},
-                             default=str))
-        else:
-            print(format_results(results))
+                pool.trials(todo, campaign_id, on_result)
+        results = store.results(campaign_id)
+    return camp, campaign_id, store.path, results
+
+
+def cmd_run(a) -> int:
+    from .results import OUTCOMES, format_results, format_summary, summarize, to_csv
+
+    for flag in ("expect", "expect_after"):
+        want = getattr(a, flag)
+        if want and want not in OUTCOMES:
+            raise FaultlabError(f"--{flag.replace('_', '-')}: unknown outcome {want!r} "
+                                f"(one of: {', '.join(OUTCOMES)})")
+    detect = _detect_options(a) if a.detect else None
+    camp, cid, db, results = _run_campaign(a, detect)
+    rows = summarize(results)
+    after_rows = None
+    if detect is not None:
+        from .results import TrialResult
+        after_rows = summarize([TrialResult(**{**r.__dict__, "outcome": r.outcome_after or r.outcome})
+                                for r in results])
+    if a.csv:
+        to_csv(results, a.csv)
+    cov = None
+    if detect is not None:
+        from .coverage import coverage
+        cov = coverage(results)
+    if a.json:
+        doc = {"campaign": camp.path, "digest": cid, "results_db": str(db),
+               "summary": [r.__dict__ for r in rows],
+               "trials": [r.to_dict(strict=True) for r in results]}
+        if detect is not None:
+            doc["summary_after_recovery"] = [r.__dict__ for r in after_rows]
+            doc["coverage"] = cov
+        print(json.dumps(doc, default=str))
+    else:
+        print(format_results(results))
+        print()
+        print(format_summary(rows))
+        if detect is not None:
+            from .coverage import format_coverage
             print()
-            print(format_summary(rows))
+            print("after detection and recovery:")
+            print(format_summary(after_rows))
+            print()
+            print(format_coverage(cov))
+    status = 0
     if a.expect and any(r.outcome != a.expect for r in results):
         _say(f"expected every trial to be {a.expect}: "
              f"{', '.join(sorted({r.outcome for r in results}))}")
-        return 1
+        status = 1
+    if a.expect_after and any((r.outcome_after or r.outcome) != a.expect_after for r in results):
+        _say(f"expected every trial to end {a.expect_after} after recovery: "
+             f"{', '.join(sorted({str(r.outcome_after) for r in results}))}")
+        status = 1
+    return status
+
+
+def _table(rows, cols) -> str:
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
+    out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)),
+           "  ".join("-" * w for w in widths)]
+    out += ["  ".join(str(r[c]).ljust(w) for c, w in zip(cols, widths)) for r in rows]
+    return "\n".join(out)
+
+
+def cmd_detect(a) -> int:
+    from .overhead import detection_overhead, false_positives, reference
+    if a.campaign:
+        a.fresh, a.rule, a.timeout, a.threads = False, [], 3600.0, 0
+        detect = _detect_options(a)
+        camp, cid, db, results = _run_campaign(a, detect)
+        from .coverage import coverage, format_coverage
+        from .golden import golden_dir, load as load_golden
+        cov = coverage(results)
+        fps = None
+        threads = _default_threads(a.workers)
+        sigs = []
+        for cfg in {t.workload.key(): t.workload for t in camp.trials}.values():
+            g = load_golden(cfg, golden_dir(cfg, threads))
+            if g is not None:
+                sigs += g.signals
+        if sigs:
+            fps = false_positives(sigs, list(detect.detectors))
+        if a.json:
+            print(json.dumps({"campaign": camp.path, "results_db": str(db), "coverage": cov,
+                              "golden_false_positives": fps}, default=str))
+        else:
+            print(format_coverage(cov, fps))
+        return 0
+    cfg = reference(a.workload, a.framework)
+    if not a.check:
+        res = detection_overhead(cfg, a.steps, variants={})
+    else:
+        detectors = [x.strip() for x in a.detectors.split(",") if x.strip()]
+        res = detection_overhead(cfg, a.steps, variants={
+            "nonfinite+history": ["nonfinite", "history"], ",".join(detectors): detectors,
+            "abft": ["abft"]}, progress=lambda i, n: _say(f"detect: round {i}/{n}", a.json))
+    if a.json:
+        print(json.dumps(res, default=str))
+        return 0
+    rows = [{"variant": r["variant"], "ms/step": f"{r['median_ms']:.1f}",
+             "ratio": f"{r['ratio']:.4f}", "overhead %": f"{100 * (r['ratio'] - 1):+.2f}",
+             "steps": r["steps"]} for r in res["rows"]]
+    print(f"workload: {cfg.workload} ({cfg.replicas} replicas x {cfg.per_replica_batch}, "
+          f"width {cfg.width}, {cfg.framework.value}); interleaved blocks, median step time")
+    print(_table(rows, ["variant", "ms/step", "ratio", "overhead %", "steps"]))
+    if a.check:
+        print(f"the ISCA'23 artifact's figure: {100 * res['artifact']:.3f}% (its check run "
+              f"10,000x a step and amortised; ours is measured end to end)")
+    return 0
+
+
+def cmd_replay(a) -> int:
+    from .overhead import reference, replay_overhead
+    cfg = reference(a.workload, a.framework)
+    every = a.every if a.rerun else 10**9
+    res = replay_overhead(cfg, a.steps, a.checkpoint_every, every, a.repeats,
+                          progress=lambda n, r: _say(f"replay: {n} repeat {r + 1}", a.json))
+    if not a.rerun:
+        res["rows"] = [r for r in res["rows"] if r["variant"] != "rerun"]
+    if a.json:
+        print(json.dumps(res, default=str))
+        return 0
+    rows = [{"variant": r["variant"], "wall s": f"{r['wall_s']:.2f}", "ratio": f"{r['ratio']:.4f}",
+             "overhead %": f"{100 * (r['ratio'] - 1):+.2f}"} for r in res["rows"]]
+    print(f"workload: {cfg.workload}, {a.steps} steps, checkpoint every {a.checkpoint_every}"
+          + (f", rollback + replay every {a.every}" if a.rerun else ""))
+    print(_table(rows, ["variant", "wall s", "ratio", "overhead %"]))
+    rec = res["recovery"]
+    if a.rerun and rec["count"]:
+        print(f"recovery (detection -> training resumed): median {1e3 * rec['median_recovery_s']:.1f} ms "
+              f"= load {1e3 * rec['median_load_s']:.1f} ms + replay {1e3 * rec['median_replay_s']:.1f} ms "
+              f"of {rec['median_steps_replayed']:.0f} step(s); bound {1e3 * rec['bound_s']:.1f} ms "
+              f"(state {res['state_mb']:.1f} MB at 0.9 x {rec['read_bandwidth_mb_s']:.0f} MB/s "
+              f"+ replayed steps at {1e3 * rec['step_s']:.1f} ms)")
+        print(f"the ISCA'23 artifact's figure: {100 * res['artifact']:.2f}% (two iterations "
+              f"re-executed every ten, amortised; no checkpoint reloaded)")
     return 0
 
 
@@ -296,8 +519,80 @@ def cmd_report(a) -> int:
     return 0
 
 
+def cmd_crash(a) -> int:
+    import shutil
+    import tempfile
+
+    from .checkpointing.baselines import COMPARED, engine_names
+    from .checkpointing.crash import (EngineReport, KillCampaign, LoopSpec, factory_name,
+                                      format_reports, power_loss_campaign)
+    engines = []
+    for name in a.engine or ["faultlab"]:
+        for n in (COMPARED if name == "all" else [name]):
+            if n not in engine_names():
+                raise FaultlabError(f"--engine: unknown engine {n!r} (one of: "
+                                    f"{', '.join(engine_names())}, all)")
+            if n not in engines:
+                engines.append(n)
+    for flag, value, low in (("--kills", a.kills, 1), ("--steps", a.steps, 1),
+                             ("--every", a.every, 1), ("--points", a.points, 0),
+                             ("--images", a.images, 1)):
+        if value < low:
+            raise FaultlabError(f"{flag} must be at least {low}, got {value}")
+    if a.jitter_ms < 0:
+        raise FaultlabError(f"--jitter-ms must be >= 0, got {a.jitter_ms}")
+    from .checkpointing.baselines import _cls
+    for n in engines:
+        _cls(n)                              # TF engines: a one-line "not implemented yet"
+    factory = factory_name(a.workload)
+    loop = LoopSpec(factory, a.steps, a.every)
+    workdir = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="faultlab-crash-"))
+    reports: list = []
+    try:
+        if a.power_loss:
+            for n in engines:
+                if n != "faultlab":
+                    reports.append(EngineReport(n, mode="power-loss", note=(
+                        "not modeled: SimDisk simulates the engine's single file; "
+                        "baselines need a simulated file system")))
+                    continue
+                points = a.points or None
+                bar = Progress(points or 0, "power loss faultlab", enabled=not a.json and
+                               points is not None)
+                reports.append(power_loss_campaign(
+                    factory, steps=a.steps, every=a.every, points=points,
+                    images_per_point=a.images, seed=a.seed,
+                    progress=lambda: bar.update("checked")))
+        else:
+            preload = ["torch.distributed.checkpoint"] if "dcp-async" in engines else []
+            _say(f"starting the training zygote ({a.workload}); kills follow", a.json)
+            with KillCampaign(loop, workdir, preload=preload) as kc:
+                kc.reference()
+                for n in engines:
+                    bar = Progress(a.kills, f"crash {n}", enabled=not a.json)
+                    reports.append(kc.campaign(n, a.kills, seed=a.seed,
+                                               jitter=a.jitter_ms / 1000.0,
+                                               on_kill=lambda r, bar=bar: bar.update(r.verdict)))
+    finally:
+        if not a.dir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    ok = all(r.ok for r in reports)
+    if a.json:
+        print(json.dumps({"mode": "power-loss" if a.power_loss else "kill",
+                          "workload": a.workload, "steps": a.steps, "every": a.every,
+                          "seed": a.seed, "ok": ok,
+                          "engines": [r.to_json() for r in reports]}))
+    else:
+        print(format_reports(reports))
+        for r in reports:
+            for problem in r.problems[:5]:
+                _say(f"{r.engine}: {problem}")
+    return 0 if ok else 1
+
+
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "workloads": cmd_workloads,
-            "report": cmd_report}
+            "detect": cmd_detect, "replay": cmd_replay,
+            "report": cmd_report, "crash": cmd_crash}
 
 
 def main(argv: list[str] | None = None) -> int:

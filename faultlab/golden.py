@@ -4,6 +4,11 @@ A golden run is keyed by its workload configuration (and the thread count, which
 floating-point reduction order) and reused by every trial of every campaign on that
 configuration. The cache entry is built in a temporary directory and renamed into place, so a
 run interrupted while recording leaves nothing half-written behind.
+
+Checkpoints are written by the checkpoint engine into one file, `golden.ckpt`, whose `keep` is
+the number of checkpoints the run takes, so none is ever overwritten: training goes on while
+they persist, each is checksummed, and a trial loads exactly the one it needs (the record
+blocks, then that checkpoint's slot). A damaged one is a one-line CheckpointError.
 """
 
 from __future__ import annotations
@@ -13,17 +18,23 @@ import json
 import os
 import shutil
 import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
+from .checkpointing.engine import CheckpointEngine
+from .checkpointing.format import FormatError, Manifest, align_up, encode_manifest
+from .checkpointing.layout import normalize_state, plan
+from .checkpointing.recovery import load_commit, read_geometry, scan_records
+from .checkpointing.storage import OSStorage
+from .checkpointing.tuning import DEFAULT_CHUNK_BYTES
 from .errors import CheckpointError
 from .workloads.base import WorkloadConfig
 
-FORMAT = 2
+FORMAT = 3                          # 3: checkpoints in one engine file (1, 2: .npz files)
+CHECKPOINT_FILE = "golden.ckpt"
 
 
 def cache_root() -> Path:
@@ -34,25 +45,38 @@ def golden_dir(config: WorkloadConfig, threads: int) -> Path:
     return cache_root() / "golden" / f"{config.framework.value}-{config.workload.replace(':', '_')}-{config.key()}-t{threads}"
 
 
-def save_state(path: Path, state: dict[str, np.ndarray]) -> None:
-    """Write a state as an .npz (no pickles), durably: temp file, fsync, rename."""
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **{k.replace("/", "|"): v for k, v in state.items()})
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def slot_bytes_for(*states: dict[str, np.ndarray], margin: float = 0.25) -> int:
+    """Slot size for the largest of `states` (as the engine sizes slots: data, then a
+    manifest reserve), plus `margin` for states that grow a little later in the run."""
+    need = 0
+    for state in states:
+        layout = plan(normalize_state(state), DEFAULT_CHUNK_BYTES)
+        manifest = encode_manifest(Manifest(2**63 - 1, 2**63 - 1, layout.chunk_bytes,
+                                            layout.data_bytes, (0,) * len(layout.chunks),
+                                            layout.tensors, {}))
+        need = max(need, align_up(layout.data_bytes, 4096)
+                   + align_up(2 * len(manifest) + 4096, 4096))
+    return align_up(int(need * (1 + margin)), 4096)
 
 
-def load_state(path: Path) -> dict[str, np.ndarray]:
-    """Read a state written by save_state; never unpickles; one-line error if damaged."""
+def load_checkpoint(path: Path, step: int) -> dict[str, np.ndarray]:
+    """The state a golden run saved after `step` steps, verified against its checksums; a
+    one-line CheckpointError if it is missing or damaged (never a silently wrong state)."""
+    storage = OSStorage(path)
+    storage.open(write=False)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k.replace("|", "/"): z[k] for k in z.files}
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: checkpoint is missing") from None
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as e:
-        raise CheckpointError(f"{path}: corrupt checkpoint ({type(e).__name__}: {e})") from None
+        geom = read_geometry(storage)
+        records, _ = scan_records(storage, geom)
+        match = next((r for r in records if r.step == step), None)
+        if match is None:
+            raise CheckpointError(f"{path}: no golden checkpoint of step {step}")
+        try:
+            return load_commit(storage, geom, match).state
+        except FormatError as e:
+            raise CheckpointError(f"{path}: golden checkpoint of step {step} is damaged "
+                                  f"({e})") from None
+    finally:
+        storage.close()
 
 
 @dataclass
@@ -67,6 +91,7 @@ class GoldenRun:
     directory: Path | None = None
     wall_s: float = 0.0
     signals: list[dict] = field(default_factory=list)  # per step: detectors' signals
+
     def checkpoint_before(self, step: int) -> int:
         """The latest checkpoint taken at or before `step` (training resumes from it)."""
         i = bisect.bisect_right(self.checkpoints, step) - 1
@@ -75,7 +100,8 @@ class GoldenRun:
         return self.checkpoints[i]
 
     def state(self, step: int) -> dict[str, np.ndarray]:
-        return load_state(self.directory / f"state_{step:08d}.npz")
+        """The checkpointed state after `step` steps (a step in `checkpoints`)."""
+        return load_checkpoint(self.directory / CHECKPOINT_FILE, step)
 
     def eval_after(self, steps: int) -> tuple[float, float] | None:
         return self.evals.get(steps)
@@ -105,20 +131,41 @@ def record(trainer, config: WorkloadConfig, directory: Path, progress=None) -> G
         trainer.signal_spec = SignalSpec(history=True, params=True)
         every = config.checkpoint_interval
         evals = set(eval_points(config))
-        for step in range(config.total_steps):
-            if step % every == 0:
-                save_state(tmp / f"state_{step:08d}.npz", trainer.get_state())
-                run.checkpoints.append(step)
-            m = trainer.train_step(step)
-            run.loss.append(m.loss)
-            run.acc.append(m.acc)
-            if m.signals is not None:
-                run.signals.append(m.signals.to_dict())
-            if step + 1 in evals:
-                e = trainer.evaluate()
-                run.evals[step + 1] = (e.loss, e.acc)
-            if progress:
-                progress(step + 1, config.total_steps)
+        engine, first = None, None
+        try:
+            for step in range(config.total_steps):
+                if step % every == 0:
+                    state = trainer.get_state()         # a copy
+                    if engine is None:
+                        first = (step, state)           # saved once slots can be sized
+                    else:
+                        # returns once staged; the checkpoint persists while training goes on
+                        engine.save(step, state)
+                    run.checkpoints.append(step)
+                m = trainer.train_step(step)
+                if engine is None:
+                    # Slots are sized when the file is made; before the first step an optimizer
+                    # may hold no state yet (Adam's moments appear at step 0), so size them
+                    # from the state after it. keep = every checkpoint of the run: no slot is
+                    # reused, the file holds them all (plus max_in_flight spare slots).
+                    engine = CheckpointEngine(
+                        tmp / CHECKPOINT_FILE, max_in_flight=2,
+                        keep=len(range(0, config.total_steps, every)),
+                        slot_bytes=slot_bytes_for(first[1], trainer.get_state()))
+                    engine.save(*first)
+                    first = None
+                run.loss.append(m.loss)
+                run.acc.append(m.acc)
+                if m.signals is not None:
+                    run.signals.append(m.signals.to_dict())
+                if step + 1 in evals:
+                    e = trainer.evaluate()
+                    run.evals[step + 1] = (e.loss, e.acc)
+                if progress:
+                    progress(step + 1, config.total_steps)
+        finally:
+            if engine is not None:
+                engine.close()                          # every checkpoint durable
         run.wall_s = time.perf_counter() - t0
         (tmp / "golden.json").write_text(json.dumps(run.to_json()))
         if directory.exists() and load(config, directory) is None:

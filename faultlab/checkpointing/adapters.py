@@ -418,6 +418,7 @@ class TorchCheckpointAdapter:
 
     model: an nn.Module or a dict of them. optimizer: an optimizer or a dict of them.
     scaler: a torch.amp.GradScaler (its state is saved whether enabled or not).
+    scheduler: a learning-rate scheduler or a dict of them.
     data: an object with state_dict() / load_state_dict() (a stateful sampler or loader),
     saved beside the explicit `data_position` that capture() takes.
     generators: extra named generators (torch.Generator, numpy Generator / RandomState,
@@ -425,11 +426,12 @@ class TorchCheckpointAdapter:
     rng: also save the global generators (torch CPU and CUDA, NumPy, Python).
     """
 
-    def __init__(self, model=None, optimizer=None, scaler=None, *, data=None,
+    def __init__(self, model=None, optimizer=None, scaler=None, *, scheduler=None, data=None,
                  generators: Mapping[str, Any] | None = None, rng: bool = True):
         self._torch = _torch()
         self.models = _named(model, "model")
         self.optimizers = _named(optimizer, "optimizer")
+        self.schedulers = _named(scheduler, "scheduler")
         self.scaler = scaler
         self.data = data
         self.generators = dict(generators or {})
@@ -483,6 +485,8 @@ class TorchCheckpointAdapter:
         meta["models"] = models
         meta["optimizers"] = {name: enc.encode(opt.state_dict(), name)
                               for name, opt in self.optimizers.items()}
+        meta["schedulers"] = {name: enc.encode(sch.state_dict(), name)
+                              for name, sch in self.schedulers.items()}
         if self.scaler is not None:
             meta["scaler"] = enc.encode(self.scaler.state_dict(), "scaler")
         if self.data is not None:
@@ -579,6 +583,11 @@ class TorchCheckpointAdapter:
                                   f"of format {meta['faultlab_adapter']}, not torch format "
                                   f"{ADAPTER_FORMAT}")
 
+        missing = sorted(n for n in _required_arrays(meta) if n not in state)
+        if missing:                  # checked before anything is changed
+            raise CheckpointError(f"checkpoint lacks {len(missing)} array(s) its metadata "
+                                  f"names: {missing[:5]}")
+
         def from_array(arr, ref):
             return array_to_tensor(arr, ref)
 
@@ -601,6 +610,9 @@ class TorchCheckpointAdapter:
                 except (RuntimeError, ValueError, KeyError) as e:
                     raise CheckpointError(f"checkpoint does not fit {name}: "
                                           f"{_one_line(e)}") from None
+            _check_names(meta.get("schedulers", {}), self.schedulers, "scheduler")
+            for name, sch in self.schedulers.items():
+                sch.load_state_dict(decode(meta["schedulers"][name]))
             if self.scaler is not None:
                 if "scaler" not in meta:
                     raise CheckpointError("checkpoint holds no GradScaler state")
@@ -645,6 +657,32 @@ class TorchCheckpointAdapter:
             return None
         _, state, meta = restored
         return self.restore(state, meta)
+
+
+def _required_arrays(meta: Mapping) -> set[str]:
+    """Every array name an adapter's metadata refers to."""
+    names: set[str] = set()
+
+    def walk(v):
+        if isinstance(v, dict):
+            for tag in ("__tensor__", "__ndarray__"):
+                if tag in v:
+                    names.add(v[tag])
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+
+    for key in ("models", "optimizers", "schedulers", "scaler", "data_state", "data_position",
+                "extra"):
+        walk(meta.get(key))
+    if "rng" in meta:
+        names |= {"rng/python", "rng/numpy/keys", "rng/numpy/cached_gaussian", "rng/torch"}
+    for name, info in meta.get("generators", {}).items():
+        if info.get("kind") != "numpy":
+            names.add(f"generator/{name}")
+    return names
 
 
 def _named(obj, kind: str) -> dict:

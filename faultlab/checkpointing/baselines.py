@@ -167,13 +167,15 @@ class _HookedStorage(OSStorage):
 
     def pwrite(self, offset: int, data) -> None:
         g = self._geom
-        if g is not None and g.records_offset <= offset < g.slots_offset:
+        if g is None or offset < g.records_offset:
+            pass                                                 # the header, at creation
+        elif offset < g.slots_offset:
             if not any(memoryview(data).cast("B")):
                 self._hook(STAGING, "tombstone", self.step)      # in save(): slot taken
             else:
                 self._local.record = True
                 self._hook(COMMITTING, "record", -1)
-        elif g is not None:
+        else:
             self._hook(WRITING, "chunk", -1)
         super().pwrite(offset, data)
 
@@ -487,12 +489,10 @@ class CheckFreqStyle(_DirectoryCheckpointer):
             _write_torch_file(path, _to_payload(step, snapshot, meta), self._hook, step)
             self._hook(COMMITTING, "prune", step)
             _prune(self.directory, self.keep)
-        except OSError as e:
-            self._failure = storage_error(e, "write", str(path))
-            fut.finish(self._failure)
-            return
         except BaseException as e:
-            self._failure = CheckpointError(f"checkpoint of step {step} failed: {e}")
+            self._failure = storage_error(e, "write", str(path)) if isinstance(e, OSError) \
+                else CheckpointError(f"checkpoint of step {step} failed: {e}")
+            path.unlink(missing_ok=True)     # not durable: recovery must not pick it up
             fut.finish(self._failure)
             return
         fut.finish()
@@ -633,6 +633,7 @@ def _load_dcp_dir(path: Path) -> Loaded:
     torch = _torch()
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     try:
         info = json.loads((path / "faultlab.json").read_text())
@@ -648,7 +649,7 @@ def _load_dcp_dir(path: Path) -> Loaded:
             dcp.load(template, storage_reader=reader, no_dist=True)
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: incomplete checkpoint ({e.filename} missing)") from None
-    except Exception as e:
+    except (Exception, CheckpointException) as e:     # DCP's is a BaseException
         raise CheckpointError(f"{path}: corrupt or foreign checkpoint "
                               f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     return _from_payload({"info": json.dumps(info), "tensors": template}, str(path))

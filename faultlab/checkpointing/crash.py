@@ -53,6 +53,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import quote, unquote
 
 import numpy as np
 
@@ -409,8 +410,8 @@ class _Channel:
         self.fd, self.token = fd, token
 
     def send(self, kind: str, *args) -> None:
-        line = " ".join([str(self.token), kind, *(str(a).replace(" ", "_") for a in args)])
-        os.write(self.fd, (line[:3900] + "\n").encode())
+        line = " ".join([str(self.token), kind, *(quote(str(a)[:1000], safe="") for a in args)])
+        os.write(self.fd, (line + "\n").encode())
 
 
 class _Tracker:
@@ -454,10 +455,15 @@ def _child_main(job: dict, fd: int) -> int:
     start = 0
     try:
         step, state, meta = recover_checkpoint(engine, directory)
-        loop.restore(state, meta)
-        start = step
     except CheckpointError as e:
         chan.send("norecover", str(e)[:200])
+    else:
+        try:
+            loop.restore(state, meta)
+            start = step
+        except Exception as e:       # garbage that got past recovery (the naive engine)
+            chan.send("restorefailed", f"{type(e).__name__}: {e}"[:200])
+            loop = load_factory(spec.factory)()
     ckpt = open_checkpointer(engine, directory, phase_hook=tracker, **job.get("settings", {}))
     chan.send("resumed", start)
 
@@ -528,9 +534,8 @@ def _zygote_main(argv: list[str]) -> int:
                 except BaseException as e:
                     traceback.print_exc()
                     try:
-                        os.write(fd, f"{job['token']} error {type(e).__name__}:_"
-                                     f"{' '.join(str(e).split())[:300].replace(' ', '_')}\n"
-                                 .encode())
+                        _Channel(fd, job["token"]).send(
+                            "error", f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
                     except OSError:
                         pass
                 finally:
@@ -594,7 +599,7 @@ class Zygote:
         self._buf += data
         while b"\n" in self._buf:
             line, self._buf = self._buf.split(b"\n", 1)
-            parts = line.decode().split(" ")
+            parts = [unquote(p) for p in line.decode().split(" ")]
             self._pending.setdefault(int(parts[0]), []).append(parts[1:])
         return True
 
@@ -741,7 +746,7 @@ class EngineReport:
     def ok(self) -> bool:
         """No torn, mixed or lost-committed checkpoint, and every run / resume bit-identical."""
         return not (self.torn or self.mixed or self.lost) and self.runs_identical == self.runs \
-            and self.resumes_identical == self.resumes and not self.note.startswith("not ")
+            and self.resumes_identical == self.resumes
 
     def to_json(self) -> dict:
         lost = self.steps_lost
@@ -768,6 +773,7 @@ class RunResult:
     identical: bool
     differing: list[str]
     restarts: int
+    restore_failures: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -792,17 +798,22 @@ class KillCampaign:
     """Kill campaigns of one training loop against any engine (one zygote, reused)."""
 
     def __init__(self, loop: LoopSpec, workdir: str | os.PathLike, *, threads: int = 1,
-                 preload: Sequence[str] = (), timeout: float = 120.0):
+                 preload: Sequence[str] = (), timeout: float = 120.0,
+                 zygote: Zygote | None = None):
         self.loop = loop
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.zygote = Zygote(loop.factory, self.workdir / "zygote", threads=threads,
-                             preload=preload, timeout=timeout)
+        self._own_zygote = zygote is None
+        if zygote is not None and zygote.factory != loop.factory:
+            raise FaultlabError(f"zygote runs {zygote.factory}, not {loop.factory}")
+        self.zygote = zygote or Zygote(loop.factory, self.workdir / "zygote", threads=threads,
+                                       preload=preload, timeout=timeout)
         self._reference: Reference | None = None
         self._runs = 0
 
     def close(self) -> None:
-        self.zygote.close()
+        if self._own_zygote:
+            self.zygote.close()
 
     def __enter__(self):
         return self
@@ -848,6 +859,7 @@ class KillCampaign:
         committed: int | None = None
         restarts = 0
         expected_resume = 0
+        restore_failures: list[str] = []
         finished = False
         while not finished:
             kill = plan.pop(0) if plan else None
@@ -858,8 +870,10 @@ class KillCampaign:
             token, pid = self.zygote.spawn(job)
             restarts += 1
             trained, killed_at, resumed = 0, None, None
+            seen = []
             while True:
                 msg = self.zygote.next(token)
+                seen.append(msg)
                 if msg is None:
                     os.kill(pid, signal.SIGKILL)
                     self.zygote.reap(token, pid)
@@ -889,8 +903,12 @@ class KillCampaign:
                     trained = max(trained, int(m[1]))
                 elif m[0] == "resumed":
                     resumed = int(m[1])
-            _raise_child_error([msg] + msgs, self.zygote)
-            if resumed is not None and resumed != expected_resume:
+            _raise_child_error(seen + msgs, self.zygote)
+            failed = [m for m in seen + msgs if m[0] == "restorefailed"]
+            if failed:
+                restore_failures.append(f"restart {restarts}: restoring the recovered "
+                                        f"checkpoint failed: {' '.join(failed[0][1:])}")
+            elif resumed is not None and resumed != expected_resume:
                 raise CrashCampaignError(f"{engine}: training resumed at step {resumed} but "
                                          f"recovery gave {expected_resume}")
             code = int(msgs[-1][1])
@@ -914,7 +932,7 @@ class KillCampaign:
                 raise CrashCampaignError(f"training process of {engine} exited with code "
                                          f"{code} (log: {self.zygote.workdir / 'children.log'})")
         differing = same_state(_load_npz(final), _load_npz(ref.final_path))
-        return RunResult(records, not differing, differing, restarts)
+        return RunResult(records, not differing, differing, restarts, restore_failures)
 
     def _wait_reading(self, token: int, seconds: float) -> None:
         """Let `seconds` pass while still collecting the process's messages (race kills)."""
@@ -944,6 +962,7 @@ def _tally(rep: EngineReport, result: RunResult) -> None:
     rep.runs_identical += result.identical
     if not result.identical:
         rep.problems.append(f"run {rep.runs}: final state differs in {result.differing[:5]}")
+    rep.problems.extend(result.restore_failures)
     for k in result.kills:
         rep.kills += 1
         rep.phases[k.phase] += 1
@@ -958,8 +977,8 @@ def _tally(rep: EngineReport, result: RunResult) -> None:
 def _raise_child_error(msgs: Iterable[list[str]], zygote: Zygote) -> None:
     for m in msgs:
         if m and m[0] == "error":
-            raise CrashCampaignError(f"training process failed: {' '.join(m[1:]).replace('_', ' ')}"
-                                     f" (log: {zygote.workdir / 'children.log'})")
+            raise CrashCampaignError(f"training process failed: {' '.join(m[1:])} "
+                                     f"(log: {zygote.workdir / 'children.log'})")
 
 
 # -- power-loss campaigns (the engine on a SimDisk, in this process) ---------------------------

@@ -56,7 +56,11 @@ class DetectorSuite:
                 d.observe(s)
 
     def snapshot(self):
-        return copy.deepcopy([d.__dict__ for d in self.detectors])
+        """Detector state to roll back with the model (attributes a detector lists in
+        PERSISTENT, e.g. what it has already reported, survive rollbacks)."""
+        return copy.deepcopy([{k: v for k, v in d.__dict__.items()
+                               if k not in getattr(d, "PERSISTENT", ())}
+                              for d in self.detectors])
 
     def restore(self, snap) -> None:
         for d, state in zip(self.detectors, copy.deepcopy(snap)):

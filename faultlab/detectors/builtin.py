@@ -63,10 +63,14 @@ class Spike:
 
     @staticmethod
     def _score(x: float, hist) -> float:
+        """Robust z-score; 0 unless x is above everything in the window (a spike must be new).
+        The scale has a floor of 5% of the median for histories with no spread."""
         xs = sorted(hist)
+        if not x > xs[-1]:
+            return 0.0
         med = xs[len(xs) // 2]
         mad = sorted(abs(v - med) for v in xs)[len(xs) // 2]
-        scale = 1.4826 * mad + 1e-3 * abs(med) + 1e-12
+        scale = max(1.4826 * mad, 0.05 * abs(med), 1e-12)
         return (x - med) / scale
 
     def observe(self, s: Signals) -> Verdict | None:

@@ -138,7 +138,11 @@ class Protector:
     def _step(self, step: int, faults, attempt: int) -> tuple[StepMetrics, Verdict | None]:
         firing = self._firing(faults, step, attempt)
         self._hwm = max(self._hwm, step)
-        m = self.trainer.train_step(step, firing)
+        self.trainer.lr_scale = self._lr.get(step, 1.0)
+        try:
+            m = self.trainer.train_step(step, firing)
+        finally:
+            self.trainer.lr_scale = 1.0
         v = self.suite.observe(m.signals) if m.signals is not None else None
         if v is None and not math.isfinite(m.loss):
             v = Verdict("nonfinite", step, f"loss is {m.loss}")
@@ -148,6 +152,8 @@ class Protector:
         """Train steps start..end-1 from the trainer's current state."""
         out = ProtectedRun(start)
         self._hwm = start - 1  # the last step executed at least once
+        self._skipped: set[int] = set()      # policy decisions, honoured again by replays
+        self._lr: dict[int, float] = {}
         attempt = 0          # rollbacks so far: intermittent faults redraw per attempt
         skips = 0
         step = start
@@ -177,6 +183,7 @@ class Protector:
                 # the state is the replayed one before `step`: drop this step's update; the
                 # timeline carries the previous step's metrics over the skipped step
                 det.action = "skipped"
+                self._skipped.add(step)
                 skips += 1
                 out.losses.append(out.losses[-1] if out.losses else m.loss)
                 out.accs.append(out.accs[-1] if out.accs else m.acc)
@@ -184,15 +191,15 @@ class Protector:
                 continue
             if self.policy is Policy.LOWER_LR and lr_scale is None and self._restore_to(step, out, faults, attempt):
                 lr_scale = self.lr_factor
-                self.trainer.lr_scale = lr_scale
+                self._lr[step] = lr_scale
                 m2, v2 = self._step(step, faults, attempt)
-                self.trainer.lr_scale = 1.0
                 if v2 is None:
                     det.action = "lowered_lr"
                     out.losses.append(m2.loss)
                     out.accs.append(m2.acc)
                     step += 1
                     continue
+                del self._lr[step]
             det.action = "stopped"
             out.stopped_at = step
             out.losses.append(m.loss)
@@ -217,6 +224,10 @@ class Protector:
         """Replay steps frm..to-1; returns False if an anomaly shows on the way."""
         t0 = time.perf_counter()
         for s in range(frm, to):
+            if s in self._skipped:   # a skipped update stays skipped
+                out.losses.append(out.losses[-1] if out.losses else float("nan"))
+                out.accs.append(out.accs[-1] if out.accs else 0.0)
+                continue
             m, v = self._step(s, faults, attempt)
             det.steps_replayed += 1
             if v is not None:

@@ -142,6 +142,10 @@ class TorchTrainer:
         replica_losses: list[float] = []
         self.injector.begin_step(faults, step)
         probes = self._install_probe() if self._probe is not None else []
+        abft = None
+        if self.signal_spec is not None and self.signal_spec.abft:
+            abft = torch.zeros((), dtype=torch.float32)
+            probes += self._install_abft(abft)
         try:
             for r in range(c.replicas):
                 self.injector.replica = r
@@ -170,7 +174,7 @@ class TorchTrainer:
                             t.copy_(after[-1][i])
             pre = self._pre_step_signals(replica_losses) if self.signal_spec else None
             self.optimizer.step()
-            sig = self._post_step_signals(step, pre) if pre is not None else None
+            sig = self._post_step_signals(step, pre, abft) if pre is not None else None
         finally:
             self.injector.end_step()
             for h in probes:
@@ -190,11 +194,45 @@ class TorchTrainer:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         return replica_losses, torch.stack(torch._foreach_norm(grads)) if grads else None
 
-    def _post_step_signals(self, step: int, pre):
+    def _install_abft(self, acc: torch.Tensor) -> list:
+        """Checksum every conv / dense output against the stored kernel's column sums
+        (registered after the injector's hooks, so it sees what the layer delivered); the
+        largest relative residual of the step accumulates in `acc` on the device."""
+        handles = []
+        for _, m in self._kernel_params_modules():
+            def hook(mod, args, out):
+                x = args[0]
+                w = mod._parameters["weight"].detach()     # the stored kernel, not an operand
+                with torch.no_grad():
+                    b = mod.bias.detach().sum() if mod.bias is not None else 0.0
+                    if isinstance(mod, nn.Linear):
+                        ref = x.detach() @ w.sum(0) + b
+                        got = out.detach().sum(-1)
+                    else:
+                        xd = x.detach()
+                        if hasattr(mod, "pads"):
+                            t, bt, l, r = mod.pads(xd.shape[-2], xd.shape[-1])
+                            xd = F.pad(xd, (l, r, t, bt))
+                            pad = 0
+                        else:
+                            pad = mod.padding
+                        ref = F.conv2d(xd, w.sum(0, keepdim=True), None, mod.stride, pad,
+                                       mod.dilation, 1)[:, 0] + b
+                        got = out.detach().sum(1)
+                    res = (got - ref).abs().amax() / (got.abs().amax() + 1e-6)
+                    acc.copy_(torch.maximum(acc, torch.nan_to_num(res, nan=float("inf"))))
+            handles.append(m.register_forward_hook(hook))
+        return handles
+
+    def _kernel_params_modules(self):
+        return [(n, m) for n, m in self.layers.items()
+                if isinstance(m, (nn.Conv2d, nn.Linear)) and getattr(m, "groups", 1) == 1]
+
+    def _post_step_signals(self, step: int, pre, abft=None):
         from ..detectors.signals import Signals
         spec = self.signal_spec
         replica_losses, gnorms = pre
-        parts, names = [], []
+        parts = []
         if gnorms is not None:
             parts.append(gnorms.square().sum().sqrt().reshape(1))
         m_names = []
@@ -207,6 +245,8 @@ class TorchTrainer:
                 parts.append(torch.stack(torch._foreach_norm([m for _, m in kernels], float("inf"))))
         if spec.params:
             parts.append(torch.stack(torch._foreach_norm(list(self.model.parameters()))).sum().reshape(1))
+        if abft is not None:
+            parts.append(abft.reshape(1))
         vals = torch.cat(parts).tolist() if parts else []   # the one host sync of the step
         i = 0
         grad_norm = vals[0] if gnorms is not None else 0.0
@@ -214,9 +254,11 @@ class TorchTrainer:
         m_max = dict(zip(m_names, vals[i:i + len(m_names)]))
         i += len(m_names)
         param_sum = vals[i] if spec.params else None
+        i += bool(spec.params)
         return Signals(step=step, loss=sum(replica_losses) / len(replica_losses),
                        replica_loss=replica_losses, grad_norm=grad_norm, m_max=m_max,
-                       param_norm=param_sum)
+                       param_norm=param_sum,
+                       abft_residual=vals[i] if abft is not None else None)
 
     @torch.no_grad()
     def evaluate(self) -> EvalMetrics:

@@ -1,0 +1,351 @@
+#!/usr/bin/env python
+"""Checkpointing cost, side by side in one run: the faultlab engine and every baseline.
+
+Usage:
+    python benchmarks/checkpoint.py [--big] [--mib N] [--reps R] [--steps S] [--rounds K]
+                                    [--dir DIR] [--engines a,b,...] [--skip-state]
+                                    [--skip-training] [--json]
+
+Part 1, a model-sized state (32 float32 arrays; 128 MiB by default, 512 MiB = 537 MB with
+--big), for each engine in a fresh process (so that memory is measured cleanly):
+  stall      how long save() blocks the caller (training cannot change the state meanwhile),
+             median of R saves after one untimed warm-up save
+  persist    bytes / (save() call -> checkpoint durable), median; and its ratio to the raw
+             disk bandwidth: `dd if=/dev/zero of=F bs=1M count=N conv=fdatasync`, measured in
+             the same run before each engine (median of all dd runs)
+  memory     peak extra resident memory: peak RSS of the process minus its RSS just before
+             the first save (staging pool, snapshot copies, serialisation buffers)
+Part 2, the reference training workload (the campaigns' ResNet-18: width 16, 32x32 digits,
+4 emulated replicas x 16, Adam), in this process: the median step time over K interleaved
+rounds of S steps, without checkpoints and with a checkpoint every step and every 10 steps
+through the torch adapter, per engine; slowdown = step time / step time without checkpoints
+- 1. `faultlab+overlap` is the engine with `save(..., overlap=True)`: staging runs behind the
+next forward/backward pass and the optimizer waits only for what has not finished.
+
+Engines: faultlab (CheckpointEngine; staging pool as large as the state, 8 MiB chunks, two
+writers), sync (torch.save to a temporary file, fsync, rename, directory fsync), checkfreq
+(snapshot + background torch.save + fsync, one in flight), dcp-async
+(torch.distributed.checkpoint.async_save, no process group, FileSystemWriter with
+sync_files). Every engine writes to DIR (default: a temporary directory in the current
+directory's file system); `os.sync()` runs before each timed save.
+
+A default run takes about five minutes on the 2-core development machine; --big about ten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MiB = 1 << 20
+ENGINES = ("faultlab", "sync", "checkfreq", "dcp-async")
+TRAINING_ENGINES = ("faultlab", "faultlab+overlap", "sync", "checkfreq", "dcp-async")
+REFERENCE = dict(width=16, input_size=32, replicas=4, per_replica_batch=16, dataset="digits",
+                 steps_per_epoch=20, epochs=6, lr=1e-3, seed=123)
+
+
+def engine_settings(name: str, state_bytes: int) -> dict:
+    if name.startswith("faultlab"):
+        # a staging pool as large as the state: save() returns once it is copied
+        return {"max_in_flight": 2, "keep": 2, "chunk_bytes": 8 * MiB,
+                "pool_bytes": max(64 * MiB, -(-state_bytes // (8 * MiB)) * 8 * MiB),
+                "writers": 2}
+    return {"keep": 2}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024      # Linux: KiB
+
+
+def dd_rate(directory: Path, mib: int) -> float | None:
+    """bytes/s of dd writing `mib` MiB with conv=fdatasync (the raw sequential bandwidth)."""
+    path = directory / f".dd-{os.getpid()}"
+    try:
+        os.sync()
+        out = subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={mib}",
+                              "conv=fdatasync"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    finally:
+        path.unlink(missing_ok=True)
+    m = re.search(r"copied, ([\d.]+) s", out.stderr)
+    return mib * MiB / float(m.group(1)) if m else None
+
+
+def make_state(mib: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    n = mib * MiB // 4 // 32
+    return {f"layer{i}.weight": rng.random(n, dtype=np.float32) for i in range(32)}
+
+
+# -- part 1: one engine, one process ----------------------------------------------------------
+
+def child_state(engine: str, mib: int, reps: int, directory: Path) -> dict:
+    import torch  # noqa: F401  (imported before the baseline so RSS is measured after it)
+
+    from faultlab.checkpointing.baselines import open_checkpointer
+    import torch.distributed.checkpoint  # noqa: F401
+    state = make_state(mib)
+    nbytes = sum(a.nbytes for a in state.values())
+    target = directory / engine
+    ckpt = open_checkpointer(engine, target, **engine_settings(engine, nbytes))
+    base = rss_bytes()
+    ckpt.save(0, state).wait()                        # warm-up: first writes, allocations
+    stalls, persist = [], []
+    for r in range(1, reps + 1):
+        ckpt.wait_all()
+        os.sync()
+        t0 = time.perf_counter()
+        h = ckpt.save(r, state)
+        t1 = time.perf_counter()
+        h.wait()
+        t2 = time.perf_counter()
+        stalls.append(t1 - t0)
+        persist.append(nbytes / (t2 - t0))
+    ckpt.wait_all()
+    ckpt.close()
+    peak = peak_rss_bytes()
+    shutil.rmtree(target, ignore_errors=True)
+    return {"engine": engine, "bytes": nbytes, "stall_s": stalls, "persist_Bps": persist,
+            "extra_memory_bytes": max(0, peak - base)}
+
+
+def run_state_part(args, directory: Path, log) -> dict:
+    results, dds = {}, []
+    for engine in args.engines:
+        rate = dd_rate(directory, args.mib)
+        if rate:
+            dds.append(rate)
+        log(f"  dd {args.mib} MiB conv=fdatasync: {rate / 1e6 if rate else float('nan'):.0f} "
+            "MB/s")
+        out = subprocess.run([sys.executable, __file__, "--child-state", engine,
+                              "--mib", str(args.mib), "--reps", str(args.reps),
+                              "--dir", str(directory)], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"{engine}: benchmark child failed:\n{out.stderr[-2000:]}")
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        results[engine] = res
+        log(f"  {engine}: stall {statistics.median(res['stall_s']) * 1e3:.0f} ms, persist "
+            f"{statistics.median(res['persist_Bps']) / 1e6:.0f} MB/s, extra memory "
+            f"{res['extra_memory_bytes'] / MiB:.0f} MiB")
+    rate = dd_rate(directory, args.mib)
+    if rate:
+        dds.append(rate)
+    return {"mib": args.mib, "dd_Bps": dds, "engines": results}
+
+
+# -- part 2: the reference training workload --------------------------------------------------
+
+def run_training_part(args, directory: Path, log) -> dict:
+    import torch
+
+    from faultlab.checkpointing.adapters import TorchCheckpointAdapter
+    from faultlab.checkpointing.baselines import open_checkpointer
+    from faultlab.workloads.base import default_config
+    from faultlab.workloads.torch_trainer import TorchTrainer
+    cfg = default_config("resnet18", **REFERENCE)
+    trainer = TorchTrainer(cfg)
+    adapter = TorchCheckpointAdapter(trainer.model, trainer.optimizer)
+    for s in range(2):                                 # warm-up (allocations, Adam state)
+        trainer.train_step(s)
+    state_bytes = sum(a.nbytes for a in adapter.capture(0)[0].values())
+    step = 2
+    variants = [("none", 0)] + [(e, every) for e in args.training_engines for every in (1, 10)]
+    times: dict[str, list[float]] = {f"{e}/{n}": [] for e, n in variants}
+    stalls: dict[str, list[float]] = {f"{e}/{n}": [] for e, n in variants}
+    for rnd in range(args.rounds):
+        for engine, every in variants:
+            key = f"{engine}/{every}"
+            ckpt = None
+            if engine != "none":
+                base = engine.removesuffix("+overlap")
+                ckpt = open_checkpointer(base, directory / f"train-{base}-{every}-{rnd}",
+                                         **engine_settings(base, state_bytes))
+            overlap = engine.endswith("+overlap")
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                trainer.train_step(step)
+                step += 1
+                if ckpt is not None and step % every == 0:
+                    s0 = time.perf_counter()
+                    adapter.save(ckpt, step, overlap=overlap)
+                    stalls[key].append(time.perf_counter() - s0)
+            if ckpt is not None:
+                w0 = time.perf_counter()
+                adapter.wait_staged()
+                if overlap and stalls[key]:
+                    stalls[key][-1] += time.perf_counter() - w0
+                ckpt.wait_all()                         # all of its checkpoints are durable
+            times[key].append((time.perf_counter() - t0) / args.steps)
+            if ckpt is not None:
+                ckpt.close()
+            shutil.rmtree(directory / f"train-{engine.removesuffix('+overlap')}-{every}-{rnd}",
+                          ignore_errors=True)
+            log(f"  round {rnd + 1}: {key:22s} {times[key][-1] * 1e3:7.1f} ms/step")
+        # the optimizer's pre-hook waits for overlapped staging: that wait is part of the
+        # step time measured above; stalls of overlapped saves count only the save() call
+    return {"state_bytes": state_bytes, "threads": torch.get_num_threads(),
+            "steps": args.steps, "rounds": args.rounds, "step_s": times, "stall_s": stalls}
+
+
+# -- the report -------------------------------------------------------------------------------
+
+def summarize(state: dict | None, training: dict | None) -> dict:
+    out: dict = {"targets": {}}
+    if state:
+        dd = statistics.median(state["dd_Bps"]) if state["dd_Bps"] else float("nan")
+        rows = {}
+        for e, r in state["engines"].items():
+            rows[e] = {"stall_ms": statistics.median(r["stall_s"]) * 1e3,
+                       "persist_MBps": statistics.median(r["persist_Bps"]) / 1e6,
+                       "persist_vs_dd": statistics.median(r["persist_Bps"]) / dd,
+                       "extra_memory_MiB": r["extra_memory_bytes"] / MiB}
+        dcp = rows.get("dcp-async", {}).get("stall_ms")
+        for e, row in rows.items():
+            row["stall_vs_dcp"] = row["stall_ms"] / dcp if dcp else None
+        out["state"] = {"mib": state["mib"], "bytes": state["mib"] * MiB, "dd_MBps": dd / 1e6,
+                        "engines": rows}
+        if "faultlab" in rows:
+            f = rows["faultlab"]
+            out["targets"]["persist >= 0.9 x dd"] = f["persist_vs_dd"] >= 0.9
+            if f["stall_vs_dcp"] is not None:
+                out["targets"]["stall <= 1/10 of dcp async_save blocking"] = \
+                    f["stall_vs_dcp"] <= 0.1
+    if training:
+        base = statistics.median(training["step_s"]["none/0"])
+        rows = {}
+        for key, ts in training["step_s"].items():
+            if key == "none/0":
+                continue
+            engine, every = key.split("/")
+            row = rows.setdefault(engine, {})
+            row[f"slowdown_every_{every}"] = statistics.median(ts) / base - 1
+            st = training["stall_s"][key]
+            row[f"stall_ms_every_{every}"] = statistics.median(st) * 1e3 if st else None
+        out["training"] = {"step_ms": base * 1e3, "state_MiB": training["state_bytes"] / MiB,
+                           "engines": rows}
+        best = min((r["slowdown_every_10"] for e, r in rows.items()
+                    if e.startswith("faultlab")), default=None)
+        if best is not None:
+            out["targets"]["<= 5% slowdown every 10 steps"] = best <= 0.05
+    return out
+
+
+def format_table(s: dict, machine: dict) -> str:
+    lines = [f"machine: {machine['cpu']}, {machine['cores']} cores, load average "
+             f"{machine['loadavg']}, python {machine['python']}, torch {machine['torch']}"]
+    if "state" in s:
+        st = s["state"]
+        lines += ["", f"state of {st['mib']} MiB ({st['bytes'] / 1e6:.0f} MB, 32 float32 "
+                  f"arrays); raw disk: dd conv=fdatasync median {st['dd_MBps']:.0f} MB/s", "",
+                  "| engine | stall per checkpoint | stall / dcp-async's | persist MB/s | "
+                  "persist / dd | peak extra memory |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for e, r in st["engines"].items():
+            vs = f"{r['stall_vs_dcp']:.3f}" if r["stall_vs_dcp"] is not None else "-"
+            lines.append(f"| {e} | {r['stall_ms']:.0f} ms | {vs} | {r['persist_MBps']:.0f} | "
+                         f"{r['persist_vs_dd']:.2f} | {r['extra_memory_MiB']:.0f} MiB |")
+    if "training" in s:
+        tr = s["training"]
+        lines += ["", f"reference workload (ResNet-18 width 16, 4 x 16, digits 32x32; state "
+                  f"{tr['state_MiB']:.1f} MiB): {tr['step_ms']:.0f} ms/step without "
+                  "checkpoints", "",
+                  "| engine | slowdown, every step | slowdown, every 10 | stall per "
+                  "checkpoint (every step) |", "|---|---:|---:|---:|"]
+        for e, r in tr["engines"].items():
+            stall = r.get("stall_ms_every_1")
+            lines.append(f"| {e} | {r['slowdown_every_1'] * 100:+.1f}% | "
+                         f"{r['slowdown_every_10'] * 100:+.1f}% | "
+                         f"{'-' if stall is None else f'{stall:.1f} ms'} |")
+    if s["targets"]:
+        lines += ["", "targets: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}"
+                                             for k, v in s["targets"].items())]
+    return "\n".join(lines)
+
+
+def machine_info() -> dict:
+    import torch
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                       cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__,
+            "loadavg": " ".join(f"{x:.1f}" for x in os.getloadavg())}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--big", action="store_true", help="a 512 MiB (537 MB) state")
+    ap.add_argument("--mib", type=int, help="state size in MiB (default 128, --big 512)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10, help="training steps per round")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--dir", help="where checkpoints go (default: a temporary directory here)")
+    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--skip-state", action="store_true")
+    ap.add_argument("--skip-training", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--child-state", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.mib = args.mib or (512 if args.big else 128)
+    args.engines = [e for e in args.engines.split(",") if e]
+    args.training_engines = [e for e in TRAINING_ENGINES
+                             if e.removesuffix("+overlap") in args.engines]
+    if args.child_state:
+        print(json.dumps(child_state(args.child_state, args.mib, args.reps, Path(args.dir))))
+        return 0
+    import torch
+    torch.set_num_threads(os.cpu_count() or 1)
+    own = args.dir is None
+    directory = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix=".ckpt-bench-",
+                                                                      dir=Path.cwd()))
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    try:
+        state = None if args.skip_state else (log(f"state part ({args.mib} MiB):") or
+                                              run_state_part(args, directory, log))
+        training = None if args.skip_training else (log("training part:") or
+                                                    run_training_part(args, directory, log))
+    finally:
+        if own:
+            shutil.rmtree(directory, ignore_errors=True)
+    summary = summarize(state, training)
+    machine = machine_info()
+    if args.json:
+        print(json.dumps({"machine": machine, "summary": summary, "raw": {
+            "state": state, "training": training}}, default=str))
+    else:
+        print(format_table(summary, machine))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
