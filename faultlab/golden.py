@@ -128,7 +128,9 @@ def record(trainer, config: WorkloadConfig, directory: Path, progress=None) -> G
     try:
         run = GoldenRun(config, directory=tmp)
         from .detectors.signals import SignalSpec
-        trainer.signal_spec = SignalSpec(history=True, params=True)
+        # everything, exactly (bound=0: exact max |m| per kernel): detectors warm up on these
+        # and false-positive rates are measured on them
+        trainer.signal_spec = SignalSpec(history=True, grads=True, bound=0.0, params=True)
         every = config.checkpoint_interval
         evals = set(eval_points(config))
         engine, first = None, None

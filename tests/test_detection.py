@@ -50,7 +50,9 @@ def test_nonfinite_catches_loss_gradient_moment_and_parameters():
 
 
 def test_history_bound_is_the_artifacts_bound_on_adam_m():
-    d = HistoryBound()
+    assert HistoryBound().observe(sig(m={"conv1": 4.9})) is None
+    assert HistoryBound().observe(sig(m={"conv1": 5.1})) is not None
+    d = HistoryBound(bound=20.0)   # the artifact's setting
     assert d.observe(sig(m={"conv1": 19.9})) is None
     v = d.observe(sig(m={"conv1": 0.1, "dense": 25.0}))
     assert v.detector == "history" and "dense" in v.reason

@@ -34,8 +34,10 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import queue
 import random
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -438,6 +440,9 @@ class TorchCheckpointAdapter:
         self.rng = rng
         self._stager = _Stager()
         self._pending: OverlapHandle | None = None
+        self.overlap_wait_s = 0.0        # time optimizer steps waited for overlapped staging
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
         self._hooks = [opt.register_step_pre_hook(self._before_optimizer_step)
                        for opt in self.optimizers.values()]
 
@@ -536,7 +541,18 @@ class TorchCheckpointAdapter:
         handle = OverlapHandle(int(step))
         self._pending = handle
 
-        def stage():
+        if self._worker is None:
+            # One long-lived thread: starting a thread per save would make save() wait for
+            # the new thread to take the GIL and hand it back (a switch interval or more).
+            self._worker = threading.Thread(target=self._stage_loop, daemon=True,
+                                            name="ckpt-overlap-stage")
+            self._worker.start()
+        self._jobs.put((handle, events, checkpointer, int(step), state, meta))
+        return handle
+
+    def _stage_loop(self) -> None:
+        while True:
+            handle, events, checkpointer, step, state, meta = self._jobs.get()
             try:
                 self._stager.synchronize(events)
                 handle._inner = checkpointer.save(step, state, meta)
@@ -545,9 +561,6 @@ class TorchCheckpointAdapter:
             finally:
                 handle._staged.set()
 
-        threading.Thread(target=stage, name="ckpt-overlap-stage", daemon=True).start()
-        return handle
-
     def wait_staged(self) -> None:
         """Block until an overlapped save has finished staging (re-raises its failure)."""
         pending, self._pending = self._pending, None
@@ -555,7 +568,10 @@ class TorchCheckpointAdapter:
             pending.wait_staged()
 
     def _before_optimizer_step(self, optimizer, args, kwargs):
-        self.wait_staged()
+        if self._pending is not None:
+            t0 = time.perf_counter()
+            self.wait_staged()
+            self.overlap_wait_s += time.perf_counter() - t0
 
     def close(self) -> None:
         """Wait for staging and remove the optimizer hooks."""

@@ -40,6 +40,8 @@ class DetectorSuite:
     @property
     def spec(self) -> SignalSpec:
         return SignalSpec(history=any(d.needs.history for d in self.detectors),
+                          grads=any(d.needs.grads for d in self.detectors),
+                          bound=min(d.needs.bound for d in self.detectors),
                           params=any(d.needs.params for d in self.detectors),
                           replicas=any(d.needs.replicas for d in self.detectors),
                           abft=any(d.needs.abft for d in self.detectors))

@@ -14,7 +14,7 @@ class NonFinite:
     """Non-finite loss, gradient norm, optimizer moment or parameter norm."""
 
     name = "nonfinite"
-    needs = SignalSpec(history=False)
+    needs = SignalSpec(history=True)   # a non-finite gradient makes Adam's m non-finite
     PARAMS = ()
 
     def observe(self, s: Signals) -> Verdict | None:
@@ -23,8 +23,9 @@ class NonFinite:
         if not math.isfinite(s.grad_norm):
             return Verdict(self.name, s.step, f"gradient norm is {s.grad_norm}")
         bad = [k for k, v in s.m_max.items() if not math.isfinite(v)]
-        if bad:
-            return Verdict(self.name, s.step, f"Adam moment of {bad[0]} is non-finite")
+        if bad or not math.isfinite(s.m_other):
+            where = bad[0] if bad else "a non-kernel parameter"
+            return Verdict(self.name, s.step, f"Adam moment of {where} is non-finite")
         if s.param_norm is not None and not math.isfinite(s.param_norm):
             return Verdict(self.name, s.step, "parameters are non-finite")
         return None
@@ -32,14 +33,15 @@ class NonFinite:
 
 class HistoryBound:
     """The ISCA'23 bound on optimizer history: any conv / dense kernel whose Adam first moment
-    exceeds `bound` in absolute value (the artifact checks m against 20.0 every step)."""
+    exceeds `bound` in absolute value (the artifact checks m against 20.0 every step; our
+    default 5.0 is 40x the largest |m| of golden runs of three workloads, see docs/detection.md)."""
 
     name = "history"
-    needs = SignalSpec(history=True)
     PARAMS = ("bound",)
 
-    def __init__(self, bound: float = 20.0):
+    def __init__(self, bound: float = 5.0):
         self.bound = float(bound)
+        self.needs = SignalSpec(history=True, bound=self.bound)
 
     def observe(self, s: Signals) -> Verdict | None:
         for layer, m in s.m_max.items():
@@ -53,7 +55,7 @@ class Spike:
     MAD of the last `window` normal steps), upward only, after `warmup` steps."""
 
     name = "spike"
-    needs = SignalSpec(history=False)
+    needs = SignalSpec(history=False, grads=True)
     PARAMS = ("z", "window", "warmup")
 
     def __init__(self, z: float = 12.0, window: int = 50, warmup: int = 10):

@@ -117,6 +117,7 @@ class TorchTrainer:
         self._buffers = [b for _, b in self.model.named_buffers()]
         self._probe: dict | None = None
         self._kernels: list | None = None
+        self._kernel_names: dict | None = None
         self.signal_spec = None   # a faultlab.detectors.SignalSpec to collect signals
         self.lr_scale = 1.0       # set by a recovery policy that re-runs a step more gently
         decay = int(config.option("decay_steps", "0")) or config.total_steps
@@ -190,7 +191,11 @@ class TorchTrainer:
         return self._kernels
 
     def _pre_step_signals(self, replica_losses: list[float]):
-        """Gradient norms of the averaged gradient (one fused foreach reduction)."""
+        """Norm of the averaged gradient (one fused foreach reduction), when asked for."""
+        spec = self.signal_spec
+        # without Adam moments (e.g. SGD), the gradient norm carries the non-finite check
+        if not spec.grads and not (spec.history and self.optimizer.state):
+            return replica_losses, None
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         return replica_losses, torch.stack(torch._foreach_norm(grads)) if grads else None
 
@@ -228,21 +233,27 @@ class TorchTrainer:
         return [(n, m) for n, m in self.layers.items()
                 if isinstance(m, (nn.Conv2d, nn.Linear)) and getattr(m, "groups", 1) == 1]
 
+    def _moments(self) -> list[tuple[str | None, torch.Tensor]]:
+        """(kernel layer name or None, Adam first moment) for every parameter with state."""
+        if self._kernel_names is None:
+            self._kernel_names = {id(p): n for n, p in self._kernel_params()}
+        st = self.optimizer.state
+        return [(self._kernel_names.get(id(p)), st[p]["exp_avg"]) for p in self.model.parameters()
+                if p in st and "exp_avg" in st[p]]
+
     def _post_step_signals(self, step: int, pre, abft=None):
+        """The step's signals in one host transfer. The history bound needs max |m| per kernel;
+        the L2 norm bounds it from above and is far cheaper on CPU, so the exact maximum is
+        computed only for kernels whose L2 norm exceeds the bound (a second, rare transfer)."""
         from ..detectors.signals import Signals
         spec = self.signal_spec
         replica_losses, gnorms = pre
         parts = []
         if gnorms is not None:
             parts.append(gnorms.square().sum().sqrt().reshape(1))
-        m_names = []
-        if spec.history:
-            st = self.optimizer.state
-            kernels = [(n, st[p]["exp_avg"]) for n, p in self._kernel_params()
-                       if p in st and "exp_avg" in st[p]]
-            if kernels:
-                m_names = [n for n, _ in kernels]
-                parts.append(torch.stack(torch._foreach_norm([m for _, m in kernels], float("inf"))))
+        moments = self._moments() if spec.history else []
+        if moments:
+            parts.append(torch.stack(torch._foreach_norm([m for _, m in moments])))
         if spec.params:
             parts.append(torch.stack(torch._foreach_norm(list(self.model.parameters()))).sum().reshape(1))
         if abft is not None:
@@ -251,13 +262,21 @@ class TorchTrainer:
         i = 0
         grad_norm = vals[0] if gnorms is not None else 0.0
         i += gnorms is not None
-        m_max = dict(zip(m_names, vals[i:i + len(m_names)]))
-        i += len(m_names)
+        m_norms = vals[i:i + len(moments)]
+        i += len(moments)
+        m_max, m_other = {}, 0.0
+        for (name, m), v in zip(moments, m_norms):
+            if name is None:
+                m_other = max(m_other, v) if v == v else v
+            elif v > spec.bound or v != v:
+                m_max[name] = float(m.abs().amax())
+            else:
+                m_max[name] = v
         param_sum = vals[i] if spec.params else None
         i += bool(spec.params)
         return Signals(step=step, loss=sum(replica_losses) / len(replica_losses),
                        replica_loss=replica_losses, grad_norm=grad_norm, m_max=m_max,
-                       param_norm=param_sum,
+                       m_other=m_other, param_norm=param_sum,
                        abft_residual=vals[i] if abft is not None else None)
 
     @torch.no_grad()
