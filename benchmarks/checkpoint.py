@@ -14,7 +14,8 @@ is measured cleanly), after four untimed warm-up checkpoints, R timed ones:
              next training step's optimizer waits for staging that has not finished
   persist    bytes / (save() call -> checkpoint durable), median, and its ratio to the raw
              disk bandwidth `dd if=/dev/zero of=F bs=1M count=N conv=fdatasync` measured in
-             the same run before each engine (median of all dd runs)
+             the same run, twice before each engine and once at the end (ratios to the
+             median and to the best dd run)
   memory     peak extra resident memory: peak RSS minus the RSS just before the first save
              (staging pool, snapshot copies, serialisation buffers)
 Part 2, the reference training workload (the campaigns' ResNet-18: width 16, 32x32 digits, 4
@@ -49,8 +50,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -167,11 +166,12 @@ def child_state(engine: str, mib: int, reps: int, directory: Path) -> dict:
 def run_state_part(args, directory: Path, log) -> dict:
     results, dds = {}, []
     for engine in args.state_engines:
-        rate = dd_rate(directory, args.mib)
-        if rate:
-            dds.append(rate)
-        log(f"  dd {args.mib} MiB conv=fdatasync: {rate / 1e6 if rate else float('nan'):.0f} "
-            "MB/s")
+        for _ in range(2):
+            rate = dd_rate(directory, args.mib)
+            if rate:
+                dds.append(rate)
+            log(f"  dd {args.mib} MiB conv=fdatasync: "
+                f"{rate / 1e6 if rate else float('nan'):.0f} MB/s")
         out = subprocess.run([sys.executable, __file__, "--child-state", engine,
                               "--mib", str(args.mib), "--reps", str(args.reps),
                               "--dir", str(directory)], capture_output=True, text=True)
@@ -254,20 +254,24 @@ def summarize(state: dict | None, training: dict | None) -> dict:
     out: dict = {"targets": {}}
     if state:
         dd = statistics.median(state["dd_Bps"]) if state["dd_Bps"] else float("nan")
+        dd_best = max(state["dd_Bps"], default=float("nan"))
         rows = {}
         for e, r in state["engines"].items():
             rows[e] = {"stall_ms": statistics.median(r["stall_s"]) * 1e3,
                        "persist_MBps": statistics.median(r["persist_Bps"]) / 1e6,
                        "persist_vs_dd": statistics.median(r["persist_Bps"]) / dd,
+                       "persist_vs_best_dd": statistics.median(r["persist_Bps"]) / dd_best,
                        "extra_memory_MiB": r["extra_memory_bytes"] / MiB}
         dcp = rows.get("dcp-async", {}).get("stall_ms")
         for e, row in rows.items():
             row["stall_vs_dcp"] = row["stall_ms"] / dcp if dcp else None
         out["state"] = {"mib": state["mib"], "bytes": state["bytes"], "dd_MBps": dd / 1e6,
+                        "dd_best_MBps": dd_best / 1e6, "dd_runs": len(state["dd_Bps"]),
                         "train_step_ms": state["train_step_s"] * 1e3, "engines": rows}
         if "faultlab" in rows:
             f = rows["faultlab"]
-            out["targets"]["persist >= 0.9 x dd"] = f["persist_vs_dd"] >= 0.9
+            out["targets"]["persist >= 0.9 x dd (median dd)"] = f["persist_vs_dd"] >= 0.9
+            out["targets"]["persist >= 0.9 x dd (best dd)"] = f["persist_vs_best_dd"] >= 0.9
         for e in ("faultlab", "faultlab+overlap"):
             if rows.get(e, {}).get("stall_vs_dcp") is not None:
                 out["targets"][f"{e} stall <= 1/10 of dcp async_save blocking"] = \
@@ -299,14 +303,16 @@ def format_table(s: dict, machine: dict) -> str:
         st = s["state"]
         lines += ["", f"state of {st['bytes'] / 1e6:.0f} MB (4-layer MLP + Adam, "
                   f"{st['train_step_ms']:.0f} ms/step); raw disk: dd {st['mib']} MiB "
-                  f"conv=fdatasync median {st['dd_MBps']:.0f} MB/s", "",
+                  f"conv=fdatasync, {st['dd_runs']} runs, median {st['dd_MBps']:.0f} MB/s, best "
+                  f"{st['dd_best_MBps']:.0f} MB/s", "",
                   "| engine | stall per checkpoint | stall / dcp-async's | persist MB/s | "
-                  "persist / dd | peak extra memory |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "persist / dd median | persist / dd best | peak extra memory |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for e, r in st["engines"].items():
             vs = f"{r['stall_vs_dcp']:.3f}" if r["stall_vs_dcp"] is not None else "-"
             lines.append(f"| {e} | {r['stall_ms']:.0f} ms | {vs} | {r['persist_MBps']:.0f} | "
-                         f"{r['persist_vs_dd']:.2f} | {r['extra_memory_MiB']:.0f} MiB |")
+                         f"{r['persist_vs_dd']:.2f} | {r['persist_vs_best_dd']:.2f} | "
+                         f"{r['extra_memory_MiB']:.0f} MiB |")
     if "training" in s:
         tr = s["training"]
         lines += ["", f"reference workload (ResNet-18 width 16, 4 x 16, digits 32x32; state "

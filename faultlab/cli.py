@@ -148,6 +148,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--framework", choices=["torch", "tf"])
     d.add_argument("--campaign", help="run this campaign with --detect and report coverage")
     d.add_argument("--steps", type=int, default=60, help="timed steps per variant (default 60)")
+    d.add_argument("--threads", type=int, default=1,
+                   help="torch threads for the timing (default 1: stable on a shared machine)")
     d.add_argument("--workers", type=int, default=1)
     d.add_argument("--results", help="results database for --campaign")
     d.add_argument("--json", action="store_true")
@@ -161,7 +163,8 @@ def _parser() -> argparse.ArgumentParser:
     rr.add_argument("--steps", type=int, default=60)
     rr.add_argument("--every", type=int, default=10, help="steps between reruns (default 10)")
     rr.add_argument("--checkpoint-every", type=int, default=10)
-    rr.add_argument("--repeats", type=int, default=2)
+    rr.add_argument("--repeats", type=int, default=1)
+    rr.add_argument("--threads", type=int, default=1)
     rr.add_argument("--json", action="store_true")
 
     rp = cmd("report", "summarise a results database; export CSV / Parquet")
@@ -446,6 +449,8 @@ def cmd_detect(a) -> int:
         else:
             print(format_coverage(cov, fps))
         return 0
+    from .executor import set_threads
+    set_threads(a.threads)
     cfg = reference(a.workload, a.framework)
     if not a.check:
         res = detection_overhead(cfg, a.steps, variants={})
@@ -470,11 +475,13 @@ def cmd_detect(a) -> int:
 
 
 def cmd_replay(a) -> int:
+    from .executor import set_threads
     from .overhead import reference, replay_overhead
+    set_threads(a.threads)
     cfg = reference(a.workload, a.framework)
     every = a.every if a.rerun else 10**9
     res = replay_overhead(cfg, a.steps, a.checkpoint_every, every, a.repeats,
-                          progress=lambda n, r: _say(f"replay: {n} repeat {r + 1}", a.json))
+                          progress=lambda k, n: _say(f"replay: step {k}/{n}", a.json))
     if not a.rerun:
         res["rows"] = [r for r in res["rows"] if r["variant"] != "rerun"]
     if a.json:
@@ -553,8 +560,7 @@ def cmd_crash(a) -> int:
             for n in engines:
                 if n != "faultlab":
                     reports.append(EngineReport(n, mode="power-loss", note=(
-                        "not modeled: SimDisk simulates the engine's single file; "
-                        "baselines need a simulated file system")))
+                        "not modeled (SimDisk simulates one file, not a file system)")))
                     continue
                 points = a.points or None
                 bar = Progress(points or 0, "power loss faultlab", enabled=not a.json and

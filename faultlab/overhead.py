@@ -116,38 +116,53 @@ class _Periodic:
 
 
 def replay_overhead(config: WorkloadConfig, steps: int = 60, checkpoint_every: int = 10,
-                    rerun_every: int = 10, repeats: int = 2, directory: str | None = None,
+                    rerun_every: int = 10, repeats: int = 1, directory: str | None = None,
                     progress=None) -> dict:
-    """End-to-end time of `steps` steps: plain, with periodic persistent checkpoints, and with
-    checkpoints plus a rollback-and-replay every `rerun_every` steps (interleaved repeats)."""
-    from .replay import Protector
-    trainer = load_backend(config.framework).build_trainer(config)
-    state0 = trainer.get_state()
+    """Time per step of three runs advanced in lock-step, one step each in turn (so load from
+    elsewhere hits all alike): plain, with periodic persistent checkpoints, and with
+    checkpoints plus a rollback-and-replay every `rerun_every` steps (mid-way between
+    checkpoints). Each variant has its own trainer; the sum of its step times is its cost."""
+    from .replay import Protector, ProtectedRun
+    backend = load_backend(config.framework)
     steps = min(steps, config.total_steps)
     names = ("plain", "checkpoint", "rerun")
-    wall: dict[str, list[float]] = {n: [] for n in names}
+    wall = {n: 0.0 for n in names}
     recoveries = []
     tmp = Path(directory or tempfile.mkdtemp(prefix="faultlab-replay-"))
+    state_bytes = 0
     for r in range(repeats):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            trainer.set_state(state0)
-            t0 = time.perf_counter()
-            if name == "plain":
-                for s in range(steps):
-                    trainer.train_step(s)
-            else:
-                suite = DetectorSuite([_Periodic(rerun_every if name == "rerun" else 10**9)])
-                with Protector(trainer, suite, checkpoint_every, directory=tmp / f"{name}{r}") as p:
-                    run = p.run(0, steps)
-                if name == "rerun":
-                    recoveries += [d.to_dict() for d in run.detections]
-            wall[name].append(time.perf_counter() - t0)
-            if progress:
-                progress(name, r)
-    plain = min(wall["plain"])
-    step_s = plain / steps
-    rows = [{"variant": n, "wall_s": min(wall[n]), "ratio": min(wall[n]) / plain} for n in names]
-    state_bytes = sum(a.nbytes for a in trainer.get_state().values())  # with optimizer state
+        trainers = {n: backend.build_trainer(config) for n in names}
+        prots = {n: Protector(trainers[n], DetectorSuite([_Periodic(rerun_every if n == "rerun" else 10**9)]),
+                              checkpoint_every, directory=tmp / f"{n}{r}") for n in names[1:]}
+        outs = {n: ProtectedRun(0) for n in names[1:]}
+        gens = {n: prots[n].steps(0, steps, (), outs[n]) for n in names[1:]}
+
+        def plain():
+            for s in range(steps):
+                trainers["plain"].train_step(s)
+                yield s
+        gens["plain"] = plain()
+        live = list(names)
+        k = 0
+        while live:
+            order = live[k % len(live):] + live[:k % len(live)]
+            k += 1
+            for n in order:
+                t0 = time.perf_counter()
+                try:
+                    next(gens[n])
+                except StopIteration:
+                    live.remove(n)
+                wall[n] += time.perf_counter() - t0
+            if progress and k % 10 == 0:
+                progress(k, steps)
+        for n in names[1:]:
+            prots[n].close()
+        recoveries += [d.to_dict() for d in outs["rerun"].detections]
+        state_bytes = sum(a.nbytes for a in trainers["plain"].get_state().values())
+    plain_s = wall["plain"]
+    step_s = plain_s / (steps * repeats)
+    rows = [{"variant": n, "wall_s": wall[n], "ratio": wall[n] / plain_s} for n in names]
     rec = {"count": len(recoveries),
            "median_recovery_s": _median([d["recovery_s"] for d in recoveries]),
            "median_load_s": _median([d["load_s"] for d in recoveries]),

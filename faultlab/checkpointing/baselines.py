@@ -237,7 +237,8 @@ def _torch():
     try:
         import torch
     except ImportError:
-        raise FaultlabError("this checkpointer needs torch: pip install 'faultlab[torch]'") from None
+        raise FaultlabError("this checkpointer needs torch: "
+                            "pip install 'faultlab[torch]'") from None
     return torch
 
 

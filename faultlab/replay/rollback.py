@@ -151,6 +151,13 @@ class Protector:
     def run(self, start: int, end: int, faults: Sequence[FaultSpec] = ()) -> ProtectedRun:
         """Train steps start..end-1 from the trainer's current state."""
         out = ProtectedRun(start)
+        for _ in self.steps(start, end, faults, out):
+            pass
+        return out
+
+    def steps(self, start: int, end: int, faults: Sequence[FaultSpec], out: ProtectedRun):
+        """The run as a generator: yields after each step (a detection and its recovery
+        count as part of the step), so several runs can be interleaved step by step."""
         self._hwm = start - 1  # the last step executed at least once
         self._skipped: set[int] = set()      # policy decisions, honoured again by replays
         self._lr: dict[int, float] = {}
@@ -159,6 +166,8 @@ class Protector:
         step = start
         lr_scale = None
         while step < end:
+            if step > start:
+                yield step
             if (step - start) % self.every == 0 and len(out.losses) == step - start:
                 self._checkpoint(step)
             m, v = self._step(step, faults, attempt)
@@ -207,7 +216,7 @@ class Protector:
             break
         if self.engine is not None:
             self.engine.wait_all()
-        return out
+        yield step
 
     def _restore(self, det: Detection, out: ProtectedRun, before: int | None):
         t0 = time.perf_counter()

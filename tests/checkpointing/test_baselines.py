@@ -98,8 +98,8 @@ def test_phase_hooks_fire_in_protocol_order(tmp_path, name):
         assert 2 in phases                             # the naive control commits nothing
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                 HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(name=st.sampled_from(ALL),
        arrays=st.dictionaries(st.text("abcxyz/_", min_size=1, max_size=6),
                               hnp.arrays(st.sampled_from(["<f4", ">i4", "<f8", "|u1", "?",
