@@ -39,6 +39,9 @@ Without --check it only times the workload unprotected (as the artifact's detect
     "replay": """examples:
   faultlab replay --rerun                       # checkpoint + rollback/replay overhead, recovery time
   faultlab replay --rerun --every 5 --steps 40 --json""",
+    "plan": """examples:
+  faultlab plan -o campaigns/random.csv                   # 5% margin, 95% confidence
+  faultlab plan --trials 60 --horizon 30 --seed 1 -o campaigns/random60.csv""",
     "report": """examples:
   faultlab report faultlab-results/inj_masked.sqlite
   faultlab report faultlab-results/mixed.sqlite --csv mixed.csv""",
@@ -166,6 +169,19 @@ def _parser() -> argparse.ArgumentParser:
     rr.add_argument("--repeats", type=int, default=1)
     rr.add_argument("--threads", type=int, default=1)
     rr.add_argument("--json", action="store_true")
+
+    pl = cmd("plan", "write a random campaign sized by the statistical FI formula")
+    pl.add_argument("--workload", default="reference",
+                    help="built-in workload (default: the reference ResNet-18 of campaigns/)")
+    pl.add_argument("--framework", choices=["torch", "tf"])
+    pl.add_argument("--trials", type=int, help="number of trials (default: from --margin)")
+    pl.add_argument("--margin", type=float, default=0.05, help="margin of error (default 0.05)")
+    pl.add_argument("--confidence", type=float, default=0.95)
+    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--horizon", type=int, help="steps to run after each injection")
+    pl.add_argument("--layer", action="append", help="restrict to these layers")
+    pl.add_argument("-o", "--output", required=True, help="campaign file to write")
+    pl.add_argument("--json", action="store_true")
 
     rp = cmd("report", "summarise a results database; export CSV / Parquet")
     rp.add_argument("results")
@@ -596,7 +612,31 @@ def cmd_crash(a) -> int:
     return 0 if ok else 1
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "workloads": cmd_workloads,
+def cmd_plan(a) -> int:
+    from .campaigns import format_columnar
+    from .overhead import reference
+    from .plan import plan, population, sample_size
+    cfg = reference(a.workload, a.framework)
+    if a.trials is not None and a.trials < 1:
+        raise FaultlabError("--trials must be at least 1")
+    trials = plan(cfg, a.trials, a.margin, a.confidence, a.seed, a.horizon, a.layer)
+    out = Path(a.output)
+    if out.exists() and out.is_dir():
+        raise FaultlabError(f"{out}: is a directory")
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(format_columnar(trials))
+    tmp.replace(out)
+    info = {"output": str(out), "trials": len(trials), "workload": cfg.workload,
+            "margin": a.margin, "confidence": a.confidence, "seed": a.seed}
+    if a.json:
+        print(json.dumps(info))
+    else:
+        print(f"{out}: {len(trials)} trial(s) on {cfg.workload}"
+              + ("" if a.trials else f" (margin {a.margin:g} at {100 * a.confidence:g}% confidence)"))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "validate": cmd_validate, "workloads": cmd_workloads,
             "detect": cmd_detect, "replay": cmd_replay,
             "report": cmd_report, "crash": cmd_crash}
 
