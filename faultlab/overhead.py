@@ -50,7 +50,7 @@ def _median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def detection_overhead(config: WorkloadConfig, steps: int = 60, block: int = 5,
+def detection_overhead(config: WorkloadConfig, steps: int = 60, block: int = 2,
                        variants: dict[str, list[str]] | None = None, progress=None) -> dict:
     """Per-step time with no detection and with each detector set, interleaved by block."""
     variants = variants or {"nonfinite+history": ["nonfinite", "history"],
@@ -81,8 +81,21 @@ def detection_overhead(config: WorkloadConfig, steps: int = 60, block: int = 5,
             progress(r + 1, rounds)
     trainer.signal_spec = None
     base = _median(times["none"])
+    isolated = {"none": 0.0}
+    if hasattr(trainer, "signal_cost"):
+        for v in vs[1:]:
+            isolated[v.name] = trainer.signal_cost(v.spec, v.suite)
+    # paired: each block against the no-detection block of the same round, which saw the
+    # same machine load; the median of those ratios is the estimate least disturbed by noise
+    def paired(name):
+        n = len(times[name]) // block
+        return _median([sum(times[name][i * block:(i + 1) * block]) /
+                        sum(times["none"][i * block:(i + 1) * block]) for i in range(n)])
     rows = [{"variant": v.name, "median_ms": 1e3 * _median(times[v.name]),
-             "ratio": _median(times[v.name]) / base, "steps": len(times[v.name])} for v in vs]
+             "ratio": _median(times[v.name]) / base, "paired": paired(v.name),
+             "isolated_ms": 1e3 * isolated[v.name] if v.name in isolated else None,
+             "isolated_ratio": 1 + isolated[v.name] / base if v.name in isolated else None,
+             "steps": len(times[v.name])} for v in vs]
     return {"workload": config.to_dict(), "rows": rows, "artifact": ARTIFACT["detection_overhead"]}
 
 
