@@ -19,10 +19,12 @@ is measured cleanly), after four untimed warm-up checkpoints, R timed ones:
   memory     peak extra resident memory: peak RSS minus the RSS just before the first save
              (staging pool, snapshot copies, serialisation buffers)
 Part 2, the reference training workload (the campaigns' ResNet-18: width 16, 32x32 digits, 4
-emulated replicas x 16, Adam; an 8 MiB state), in this process: median step time over K
-interleaved rounds -- S steps checkpointing every step, 2S (at least 10) checkpointing every
-10 steps and without checkpoints -- through the torch adapter, per engine, each checkpointer
-warmed by four untimed checkpoints; slowdown = step time / step time without checkpoints - 1.
+emulated replicas x 16, Adam; an 8 MiB state), in this process, through the torch adapter,
+each checkpointer warmed by four untimed checkpoints: in each of K rounds and for each engine,
+a block of S steps checkpointing every step and a block of 2S (at least 10) checkpointing
+every 10 steps, each timed next to a block of as many steps without checkpoints (order
+alternating between rounds); slowdown = median over rounds of (block time / its neighbour's
+time) - 1. The machine's step time drifts; adjacent blocks drift together.
 
 Engines: faultlab (CheckpointEngine; staging pool as large as the state, 8 MiB chunks, two
 writers), faultlab+overlap (the same, staged behind the next forward/backward pass), sync
@@ -32,7 +34,7 @@ background torch.save + fsync, one in flight), dcp-async (torch.distributed.chec
 (default: a temporary directory in the current directory's file system); `os.sync()` runs
 before each timed save. Training uses one torch thread (--threads).
 
-A default run takes about four minutes on the 2-core development machine; --big about eight.
+A default run takes about five minutes on the 2-core development machine; --big about six.
 """
 
 from __future__ import annotations
@@ -215,37 +217,57 @@ def run_training_part(args, directory: Path, log) -> dict:
                                                      **engine_settings(base, state_bytes))
         for w in range(4):
             adapter.save(c, -4 + w).wait()
-    n_steps = {1: args.steps, 10: max(10, 2 * args.steps // 10 * 10), 0: 2 * args.steps}
+    # Paired blocks: each checkpointing block is timed next to a block without checkpoints
+    # (order alternating between rounds), and the slowdown is the median of the pairs'
+    # ratios. On a shared machine the step time drifts by tens of percent over minutes;
+    # adjacent blocks drift together.
+    n_steps = {1: args.steps, 10: max(10, 2 * args.steps // 10 * 10)}
     times: dict[str, list[float]] = {f"{e}/{n}": [] for e, n in variants}
+    ratios: dict[str, list[float]] = {f"{e}/{n}": [] for e, n in variants[1:]}
     stalls: dict[str, list[float]] = {f"{e}/{n}": [] for e, n in variants}
+
+    def block(engine, every, n):
+        nonlocal step
+        key = f"{engine}/{every}"
+        ckpt = ckpts.get((engine, every))
+        overlap = engine.endswith("+overlap")
+        waited0, saves = adapter.overlap_wait_s, 0
+        t0 = time.perf_counter()
+        for _ in range(n):
+            trainer.train_step(step)
+            step += 1
+            if ckpt is not None and step % every == 0:
+                s0 = time.perf_counter()
+                adapter.save(ckpt, step, overlap=overlap)
+                stalls[key].append(time.perf_counter() - s0)
+                saves += 1
+        if ckpt is not None:
+            adapter.wait_staged()
+            ckpt.wait_all()                             # its checkpoints are all durable
+        dt = (time.perf_counter() - t0) / n
+        times[key].append(dt)
+        if overlap and saves:
+            # training also waited at the optimizer's pre-hook for unfinished staging
+            extra = (adapter.overlap_wait_s - waited0) / saves
+            stalls[key][-saves:] = [x + extra for x in stalls[key][-saves:]]
+        return dt
+
     for rnd in range(args.rounds):
-        for engine, every in variants:
-            key = f"{engine}/{every}"
-            ckpt = ckpts.get((engine, every))
-            overlap = engine.endswith("+overlap")
-            waited0, saves = adapter.overlap_wait_s, 0
-            t0 = time.perf_counter()
-            for _ in range(n_steps[every]):
-                trainer.train_step(step)
-                step += 1
-                if ckpt is not None and step % every == 0:
-                    s0 = time.perf_counter()
-                    adapter.save(ckpt, step, overlap=overlap)
-                    stalls[key].append(time.perf_counter() - s0)
-                    saves += 1
-            if ckpt is not None:
-                adapter.wait_staged()
-                ckpt.wait_all()                         # its checkpoints are all durable
-            times[key].append((time.perf_counter() - t0) / n_steps[every])
-            if overlap and saves:
-                # training also waited at the optimizer's pre-hook for unfinished staging
-                extra = (adapter.overlap_wait_s - waited0) / saves
-                stalls[key][-saves:] = [x + extra for x in stalls[key][-saves:]]
-            log(f"  round {rnd + 1}: {key:22s} {times[key][-1] * 1e3:7.1f} ms/step")
+        for engine, every in variants[1:]:
+            step += (-step) % every                     # blocks start on a checkpoint boundary
+            n = n_steps[every]
+            if rnd % 2 == 0:
+                plain, dt = block("none", 0, n), block(engine, every, n)
+            else:
+                dt, plain = block(engine, every, n), block("none", 0, n)
+            ratios[f"{engine}/{every}"].append(dt / plain)
+            log(f"  round {rnd + 1}: {engine + '/' + str(every):22s} {dt * 1e3:7.1f} ms/step "
+                f"(without checkpoints {plain * 1e3:.1f})")
     for c in ckpts.values():
         c.close()
     return {"state_bytes": state_bytes, "threads": torch.get_num_threads(),
-            "steps": n_steps, "rounds": args.rounds, "step_s": times, "stall_s": stalls}
+            "steps": n_steps, "rounds": args.rounds, "step_s": times, "ratio": ratios,
+            "stall_s": stalls}
 
 
 # -- the report -------------------------------------------------------------------------------
@@ -279,12 +301,10 @@ def summarize(state: dict | None, training: dict | None) -> dict:
     if training:
         base = statistics.median(training["step_s"]["none/0"])
         rows = {}
-        for key, ts in training["step_s"].items():
-            if key == "none/0":
-                continue
+        for key, rs in training["ratio"].items():
             engine, every = key.split("/")
             row = rows.setdefault(engine, {})
-            row[f"slowdown_every_{every}"] = statistics.median(ts) / base - 1
+            row[f"slowdown_every_{every}"] = statistics.median(rs) - 1
             st = training["stall_s"][key]
             row[f"stall_ms_every_{every}"] = statistics.median(st) * 1e3 if st else None
         out["training"] = {"step_ms": base * 1e3, "state_MiB": training["state_bytes"] / MiB,
@@ -319,12 +339,15 @@ def format_table(s: dict, machine: dict) -> str:
                   f"{tr['state_MiB']:.1f} MiB): {tr['step_ms']:.0f} ms/step without "
                   "checkpoints", "",
                   "| engine | slowdown, every step | slowdown, every 10 | stall per "
-                  "checkpoint (every step) |", "|---|---:|---:|---:|"]
+                  "checkpoint (every step) | blocked share, every 10 |",
+                  "|---|---:|---:|---:|---:|"]
         for e, r in tr["engines"].items():
             stall = r.get("stall_ms_every_1")
+            blocked = r.get("stall_ms_every_10")
+            share = "-" if blocked is None else f"{blocked / 10 / tr['step_ms'] * 100:.1f}%"
             lines.append(f"| {e} | {r['slowdown_every_1'] * 100:+.1f}% | "
                          f"{r['slowdown_every_10'] * 100:+.1f}% | "
-                         f"{'-' if stall is None else f'{stall:.1f} ms'} |")
+                         f"{'-' if stall is None else f'{stall:.1f} ms'} | {share} |")
     if s["targets"]:
         lines += ["", "targets: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}"
                                              for k, v in s["targets"].items())]

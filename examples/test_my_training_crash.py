@@ -32,10 +32,10 @@ from hypothesis import HealthCheck, given, settings
 from faultlab.testing import KillPoint, Phase, TorchCheckpointAdapter
 from faultlab.testing import strategies as fst
 
-# The fixture `crash_lab` comes from faultlab's pytest plugin, registered when faultlab is
-# installed (entry point pytest11). Naming it here too makes this file run from a source
-# checkout as well; it is harmless when the entry point is active.
-pytest_plugins = ["faultlab.testing.plugin"]
+# `crash_lab` is the fixture of faultlab's pytest plugin, active wherever faultlab is installed
+# (entry point pytest11); importing it as well lets this file run from a source checkout that
+# is not installed, and is harmless otherwise.
+from faultlab.testing.plugin import crash_lab  # noqa: E402,F401
 
 BATCH = 16
 

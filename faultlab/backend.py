@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Mapping, Protocol, Sequence
 
@@ -75,10 +76,12 @@ _PACKAGES = {Framework.TORCH: ("torch", "faultlab[torch]"),
 def load_backend(framework: Framework | str) -> Backend:
     fw = Framework(framework)
     pkg, extra = _PACKAGES[fw]
-    try:
-        importlib.import_module(pkg)
-    except ImportError:
-        raise FaultlabError(f"framework {fw.value} needs {pkg}: pip install '{extra}'") from None
+    try:  # find, not import: the backend module configures the framework before its import
+        found = importlib.util.find_spec(pkg) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise FaultlabError(f"framework {fw.value} needs {pkg}: pip install '{extra}'")
     try:
         mod = importlib.import_module(_MODULES[fw])
     except ModuleNotFoundError as e:

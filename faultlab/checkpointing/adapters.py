@@ -457,27 +457,33 @@ class TorchCheckpointAdapter:
         pinned buffers, valid until the next capture.
         """
         self.wait_staged()
-        arrays, meta = self._capture(step, data_position, extra, copy=copy, live=None)
+        arrays, meta = self._capture(step, data_position, extra, copy=copy, overlap=False)
         self._stager.synchronize()
         return arrays, meta
 
-    def _capture(self, step, data_position, extra, *, copy: bool, live):
-        """live: None, or a dict that receives the names of arrays left as live views."""
+    def _capture(self, step, data_position, extra, *, copy: bool, overlap: bool):
+        """overlap: buffers are copied now (the next forward pass changes them); parameters
+        and optimizer state stay live views for the staging thread."""
         torch = self._torch
         step = int(step)
         stager = self._stager
 
+        # Only parameters and optimizer state may stay live views while an overlapped save
+        # stages (the optimizer's pre-hook guards them); anything else is copied now.
+        guarded = tuple(f"{n}/" for n in (*self.models, *self.optimizers))
+
         def to_array(path, value):
+            c = copy or (overlap and not path.startswith(guarded))
             if isinstance(value, np.ndarray):
-                return (value.copy() if copy else value), {"__ndarray__": path}
-            return tensor_to_array(value, path, stager, copy=copy)
+                return (value.copy() if c else value), {"__ndarray__": path}
+            return tensor_to_array(value, path, stager, copy=c)
 
         enc = _Encoder(to_array)
         meta: dict = {"faultlab_adapter": ADAPTER_FORMAT, "framework": "torch", "step": step}
         models = {}
         for name, m in self.models.items():
             sd = m.state_dict(keep_vars=False)
-            if live is not None:
+            if overlap:
                 params = {id(p) for p in m.parameters()}
                 bufs = {}
                 for k, v in sd.items():
@@ -499,9 +505,6 @@ class TorchCheckpointAdapter:
         meta["data_position"] = enc.encode(data_position, "position")
         meta["extra"] = enc.encode(dict(extra or {}), "extra")
         arrays = enc.arrays
-        if live is not None:
-            live.update(k for k in arrays if k.startswith(tuple(self.models))
-                        or k.startswith(tuple(self.optimizers)))
         if self.rng:
             py_np, rng_meta = capture_python_numpy_rng()
             arrays.update(py_np)
@@ -535,8 +538,7 @@ class TorchCheckpointAdapter:
             state, meta = self.capture(step, data_position=data_position, extra=extra)
             return checkpointer.save(step, state, meta)
         self.wait_staged()
-        live: set = set()
-        state, meta = self._capture(step, data_position, extra, copy=False, live=live)
+        state, meta = self._capture(step, data_position, extra, copy=False, overlap=True)
         events = self._stager.record()
         handle = OverlapHandle(int(step))
         self._pending = handle

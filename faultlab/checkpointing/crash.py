@@ -912,6 +912,9 @@ class KillCampaign:
                 raise CrashCampaignError(f"{engine}: training resumed at step {resumed} but "
                                          f"recovery gave {expected_resume}")
             code = int(msgs[-1][1])
+            if code == -signal.SIGKILL and kill is None:
+                raise CrashCampaignError(f"training process of {engine} was killed by someone "
+                                         "else (out of memory?)")
             if code == -signal.SIGKILL:
                 try:
                     recovered = recover_checkpoint(engine, directory)
@@ -920,6 +923,9 @@ class KillCampaign:
                 verdict, detail = classify(recovered, ref, committed)
                 rec_step = None if isinstance(recovered, BaseException) else recovered.step
                 expected_resume = rec_step or 0
+                # what the next process resumes from is the new durable base: judging later
+                # kills against it keeps one loss from being counted again at every kill
+                committed = rec_step
                 record = KillRecord(str(kill), kill.phase.value,
                                     "/".join(killed_at[:2]) if killed_at else "after exit",
                                     trained, committed, rec_step, verdict.value, detail)

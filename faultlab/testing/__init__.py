@@ -16,15 +16,17 @@ A worked example: examples/test_my_training_crash.py; the guide: docs/checkpoint
 from ..checkpointing.adapters import Resume, TorchCheckpointAdapter
 from ..checkpointing.crash import (KillPoint, KillRecord, Phase, RunResult, TrainingLoop,
                                    Verdict)
-from . import strategies
 
 
 def __getattr__(name):
-    # The pytest plugin is imported on first use only, so that pytest (which registers it
-    # from the entry point, or from `pytest_plugins`) imports it first and can rewrite it.
+    # Imported on first use only: the pytest plugin, so that pytest (which registers it from
+    # the entry point) imports it first and can rewrite it; the strategies, so that loading
+    # the plugin in an environment without hypothesis costs nothing and breaks nothing.
+    import importlib
     if name in ("CrashLab", "crash_lab"):
-        from . import plugin
-        return getattr(plugin, name)
+        return getattr(importlib.import_module(".plugin", __name__), name)
+    if name == "strategies":
+        return importlib.import_module(".strategies", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["CrashLab", "KillPoint", "KillRecord", "Phase", "Resume", "RunResult",

@@ -22,8 +22,7 @@ from faultlab.checkpointing.crash import (KillPoint, Phase, Reference, Verdict, 
                                           fingerprint, power_loss_campaign)
 from faultlab.errors import CheckpointError
 from faultlab.testing import strategies as fst
-
-pytest_plugins = ["faultlab.testing.plugin"]          # the `crash_lab` fixture
+from faultlab.testing.plugin import crash_lab  # noqa: F401  (the plugin's fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 
