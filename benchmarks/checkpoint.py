@@ -69,7 +69,15 @@ sys.path.insert(0, str(ROOT))
 
 MiB = 1 << 20
 ENGINES = ("faultlab", "sync", "checkfreq", "dcp-async")
-TRAINING_ENGINES = ("faultlab", "faultlab+overlap", "sync", "checkfreq", "dcp-async")
+TRAINING_ENGINES = ("faultlab", "faultlab+overlap", "faultlab+cow", "sync", "checkfreq",
+                    "dcp-async")
+MODES = ("+overlap", "+cow")
+
+
+def base_engine(name: str) -> str:
+    for m in MODES:
+        name = name.removesuffix(m)
+    return name
 TF_STATE_ENGINES = ("faultlab+tf", "tf-sync", "tf-async", "tf-sync-native", "tf-async-native")
 REFERENCE = dict(width=16, input_size=32, replicas=4, per_replica_batch=16, dataset="digits",
                  steps_per_epoch=20, epochs=6, lr=1e-3, seed=123)
@@ -125,6 +133,7 @@ class Session:
     """A model, its optimizer and one checkpointer: save(step) -> handle, train_step()."""
 
     overlap = False
+    cow = False
 
     def waited(self) -> float:           # what optimizer steps waited for overlapped staging
         return 0.0
@@ -143,12 +152,14 @@ def torch_session(engine: str, mib: int, directory: Path) -> Session:
     s = Session()
     adapter = TorchCheckpointAdapter(model, opt)
     s.nbytes = sum(a.nbytes for a in adapter.capture(0)[0].values())
-    base_name, s.overlap = engine.removesuffix("+overlap"), engine.endswith("+overlap")
+    base_name = base_engine(engine)
+    s.overlap, s.cow = engine.endswith("+overlap"), engine.endswith("+cow")
     s.ckpt = open_checkpointer(base_name, directory / engine,
                                **engine_settings(base_name, s.nbytes))
-    s.save = lambda step: adapter.save(s.ckpt, step, overlap=s.overlap)
+    s.save = lambda step: adapter.save(s.ckpt, step, overlap=s.overlap, cow=s.cow)
     s.train_step = train_step
     s.waited = lambda: adapter.overlap_wait_s
+    s.adapter = adapter
     return s
 
 
@@ -243,8 +254,24 @@ def child_state(engine: str, mib: int, reps: int, directory: Path) -> dict:
             waited = s.waited()
             s.train_step()
             stall += s.waited() - waited
+        if s.cow:
+            # the next training step runs while the engine writes the frozen tensors; its
+            # optimizer step updates them copy-on-write (out of place, with the writers
+            # competing for memory bandwidth): what that optimizer step takes beyond a plain
+            # one (measured in this process) is stall too
+            st = s.adapter.cow_stats
+            plain = st["mean_optimizer_step_s"]["plain"]
+            before_cow = s.adapter._step_times["cow"][:]
+            s.train_step()
+            after_cow = s.adapter._step_times["cow"]
+            if after_cow[1] > before_cow[1]:
+                stall += (after_cow[0] - before_cow[0]) / (after_cow[1] - before_cow[1]) - plain
         h.wait()
         t2 = time.perf_counter()
+        # when the checkpoint became durable: the engine's handle knows (an overlapped or
+        # copy-on-write save may finish during the training step run above)
+        inner = getattr(h, "inner", h)
+        t2 = min(t2, getattr(inner, "finished_at", None) or t2)
         stalls.append(stall)
         persist.append(s.nbytes / (t2 - t0))
         # a checkpoint can also slow the step after it (paired with the step before it): TF's
@@ -256,7 +283,8 @@ def child_state(engine: str, mib: int, reps: int, directory: Path) -> dict:
     shutil.rmtree(directory / engine, ignore_errors=True)
     return {"engine": engine, "bytes": s.nbytes, "stall_s": stalls, "persist_Bps": persist,
             "extra_memory_bytes": max(0, peak - base), "train_step_s": statistics.median(before),
-            "step_extra_s": [a - b for a, b in zip(after, before)]}
+            "step_extra_s": [a - b for a, b in zip(after, before)],
+            "cow": s.adapter.cow_stats if s.cow else None}
 
 
 def timed(fn) -> float:
@@ -312,7 +340,7 @@ def run_training_part(args, directory: Path, log) -> dict:
     variants = [("none", 0)] + [(e, every) for e in args.training_engines for every in (1, 10)]
     ckpts = {}
     for engine, every in variants[1:]:                # opened once, warmed like part 1
-        base = engine.removesuffix("+overlap")
+        base = base_engine(engine)
         ckpts[engine, every] = c = open_checkpointer(base, directory / f"train-{engine}-{every}",
                                                      **engine_settings(base, state_bytes))
         for w in range(4):
@@ -330,15 +358,16 @@ def run_training_part(args, directory: Path, log) -> dict:
         nonlocal step
         key = f"{engine}/{every}"
         ckpt = ckpts.get((engine, every))
-        overlap = engine.endswith("+overlap")
+        overlap, cow = engine.endswith("+overlap"), engine.endswith("+cow")
         waited0, saves = adapter.overlap_wait_s, 0
+        cow0 = adapter._step_times["cow"][:]
         t0 = time.perf_counter()
         for _ in range(n):
             trainer.train_step(step)
             step += 1
             if ckpt is not None and step % every == 0:
                 s0 = time.perf_counter()
-                adapter.save(ckpt, step, overlap=overlap)
+                adapter.save(ckpt, step, overlap=overlap, cow=cow)
                 stalls[key].append(time.perf_counter() - s0)
                 saves += 1
         if ckpt is not None:
@@ -349,6 +378,12 @@ def run_training_part(args, directory: Path, log) -> dict:
         if overlap and saves:
             # training also waited at the optimizer's pre-hook for unfinished staging
             extra = (adapter.overlap_wait_s - waited0) / saves
+            stalls[key][-saves:] = [x + extra for x in stalls[key][-saves:]]
+        cow1 = adapter._step_times["cow"]
+        if cow and saves and cow1[1] > cow0[1]:
+            # optimizer steps that ran copy-on-write, beyond a plain optimizer step's mean
+            plain = adapter.cow_stats["mean_optimizer_step_s"]["plain"] or 0.0
+            extra = ((cow1[0] - cow0[0]) - (cow1[1] - cow0[1]) * plain) / saves
             stalls[key][-saves:] = [x + extra for x in stalls[key][-saves:]]
         return dt
 
@@ -400,7 +435,7 @@ def summarize(state: dict | None, training: dict | None, tf_state: dict | None =
             f = rows["faultlab"]
             out["targets"]["persist >= 0.9 x dd (median dd)"] = f["persist_vs_dd"] >= 0.9
             out["targets"]["persist >= 0.9 x dd (best dd)"] = f["persist_vs_best_dd"] >= 0.9
-        for e in ("faultlab", "faultlab+overlap"):
+        for e in ("faultlab", "faultlab+overlap", "faultlab+cow"):
             if rows.get(e, {}).get("stall_vs_async") is not None:
                 out["targets"][f"{e} stall <= 1/10 of dcp async_save blocking"] = \
                     rows[e]["stall_vs_async"] <= 0.1
@@ -507,7 +542,7 @@ def main(argv=None) -> int:
     args.mib = args.mib or (512 if args.big else 128)
     args.engines = [e for e in args.engines.split(",") if e]
     args.training_engines = [e for e in TRAINING_ENGINES
-                             if e.removesuffix("+overlap") in args.engines]
+                             if base_engine(e) in args.engines]
     args.state_engines = args.training_engines
     if args.child_state:
         print(json.dumps(child_state(args.child_state, args.mib, args.reps, Path(args.dir))))

@@ -24,7 +24,7 @@ from faultlab.detectors import default_suite  # noqa: E402
 from faultlab.detectors.signals import Signals  # noqa: E402
 from faultlab.executor import set_threads  # noqa: E402
 from faultlab.overhead import (REFERENCE, detection_overhead, false_positives,  # noqa: E402
-                               replay_overhead)
+                               format_recovery, replay_overhead)
 from faultlab.runner import Session  # noqa: E402
 from faultlab.workloads.base import default_config  # noqa: E402
 
@@ -96,10 +96,7 @@ def main() -> None:
         print("\ncheckpoint / rollback+replay overhead (best of repeats)")
         for r in rec["rows"]:
             print(f"  {r['variant']:12s} {r['wall_s']:8.2f} s  x{r['ratio']:.4f}")
-        c = rec["recovery"]
-        print(f"  recovery median {1e3 * c['median_recovery_s']:.1f} ms (load {1e3 * c['median_load_s']:.1f} + "
-              f"replay {1e3 * c['median_replay_s']:.1f} of {c['median_steps_replayed']:.0f} steps); "
-              f"bound {1e3 * c['bound_s']:.1f} ms")
+        print("  " + format_recovery(rec["recovery"], rec["state_mb"]))
 
 
 if __name__ == "__main__":

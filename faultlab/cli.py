@@ -502,7 +502,7 @@ def cmd_detect(a) -> int:
 
 def cmd_replay(a) -> int:
     from .executor import set_threads
-    from .overhead import reference, replay_overhead
+    from .overhead import format_recovery, reference, replay_overhead
     set_threads(a.threads)
     cfg = reference(a.workload, a.framework)
     every = a.every if a.rerun else 10**9
@@ -520,11 +520,7 @@ def cmd_replay(a) -> int:
     print(_table(rows, ["variant", "wall s", "ratio", "overhead %"]))
     rec = res["recovery"]
     if a.rerun and rec["count"]:
-        print(f"recovery (detection -> training resumed): median {1e3 * rec['median_recovery_s']:.1f} ms "
-              f"= load {1e3 * rec['median_load_s']:.1f} ms + replay {1e3 * rec['median_replay_s']:.1f} ms "
-              f"of {rec['median_steps_replayed']:.0f} step(s); bound {1e3 * rec['bound_s']:.1f} ms "
-              f"(state {res['state_mb']:.1f} MB at 0.9 x {rec['read_bandwidth_mb_s']:.0f} MB/s "
-              f"+ replayed steps at {1e3 * rec['step_s']:.1f} ms)")
+        print(format_recovery(rec, res["state_mb"]))
         print(f"the ISCA'23 artifact's figure: {100 * res['artifact']:.2f}% (two iterations "
               f"re-executed every ten, amortised; no checkpoint reloaded)")
     return 0

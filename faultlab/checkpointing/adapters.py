@@ -368,6 +368,10 @@ class _Stager:
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
 
+def _storage_ptr(t) -> int:
+    return t.untyped_storage().data_ptr()
+
+
 def tensor_to_array(t, name: str = "", stager: _Stager | None = None, copy: bool = False):
     """A torch tensor as (numpy array, JSON ref). CPU tensors are viewed, not copied (unless
     copy=True); device tensors go through `stager`'s pinned buffers (or a blocking copy)."""
@@ -469,10 +473,13 @@ class TorchCheckpointAdapter(AdapterBase):
     generators: extra named generators (torch.Generator, numpy Generator / RandomState,
     random.Random), e.g. a DataLoader's.
     rng: also save the global generators (torch CPU and CUDA, NumPy, Python).
+    cow_min_bytes: in save(cow=True), tensors smaller than this are copied, not frozen
+    (default 64 KiB: tracking costs more than copying them).
     """
 
     def __init__(self, model=None, optimizer=None, scaler=None, *, scheduler=None, data=None,
-                 generators: Mapping[str, Any] | None = None, rng: bool = True):
+                 generators: Mapping[str, Any] | None = None, rng: bool = True,
+                 cow_min_bytes: int | None = None):
         self._torch = _torch()
         self.models = _named(model, "model")
         self.optimizers = _named(optimizer, "optimizer")
@@ -486,8 +493,14 @@ class TorchCheckpointAdapter(AdapterBase):
         self.overlap_wait_s = 0.0        # time optimizer steps waited for overlapped staging
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
-        self._hooks = [opt.register_step_pre_hook(self._before_optimizer_step)
-                       for opt in self.optimizers.values()]
+        self._hooks = [h for opt in self.optimizers.values()
+                       for h in (opt.register_step_pre_hook(self._before_optimizer_step),
+                                 opt.register_step_post_hook(self._after_optimizer_step))]
+        from .cow import CowGuard
+        self._cow = CowGuard() if cow_min_bytes is None else CowGuard(cow_min_bytes)
+        self._cow_mode = None
+        self._step_t0 = 0.0
+        self._step_times = {"plain": [0.0, 0], "cow": [0.0, 0]}   # optimizer steps: total s, count
 
     # -- capture ------------------------------------------------------------------------
 
@@ -504,37 +517,49 @@ class TorchCheckpointAdapter(AdapterBase):
         self._stager.synchronize()
         return arrays, meta
 
-    def _capture(self, step, data_position, extra, *, copy: bool, overlap: bool):
+    def _capture(self, step, data_position, extra, *, copy: bool, overlap: bool,
+                 freeze: list | None = None):
         """overlap: buffers are copied now (the next forward pass changes them); parameters
-        and optimizer state stay live views for the staging thread."""
+        and optimizer state stay live views for the staging thread. freeze (a list): the
+        same, and the parameters and optimizer state tensors that copy-on-write can guard are
+        appended to it and stay views; the others are copied (as are device tensors, into
+        fresh host memory: the reused pinned buffers would change under a borrowed save)."""
         torch = self._torch
         step = int(step)
-        stager = self._stager
+        stager = self._stager if freeze is None else None
+        overlap = overlap or freeze is not None
 
         # Only parameters and optimizer state may stay live views while an overlapped save
         # stages (the optimizer's pre-hook guards them); anything else is copied now.
         guarded = tuple(f"{n}/" for n in (*self.models, *self.optimizers))
+        owners = self._cow_owners() if freeze is not None else {}
 
         def to_array(path, value):
             c = copy or (overlap and not path.startswith(guarded))
             if isinstance(value, np.ndarray):
                 return (value.copy() if c else value), {"__ndarray__": path}
+            if freeze is not None and not c:
+                owner = owners.get(_storage_ptr(value)) if value.device.type == "cpu" else None
+                if owner is not None and owner.shape == value.shape and owner.stride() == value.stride() \
+                        and self._cow.eligible(owner):
+                    freeze.append(owner)
+                else:
+                    c = True
             return tensor_to_array(value, path, stager, copy=c)
 
         enc = _Encoder(to_array)
         meta: dict = {"faultlab_adapter": ADAPTER_FORMAT, "framework": "torch", "step": step}
         models = {}
         for name, m in self.models.items():
-            sd = m.state_dict(keep_vars=False)
+            sd = m.state_dict(keep_vars=overlap)
             if overlap:
+                # buffers change in the next forward pass (BatchNorm statistics): copied
+                # now, while parameters wait for the optimizer's pre-hook (or copy-on-write).
+                # (keep_vars: a plain state_dict holds detached aliases, never the Parameter.)
                 params = {id(p) for p in m.parameters()}
-                bufs = {}
-                for k, v in sd.items():
-                    if _is_tensor(v) and id(v) not in params and v.device.type == "cpu":
-                        # buffers change in the next forward pass (BatchNorm statistics):
-                        # copied now, while parameters wait for the optimizer's pre-hook
-                        bufs[k] = v.detach().clone()
-                sd = {k: bufs.get(k, v) for k, v in sd.items()}
+                sd = {k: (v.detach() if id(v) in params else
+                          v.detach().clone() if v.device.type == "cpu" else v.detach())
+                      if _is_tensor(v) else v for k, v in sd.items()}
             models[name] = enc.encode(dict(sd), f"{name}")
         meta["models"] = models
         meta["optimizers"] = {name: enc.encode(opt.state_dict(), name)
@@ -561,9 +586,29 @@ class TorchCheckpointAdapter(AdapterBase):
         _check_meta(meta)
         return arrays, meta
 
+    def _cow_owners(self) -> dict:
+        """storage address -> the live tensor object owning it (parameters, optimizer state)."""
+        owners = {}
+        for m in self.models.values():
+            for p in m.parameters():
+                owners[_storage_ptr(p)] = p
+        for opt in self.optimizers.values():
+            for st in opt.state.values():
+                for v in st.values():
+                    if _is_tensor(v):
+                        owners[_storage_ptr(v)] = v
+        return owners
+
     def save(self, checkpointer, step: int, *, data_position: Any = None,
-             extra: Mapping | None = None, overlap: bool = False):
+             extra: Mapping | None = None, overlap: bool = False, cow: bool = False):
         """capture() and checkpointer.save(); returns the checkpointer's handle.
+
+        cow=True (a CheckpointEngine only; CPU tensors): nothing is copied. Parameters and
+        optimizer state are frozen and written by the engine where they are (a borrowed
+        save); the next optimizer steps update frozen tensors out of place, copy-on-write
+        (faultlab.checkpointing.cow), until the engine has written them. Buffers, RNG states
+        and small tensors are copied now. Same contract as overlap: until the save is
+        written, change parameters and optimizer state only in optimizer.step().
 
         overlap=True returns at once (an OverlapHandle): RNG states, buffers and metadata are
         taken now; parameters and optimizer state are staged by a background thread while
@@ -571,6 +616,8 @@ class TorchCheckpointAdapter(AdapterBase):
         (pre-hook) until staging is done. Requires that parameters and optimizer state change
         only inside optimizer.step() until then.
         """
+        if cow:
+            return self._save_cow(checkpointer, int(step), data_position, extra)
         if not overlap:
             state, meta = self.capture(step, data_position=data_position, extra=extra)
             return checkpointer.save(step, state, meta)
@@ -587,6 +634,28 @@ class TorchCheckpointAdapter(AdapterBase):
                                             name="ckpt-overlap-stage")
             self._worker.start()
         self._jobs.put((handle, events, checkpointer, int(step), state, meta))
+        return handle
+
+    def _save_cow(self, checkpointer, step: int, data_position, extra):
+        if not getattr(checkpointer, "borrows", False):
+            raise CheckpointError(f"save(cow=True) needs a checkpointer that writes borrowed "
+                                  f"arrays (CheckpointEngine), not {type(checkpointer).__name__}")
+        self.wait_staged()
+        frozen: list = []
+        state, meta = self._capture(step, data_position, extra, copy=False, overlap=True,
+                                    freeze=frozen)
+        snap = self._cow.freeze(frozen)
+
+        def verify():
+            msg = snap.modified()
+            snap.release()             # everything is written: updates may go in place again
+            return msg
+        try:
+            handle = checkpointer.save(step, state, meta, borrowed=True, verify=verify)
+        except BaseException:
+            snap.release()
+            raise
+        handle.add_done_callback(lambda _h: snap.release())
         return handle
 
     def _stage_loop(self) -> None:
@@ -611,10 +680,39 @@ class TorchCheckpointAdapter(AdapterBase):
             t0 = time.perf_counter()
             self.wait_staged()
             self.overlap_wait_s += time.perf_counter() - t0
+        self._leave_cow()                    # (left over if a previous step raised)
+        if self._cow.active:                 # storages of a save in flight are frozen
+            self._cow_mode = self._cow.updating()
+            self._cow_mode.__enter__()
+        self._step_t0 = time.perf_counter()
+
+    def _after_optimizer_step(self, optimizer, args, kwargs):
+        dt = time.perf_counter() - self._step_t0
+        kind = "cow" if self._cow_mode is not None else "plain"
+        self._step_times[kind][0] += dt
+        self._step_times[kind][1] += 1
+        self._leave_cow()
+
+    def _leave_cow(self) -> None:
+        mode, self._cow_mode = self._cow_mode, None
+        if mode is not None:
+            mode.__exit__(None, None, None)
+
+    @property
+    def cow_stats(self) -> dict:
+        """Copy-on-write counters: updates redirected out of place (recycled: into a buffer
+        a finished save gave back), bytes copied by the fallback, alias writes that waited."""
+        c = self._cow
+        mean = {k: (t / n if n else None) for k, (t, n) in self._step_times.items()}
+        return {"redirected": c.redirected, "recycled": c.recycled,
+                "copied_bytes": c.copied_bytes, "waits": c.waits,
+                "optimizer_steps": {k: n for k, (_, n) in self._step_times.items()},
+                "mean_optimizer_step_s": mean}
 
     def close(self) -> None:
         """Wait for staging and remove the optimizer hooks."""
         self.wait_staged()
+        self._leave_cow()
         for h in self._hooks:
             h.remove()
         self._hooks = []

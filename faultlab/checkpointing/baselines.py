@@ -193,6 +193,7 @@ class EngineCheckpointer:
     """CheckpointEngine behind the Checkpointer interface (path: the checkpoint file)."""
 
     name = "faultlab"
+    borrows = True          # save(..., borrowed=True): see CheckpointEngine.save
 
     def __init__(self, path: str | os.PathLike, *, phase_hook: PhaseHook | None = None,
                  **settings):
@@ -201,11 +202,11 @@ class EngineCheckpointer:
         self._storage = _HookedStorage(self.path, self._hook) if phase_hook else None
         self.engine = CheckpointEngine(self._storage or self.path, **settings)
 
-    def save(self, step, state, meta=None):
+    def save(self, step, state, meta=None, **borrow):
         self._hook(STAGING, "save", int(step))
         if self._storage is not None:
             self._storage.step = int(step)
-        return self.engine.save(step, state, meta)
+        return self.engine.save(step, state, meta, **borrow)
 
     def wait_all(self) -> None:
         self.engine.wait_all()

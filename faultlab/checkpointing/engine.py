@@ -41,6 +41,7 @@ class SaveHandle:
         self._observed = False
         self._callbacks: list[Callable[[SaveHandle], None]] = []
         self._lock = threading.Lock()
+        self.finished_at: float | None = None       # time.perf_counter() when it finished
 
     def done(self) -> bool:
         return self._event.is_set()
@@ -74,6 +75,7 @@ class SaveHandle:
         fn(self)
 
     def _finish(self, commit: CommitInfo | None, error: CheckpointError | None) -> None:
+        self.finished_at = time.perf_counter()      # (benchmarks: when it became durable)
         with self._lock:
             self._commit, self._error = commit, error
             self._event.set()
@@ -95,6 +97,7 @@ class _SaveJob:
     meta: dict
     hashes: list
     remaining: int                       # chunks not yet written + 1 until staging ends
+    verify: Callable[[], str | None] | None = None   # borrowed saves: last check before commit
 
     def __post_init__(self):
         self.lock = threading.Lock()
@@ -125,6 +128,8 @@ class CheckpointEngine:
     pool_bytes: staging memory (a state larger than it streams through it). writers: writer
     threads. Each of the last three may be "auto": a short probe of the storage picks it.
     """
+
+    borrows = True          # save(..., borrowed=True) writes arrays where they are
 
     def __init__(self, target: str | os.PathLike | Storage, *, max_in_flight: int = 2,
                  keep: int = 2, chunk_bytes: int | str = tuning.DEFAULT_CHUNK_BYTES,
@@ -162,6 +167,7 @@ class CheckpointEngine:
         capacity = max(1, int(pool_bytes) // self._chunk_bytes)
         self._pool = BufferPool(self._chunk_bytes, capacity)
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._local = threading.local()              # writers' scratch for borrowed saves
         self._writers = [threading.Thread(target=self._writer_loop, daemon=True,
                                           name=f"ckpt-writer-{i}") for i in range(int(writers))]
         for t in self._writers:
@@ -225,11 +231,19 @@ class CheckpointEngine:
             return sorted(self._committed.values(), key=lambda c: c.counter)
 
     def save(self, step: int, state: Mapping[str, np.ndarray], meta: Mapping | None = None, *,
-             timeout: float | None = None) -> SaveHandle:
+             timeout: float | None = None, borrowed: bool = False,
+             verify: Callable[[], str | None] | None = None) -> SaveHandle:
         """Stage `state` and return once it is copied; persisting continues in the background.
 
         Blocks while max_in_flight saves are in flight (TimeoutError after `timeout` seconds)
         and while the staging pool is full. The arrays may be modified as soon as it returns.
+
+        borrowed=True: nothing is copied now. The writers hash and write the arrays where they
+        are (chunks that mix several small arrays are assembled in a staging buffer by the
+        writer), so save() returns after admission; the caller must keep the arrays unchanged
+        until the handle is done (the torch adapter's copy-on-write mode does so without a
+        copy). verify(), if given, runs after the last chunk is written and before the commit
+        record: a message it returns fails this save (nothing committed, the engine goes on).
         """
         self._check_usable()
         step = check_step(step)
@@ -251,6 +265,7 @@ class CheckpointEngine:
                                   f"{self._storage.name} has slots of {self._geom.slot_bytes}; "
                                   f"start a new file or pass slot_bytes>={needed}")
         job = self._admit(step, layout, manifest_offset, meta, timeout)
+        job.verify = verify
         try:
             # Invalidate the slot's old record before overwriting its data, so recovery does
             # not have to read a whole slot to find it stale. Not synced: the data sync of
@@ -261,7 +276,10 @@ class CheckpointEngine:
             self._fail(e)
             self._staged(job, 0)
             return job.handle
-        self._stage(job, arrays)
+        if borrowed:
+            self._lend(job, arrays)
+        else:
+            self._stage(job, arrays)
         return job.handle
 
     def wait_all(self) -> None:
@@ -367,6 +385,28 @@ class CheckpointEngine:
             submitted += 1
         self._staged(job, submitted)
 
+    def _lend(self, job: _SaveJob, arrays: list[tuple[str, np.ndarray]]) -> None:
+        """Queue every chunk with its sources instead of a copy (borrowed save)."""
+        sources = [byte_view(a) if a.nbytes else None for _, a in arrays]
+        for i in range(len(job.layout.chunks)):
+            self._jobs.put((_CHUNK, job, i, sources, job.layout.chunk_length(i)))
+        self._staged(job, len(job.layout.chunks))
+
+    def _chunk_view(self, job: _SaveJob, i: int, sources: list) -> np.ndarray:
+        """Chunk i of a borrowed save: a view of its one source array or, when it mixes
+        arrays or alignment gaps, assembled in this writer's own scratch buffer (not the
+        pool: a writer waiting for a pool buffer behind queued chunks that hold them all
+        would deadlock)."""
+        pieces, n = job.layout.chunks[i], job.layout.chunk_length(i)
+        if len(pieces) == 1 and pieces[0].dst == 0 and pieces[0].length == n:
+            p = pieces[0]
+            return sources[p.tensor][p.src:p.src + n]
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None or len(scratch) < job.layout.chunk_bytes:
+            scratch = self._local.scratch = np.empty(job.layout.chunk_bytes, dtype=np.uint8)
+        stage_chunk(job.layout, i, sources, scratch)
+        return scratch[:n]
+
     def _staged(self, job: _SaveJob, submitted: int) -> None:
         self._done_with(job, 1 + len(job.layout.chunks) - submitted)
 
@@ -395,9 +435,14 @@ class CheckpointEngine:
                 self._finalize(item[1])
                 continue
             _, job, i, buf, n = item
+            # a staged chunk comes in a pool buffer; a borrowed one as its job's sources
+            pooled = buf if isinstance(buf, np.ndarray) else None
             try:
                 if self._failure is None:
-                    view = buf[:n]
+                    if pooled is None:
+                        view = self._chunk_view(job, i, buf)
+                    else:
+                        view = buf[:n]
                     job.hashes[i] = digest(view)
                     self._storage.pwrite(self._geom.slot_offset(job.slot)
                                          + i * job.layout.chunk_bytes, view)
@@ -406,7 +451,8 @@ class CheckpointEngine:
             except Exception as e:           # a bug must not hang the caller's wait()
                 self._fail(CheckpointError(f"checkpoint writer failed: {type(e).__name__}: {e}"))
             finally:
-                self._pool.release(buf)
+                if pooled is not None:
+                    self._pool.release(pooled)
                 self._done_with(job, 1)
 
     def _finalize(self, job: _SaveJob) -> None:
@@ -414,7 +460,13 @@ class CheckpointEngine:
         try:
             with self._commit_lock:
                 cause = self._failure
-                if cause is None:
+                rejected = job.verify() if cause is None and job.verify is not None else None
+                if rejected:
+                    # the borrowed arrays changed while being written: this save's slot holds
+                    # no record (its tombstone stands), nothing is committed, the engine goes on
+                    error = CheckpointError(f"checkpoint of step {job.handle.step} not "
+                                            f"committed: {rejected}")
+                elif cause is None:
                     try:
                         info = self._commit(job)
                     except CheckpointError as e:

@@ -37,7 +37,8 @@ from ..tfruntime import tf  # noqa: I001  (before keras: see tfruntime)
 import keras  # noqa: E402
 
 from ..errors import CheckpointError
-from ..injectors.tf_hooks import _components
+from ..tfvars import cached
+from ..tfvars import components as _components
 from .adapters import (ADAPTER_FORMAT, AdapterBase, Resume, _check_meta, _check_names, _decode,
                        _Encoder, _named, _set_generator_state, capture_generators,
                        capture_python_numpy_rng, check_adapter_meta, restore_python_numpy_rng)
@@ -183,9 +184,9 @@ class TFCheckpointAdapter(AdapterBase):
         except KeyError as e:
             raise CheckpointError(f"checkpoint is incomplete: missing {e}") from None
         # everything fits: change state from here on
-        for key, var in live.items():
-            for r, copy in enumerate(_components(var)):
-                copy.assign(values.get(f"replica{r}/{key}", values[key]))
+        bulk = cached(self, "_bulk_vars", live.values())     # one traced assign of every copy
+        bulk.assign([[values.get(f"replica{r}/{key}", values[key]) for r in range(len(copies))]
+                     for key, copies in zip(live, bulk.copies)])
         for var, value in gen_values:
             for copy in _components(var):
                 copy.assign(value)

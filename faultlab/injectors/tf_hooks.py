@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from ..tfruntime import tf
+from ..tfvars import components
 import keras
 
 from ..errors import SpecError
@@ -300,13 +301,7 @@ class _ReplicaCtx:
         return self.preds[li * N_COLS + code]
 
 
-def _components(var) -> list:
-    """The per-replica copies of a (mirrored) variable, or [var]."""
-    v = var.value if isinstance(var, keras.Variable) else var
-    vals = getattr(v, "values", None)
-    if isinstance(vals, (tuple, list)) and vals and isinstance(vals[0], tf.Variable):
-        return list(vals)
-    return [v]
+_components = components   # the per-replica copies of a variable (faultlab.tfvars)
 
 
 class TFInjector:

@@ -69,6 +69,7 @@ class ProtectedRun:
     accs: list[float] = field(default_factory=list)
     detections: list[Detection] = field(default_factory=list)
     stopped_at: int | None = None
+    step_s: list[float] = field(default_factory=list)   # each clean first execution of a step
 
     @property
     def recovered(self) -> bool:
@@ -103,6 +104,9 @@ class Protector:
         self._slot_bytes = 0
         self._snapshots: dict[int, object] = {}   # detector state at each checkpoint step
         trainer.signal_spec = suite.spec
+        prepare = getattr(trainer, "prepare_restore", None)
+        if prepare is not None:      # (TF: trace the bulk assign before, not during, a rollback)
+            prepare()
 
     def close(self) -> None:
         self.trainer.signal_spec = None
@@ -181,8 +185,10 @@ class Protector:
                 yield step
             if (step - start) % self.every == 0 and len(out.losses) == step - start:
                 self._checkpoint(step)
+            t0 = time.perf_counter()
             m, v = self._step(step, faults, attempt)
             if v is None:
+                out.step_s.append(time.perf_counter() - t0)
                 out.losses.append(m.loss)
                 out.accs.append(m.acc)
                 step += 1

@@ -487,33 +487,38 @@ class TFTrainer:
         for i, v in enumerate(self.optimizer.variables):
             yield f"optim/{i:04d}", v
 
+    def _variable_set(self):
+        from ..tfvars import cached
+        return cached(self, "_bulk_vars", [v for _, v in self._state_vars()])
+
+    def prepare_restore(self) -> None:
+        """Trace the bulk assign now, so that the first rollback does not pay for it."""
+        self._variable_set().prepare()
+
     def get_state(self) -> dict[str, np.ndarray]:
         """Model and optimizer variables (replica 0's copy; a replica whose copy differs, after
-        a parameter or optimizer-state fault, adds `replica{k}/...` entries)."""
-        from ..injectors.tf_hooks import _components
+        a parameter or optimizer-state fault, adds `replica{k}/...` entries). One traced read
+        of every copy."""
+        keys = [k for k, _ in self._state_vars()]
         out: dict[str, np.ndarray] = {}
-        for key, v in self._state_vars():
-            comps = _components(v)
-            first = comps[0].numpy().copy()
-            out[key] = first
-            for k, c in enumerate(comps[1:], 1):
-                a = c.numpy()
+        for key, copies in zip(keys, self._variable_set().read()):
+            first = out[key] = copies[0]
+            for k, a in enumerate(copies[1:], 1):
                 if a.tobytes() != first.tobytes():
-                    out[f"replica{k}/{key}"] = a.copy()
+                    out[f"replica{k}/{key}"] = a
         return out
 
     def set_state(self, state: Mapping[str, np.ndarray]) -> None:
-        """Restore a state from get_state: every replica's copy of every variable."""
-        from ..injectors.tf_hooks import _components
-        for key, v in self._state_vars():
+        """Restore a state from get_state: every replica's copy of every variable, in one
+        traced assign."""
+        vs = self._variable_set()
+        values = []
+        for (key, _), copies in zip(self._state_vars(), vs.copies):
             if key not in state:
                 raise FaultlabError(f"state has no {key}")
-            v.assign(np.asarray(state[key]))
-            comps = _components(v)
-            for k, c in enumerate(comps[1:], 1):
-                extra = state.get(f"replica{k}/{key}")
-                if extra is not None:
-                    c.assign(np.asarray(extra))
+            values.append([state.get(f"replica{k}/{key}", state[key]) if k else state[key]
+                           for k in range(len(copies))])
+        vs.assign(values)
 
 
 # --- signal helpers ------------------------------------------------------------------------------

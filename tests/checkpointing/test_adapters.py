@@ -232,6 +232,27 @@ def test_overlapped_save_stages_behind_the_next_step_and_saves_the_right_state(t
     s.adapter.close()
 
 
+def test_overlap_and_cow_captures_copy_buffers_but_not_parameters():
+    """Parameters and optimizer state stay views for the staging thread (overlap) or frozen
+    (cow); BatchNorm statistics, which the next forward pass changes, are copied."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64))
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 64)).sum().backward()
+    opt.step()
+    ad = TorchCheckpointAdapter(model, opt, rng=False, cow_min_bytes=1)
+    for freeze in (None, []):
+        arrays, _ = ad._capture(1, None, None, copy=False, overlap=True, freeze=freeze)
+        w = model[0].weight
+        assert np.shares_memory(arrays["model/0.weight"], w.detach().numpy())
+        assert np.shares_memory(arrays["optimizer/state/0/exp_avg"],
+                                opt.state[w]["exp_avg"].numpy())
+        assert not np.shares_memory(arrays["model/1.running_mean"],
+                                    model[1].running_mean.numpy())
+        if freeze is not None:
+            assert any(t is w for t in freeze)
+
+
 def test_a_failed_overlapped_save_surfaces_at_the_next_optimizer_step(tmp_path):
     class Failing:
         def save(self, step, state, meta):

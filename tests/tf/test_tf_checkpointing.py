@@ -366,3 +366,29 @@ def test_crash_defaults_to_the_keras_loop_for_tf_engines(capsys, tmp_path):
     doc = json.loads(out)
     assert rc == 0 and doc["workload"] == "keras-mlp"
     assert doc["engines"][0]["note"].startswith("not modeled")
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**16), diverged=st.lists(st.booleans(), min_size=3, max_size=3))
+def test_bulk_variable_io_reads_and_assigns_every_replicas_copy(mirrored, seed, diverged):
+    """VariableSet: one traced read and one traced assign of every replica's copy of
+    variables of several dtypes and shapes, each replica's own values where given."""
+    from faultlab.tfvars import VariableSet
+    rng = np.random.default_rng(seed)
+    with mirrored.scope():
+        variables = [tf.Variable(np.zeros((3, 5), np.float32)), tf.Variable(np.int64(0)),
+                     tf.Variable(np.zeros(7, np.float64))]
+    vs = VariableSet(variables)
+    assert [len(c) for c in vs.copies] == [2, 2, 2]
+    values = []
+    for v, d in zip(variables, diverged):
+        base = rng.normal(size=v.shape).astype(v.dtype.as_numpy_dtype)
+        other = (base + 1).astype(base.dtype) if d else base
+        values.append([base, other])
+    vs.assign(values)
+    got = vs.read()
+    for v, want, have, copies in zip(variables, values, got, vs.copies):
+        for r in range(2):
+            assert have[r].tobytes() == np.asarray(want[r]).tobytes()
+            assert copies[r].numpy().tobytes() == np.asarray(want[r]).tobytes()
