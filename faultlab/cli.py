@@ -584,16 +584,16 @@ def cmd_crash(a) -> int:
     try:
         if a.power_loss:
             for n in engines:
-                if n != "faultlab":
+                if n not in ("faultlab", "faultlab+cow"):
                     reports.append(EngineReport(n, mode="power-loss", note=(
                         "not modeled (SimDisk simulates one file, not a file system)")))
                     continue
                 points = a.points or None
-                bar = Progress(points or 0, "power loss faultlab", enabled=not a.json and
+                bar = Progress(points or 0, f"power loss {n}", enabled=not a.json and
                                points is not None)
                 reports.append(power_loss_campaign(
                     factory, steps=a.steps, every=a.every, points=points,
-                    images_per_point=a.images, seed=a.seed,
+                    images_per_point=a.images, seed=a.seed, cow=n == "faultlab+cow",
                     progress=lambda: bar.update("checked")))
         else:
             preload = ["torch.distributed.checkpoint"] if "dcp-async" in engines else []

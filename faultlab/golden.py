@@ -141,8 +141,9 @@ def record(trainer, config: WorkloadConfig, directory: Path, progress=None) -> G
                     if engine is None:
                         first = (step, state)           # saved once slots can be sized
                     else:
-                        # returns once staged; the checkpoint persists while training goes on
-                        engine.save(step, state)
+                        # a copy nobody else holds: written as it is (borrowed), while
+                        # training goes on
+                        engine.save(step, state, borrowed=True)
                     run.checkpoints.append(step)
                 m = trainer.train_step(step)
                 if engine is None:
@@ -154,7 +155,7 @@ def record(trainer, config: WorkloadConfig, directory: Path, progress=None) -> G
                         tmp / CHECKPOINT_FILE, max_in_flight=2,
                         keep=len(range(0, config.total_steps, every)),
                         slot_bytes=slot_bytes_for(first[1], trainer.get_state()))
-                    engine.save(*first)
+                    engine.save(*first, borrowed=True)
                     first = None
                 run.loss.append(m.loss)
                 run.acc.append(m.acc)

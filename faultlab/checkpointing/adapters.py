@@ -474,12 +474,15 @@ class TorchCheckpointAdapter(AdapterBase):
     random.Random), e.g. a DataLoader's.
     rng: also save the global generators (torch CPU and CUDA, NumPy, Python).
     cow_min_bytes: in save(cow=True), tensors smaller than this are copied, not frozen
-    (default 64 KiB: tracking costs more than copying them).
+    (default 64 KiB: tracking costs more than copying them). cow_policy: what an optimizer
+    step does while a cow save is unwritten: "redirect" (run it under the copy-on-write mode),
+    "copy" (give the frozen tensors copies first), "auto" (whichever is cheaper: copying for
+    a few MB of frozen state, redirecting for more).
     """
 
     def __init__(self, model=None, optimizer=None, scaler=None, *, scheduler=None, data=None,
                  generators: Mapping[str, Any] | None = None, rng: bool = True,
-                 cow_min_bytes: int | None = None):
+                 cow_min_bytes: int | None = None, cow_policy: str = "auto"):
         self._torch = _torch()
         self.models = _named(model, "model")
         self.optimizers = _named(optimizer, "optimizer")
@@ -498,6 +501,8 @@ class TorchCheckpointAdapter(AdapterBase):
                                  opt.register_step_post_hook(self._after_optimizer_step))]
         from .cow import CowGuard
         self._cow = CowGuard() if cow_min_bytes is None else CowGuard(cow_min_bytes)
+        self.cow_policy = cow_policy
+        self._step_kind = "plain"
         self._cow_mode = None
         self._step_t0 = 0.0
         self._step_times = {"plain": [0.0, 0], "cow": [0.0, 0]}   # optimizer steps: total s, count
@@ -681,14 +686,21 @@ class TorchCheckpointAdapter(AdapterBase):
             self.wait_staged()
             self.overlap_wait_s += time.perf_counter() - t0
         self._leave_cow()                    # (left over if a previous step raised)
-        if self._cow.active:                 # storages of a save in flight are frozen
-            self._cow_mode = self._cow.updating()
-            self._cow_mode.__enter__()
         self._step_t0 = time.perf_counter()
+        self._step_kind = "plain"
+        if self._cow.active:                 # storages of a save in flight are frozen
+            self._step_kind = "cow"
+            n_params = sum(len(g["params"]) for g in optimizer.param_groups)
+            policy = self._cow.policy
+            if policy == "copy" or (policy == "auto" and self._cow.cheaper_to_copy(n_params)):
+                self._cow.copy_off_all()     # a few MB: copying beats dispatching every op
+            else:
+                self._cow_mode = self._cow.updating()
+                self._cow_mode.__enter__()
 
     def _after_optimizer_step(self, optimizer, args, kwargs):
         dt = time.perf_counter() - self._step_t0
-        kind = "cow" if self._cow_mode is not None else "plain"
+        kind = self._step_kind
         self._step_times[kind][0] += dt
         self._step_times[kind][1] += 1
         self._leave_cow()
@@ -697,6 +709,25 @@ class TorchCheckpointAdapter(AdapterBase):
         mode, self._cow_mode = self._cow_mode, None
         if mode is not None:
             mode.__exit__(None, None, None)
+
+    @property
+    def cow_min_bytes(self) -> int:
+        """save(cow=True) copies tensors smaller than this instead of freezing them."""
+        return self._cow.min_bytes
+
+    @cow_min_bytes.setter
+    def cow_min_bytes(self, value: int) -> None:
+        self._cow.min_bytes = int(value)
+
+    @property
+    def cow_policy(self) -> str:
+        return self._cow.policy
+
+    @cow_policy.setter
+    def cow_policy(self, value: str) -> None:
+        if value not in ("auto", "redirect", "copy"):
+            raise CheckpointError(f"cow_policy must be auto, redirect or copy, not {value!r}")
+        self._cow.policy = value
 
     @property
     def cow_stats(self) -> dict:
@@ -713,6 +744,7 @@ class TorchCheckpointAdapter(AdapterBase):
         """Wait for staging and remove the optimizer hooks."""
         self.wait_staged()
         self._leave_cow()
+        self._cow.drop_spares()
         for h in self._hooks:
             h.remove()
         self._hooks = []

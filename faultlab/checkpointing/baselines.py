@@ -229,6 +229,16 @@ class EngineCheckpointer:
         return Loaded(step, state, meta)
 
 
+class CowEngineCheckpointer(EngineCheckpointer):
+    """The engine fed by the torch adapter's copy-on-write saves (adapter.save(..., cow=True)):
+    parameters and optimizer state are written where they are, frozen until written."""
+
+    name = "faultlab+cow"
+    cow = True
+    cow_min_bytes = 1        # freeze every tensor (a crash campaign's model is tiny) and
+    cow_policy = "redirect"  # update them out of place (not "auto"'s copy for small states)
+
+
 # -- torch files shared by sync and checkfreq -----------------------------------------------
 
 _FILE_RE = re.compile(r"^step-(\d{12})\.pt$")
@@ -937,6 +947,7 @@ class NaiveInPlace:
 
 ENGINES: dict[str, type] = {
     "faultlab": EngineCheckpointer,
+    "faultlab+cow": CowEngineCheckpointer,
     "sync": SyncSave,
     "checkfreq": CheckFreqStyle,
     "dcp-async": TorchDCPAsync,
@@ -946,10 +957,11 @@ ENGINES: dict[str, type] = {
 }
 TF_ENGINES = ("tf-sync", "tf-async")
 #: engines a plain `faultlab crash --engine all` and the benchmark compare
-COMPARED = ("faultlab", "sync", "checkfreq", "dcp-async")
+COMPARED = ("faultlab", "faultlab+cow", "sync", "checkfreq", "dcp-async")
 
 # Engines whose target is one file inside the directory given to open_checkpointer().
-_FILE_TARGETS = {"faultlab": "faultlab.ckpt", "naive": "naive.ckpt"}
+_FILE_TARGETS = {"faultlab": "faultlab.ckpt", "faultlab+cow": "faultlab.ckpt",
+                 "naive": "naive.ckpt"}
 
 
 def engine_names() -> list[str]:

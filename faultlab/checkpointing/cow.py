@@ -80,11 +80,15 @@ def _owns_storage(t: torch.Tensor) -> bool:
 class CowGuard:
     """Frozen storages of saves in flight, and the copy-on-write mode that protects them."""
 
-    def __init__(self, min_bytes: int = MIN_BYTES):
+    def __init__(self, min_bytes: int = MIN_BYTES, policy: str = "auto"):
         self.min_bytes = min_bytes
+        self.policy = policy                   # see TorchCheckpointAdapter(cow_policy=)
         self._frozen: dict[int, int] = {}      # storage data_ptr -> saves holding it
         self._owners: dict[int, int] = {}      # id(owner tensor) -> storage data_ptr
+        self._owner_objs: dict[int, torch.Tensor] = {}
         self._spares: dict[tuple, list[torch.Tensor]] = {}
+        self._spare_bytes = 0                  # bytes held in _spares
+        self._snap_bytes = 0                   # the largest snapshot so far
         self._lock = threading.Lock()
         self._released = threading.Condition(self._lock)
         self.waits = 0                         # writes through an alias that waited
@@ -103,12 +107,15 @@ class CowGuard:
         """Freeze the storages of `tensors` (each eligible) until the snapshot is released."""
         snap = Snapshot(self)
         with self._lock:
+            self._snap_bytes = max(self._snap_bytes, sum(t.numel() * t.element_size()
+                                                         for t in tensors))
             for t in tensors:
                 ptr = t.untyped_storage().data_ptr()
                 alias = t.detach()
                 snap.entries.append(_Frozen(t, alias, ptr, alias._version))
                 self._frozen[ptr] = self._frozen.get(ptr, 0) + 1
                 self._owners[id(t)] = ptr
+                self._owner_objs[id(t)] = t
         return snap
 
     def _release(self, snap: Snapshot) -> None:
@@ -124,18 +131,61 @@ class CowGuard:
                 self._frozen.pop(e.ptr, None)
                 if self._owners.get(id(e.owner)) == e.ptr:
                     del self._owners[id(e.owner)]
+                    del self._owner_objs[id(e.owner)]
                 if e.owner.untyped_storage().data_ptr() != e.ptr:
-                    # the owner moved on: its old storage is free for the next update
-                    spares = self._spares.setdefault(_shape_key(e.alias), [])
-                    if len(spares) < 4:
-                        spares.append(e.alias)
+                    # the owner moved on: its old storage is free for the next update (kept:
+                    # at most one snapshot's worth, what the next save's updates will need)
+                    spare_bytes = e.alias.numel() * e.alias.element_size()
+                    if self._spare_bytes + spare_bytes <= max(self._snap_bytes, 0):
+                        self._spares.setdefault(_shape_key(e.alias), []).append(e.alias)
+                        self._spare_bytes += spare_bytes
             snap.entries = []
             self._released.notify_all()
 
     def _take_spare(self, like: torch.Tensor) -> torch.Tensor | None:
         with self._lock:
             spares = self._spares.get(_shape_key(like))
-            return spares.pop() if spares else None
+            if not spares:
+                return None
+            spare = spares.pop()
+            self._spare_bytes -= spare.numel() * spare.element_size()
+            return spare
+
+    def drop_spares(self) -> None:
+        """Free the recycled buffers (one snapshot's worth at most)."""
+        with self._lock:
+            self._spares.clear()
+            self._spare_bytes = 0
+
+    def frozen_bytes(self) -> int:
+        """Bytes of frozen storages the live tensors still point at (what a copy would move)."""
+        with self._lock:
+            return sum(t.untyped_storage().nbytes() for oid, t in self._owner_objs.items()
+                       if _ptr(t) == self._owners[oid] and _ptr(t) in self._frozen)
+
+    def cheaper_to_copy(self, n_params: int, copy_bps: float = 4e9,
+                        dispatch_s_per_param: float = 1e-4) -> bool:
+        """Whether giving the frozen tensors copies of themselves now costs less than running
+        the coming optimizer step under the copy-on-write mode, whose Python dispatch costs
+        about 10 ops x 10 us per parameter (small models: many small tensors, few bytes)."""
+        return self.frozen_bytes() / copy_bps < n_params * dispatch_s_per_param
+
+    def copy_off_all(self) -> None:
+        """Re-point every live tensor still on a frozen storage at a copy of it (into a
+        recycled buffer where one fits), so that the next step may update in place."""
+        with self._lock:
+            owners = [t for oid, t in self._owner_objs.items()
+                      if _ptr(t) == self._owners[oid] and _ptr(t) in self._frozen]
+        with torch.no_grad():
+            for t in owners:
+                new = self._take_spare(t)
+                if new is None:
+                    new = t.clone(memory_format=torch.contiguous_format)
+                else:
+                    new.copy_(t)
+                    self.recycled += 1
+                t.set_(new)
+                self.copied_bytes += t.untyped_storage().nbytes()
 
     def updating(self) -> _CopyOnWrite:
         """The mode to run an optimizer step under while storages are frozen."""

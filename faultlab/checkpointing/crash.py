@@ -374,6 +374,8 @@ WORKLOADS = {"mlp": "faultlab.checkpointing.crash:mlp_loop",
 #: checkpoint of a tiny model still has several writing points
 DEFAULT_SETTINGS = {"faultlab": {"max_in_flight": 2, "keep": 2, "chunk_bytes": 4096,
                                  "pool_bytes": 16384, "writers": 2},
+                    "faultlab+cow": {"max_in_flight": 2, "keep": 2, "chunk_bytes": 4096,
+                                     "pool_bytes": 16384, "writers": 2},
                     "sync": {"keep": 2}, "checkfreq": {"keep": 2}, "dcp-async": {"keep": 2},
                     "tf-sync": {"keep": 2}, "tf-async": {"keep": 2}, "naive": {}}
 
@@ -548,8 +550,19 @@ def _child_main(job: dict, fd: int) -> int:
         chan.send("trained", k + 1)
         if (k + 1) % spec.every == 0 or k + 1 == spec.steps:
             tracker(Phase.STAGING.value, "capture", k + 1)
-            state, meta = loop.capture(k + 1)
-            ckpt.save(k + 1, state, meta).add_done_callback(committed)
+            if getattr(ckpt, "cow", False):
+                # copy-on-write: the adapter freezes what the engine writes in place
+                adapter = getattr(loop, "adapter", None)
+                if not hasattr(adapter, "cow_stats"):
+                    raise CheckpointError(f"engine {engine} needs a torch loop (the torch "
+                                          "adapter's copy-on-write saves)")
+                adapter.cow_min_bytes = ckpt.cow_min_bytes
+                adapter.cow_policy = ckpt.cow_policy
+                handle = adapter.save(ckpt, k + 1, data_position=k + 1, cow=True)
+            else:
+                state, meta = loop.capture(k + 1)
+                handle = ckpt.save(k + 1, state, meta)
+            handle.add_done_callback(committed)
     ckpt.wait_all()
     ckpt.close()
     state, meta = loop.capture(spec.steps)
@@ -1086,10 +1099,11 @@ def _commit_log(log) -> tuple[list[tuple[int, int, int, int | None]], Any]:
 def power_loss_campaign(factory: str | Callable, *, steps: int = 12, every: int = 1,
                         settings: Mapping | None = None, points: int | None = 60,
                         images_per_point: int = 12, resumes: int = 8, seed: int = 0,
-                        block_size: int = 512, progress: Callable[[], None] | None = None
-                        ) -> EngineReport:
+                        block_size: int = 512, progress: Callable[[], None] | None = None,
+                        cow: bool = False) -> EngineReport:
     """Run the loop with the engine on a SimDisk, then check power-loss images at `points`
-    crash points (None: every operation) and resume `resumes` of them to the end."""
+    crash points (None: every operation) and resume `resumes` of them to the end. cow: save
+    through the torch adapter's copy-on-write mode (engine "faultlab+cow")."""
     from .engine import CheckpointEngine
     from .recovery import recover
     from .simdisk import CrashChoice, SimDisk
@@ -1097,7 +1111,7 @@ def power_loss_campaign(factory: str | Callable, *, steps: int = 12, every: int 
     make = load_factory(factory_name(factory)) if isinstance(factory, str) else factory
     settings = dict({"max_in_flight": 2, "keep": 2, "chunk_bytes": 2048, "pool_bytes": 8192,
                      "writers": 2} if settings is None else settings)
-    rep = EngineReport("faultlab", mode="power-loss")
+    rep = EngineReport("faultlab+cow" if cow else "faultlab", mode="power-loss")
     disk = SimDisk(block_size=block_size, sector_size=min(512, block_size))
     loop = make()
     ref_steps: dict[int, dict[str, str]] = {}
@@ -1109,7 +1123,11 @@ def power_loss_campaign(factory: str | Callable, *, steps: int = 12, every: int 
             if (k + 1) % every == 0 or k + 1 == steps:
                 state, meta = loop.capture(k + 1)
                 ref_steps[k + 1] = fingerprint(state, meta)
-                eng.save(k + 1, state, meta)
+                if cow:
+                    loop.adapter.cow_min_bytes, loop.adapter.cow_policy = 1, "redirect"
+                    loop.adapter.save(eng, k + 1, data_position=k + 1, cow=True)
+                else:
+                    eng.save(k + 1, state, meta)
     final_state, final_meta = loop.capture(steps)
     final = {k: np.array(v) for k, v in final_state.items()}
     final_fp = fingerprint(final_state, final_meta)

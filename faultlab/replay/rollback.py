@@ -140,7 +140,9 @@ class Protector:
             path = self.dir / f"protect-{time.monotonic_ns()}.ckpt"
             self.engine = CheckpointEngine(path, keep=2, max_in_flight=2,
                                            slot_bytes=self._slot_bytes)
-        self.engine.save(step, state, {"step": step})
+        # get_state() returns arrays nobody else holds: the engine writes them as they are
+        # (borrowed) instead of copying them once more into its staging pool
+        self.engine.save(step, state, {"step": step}, borrowed=True)
         self._snapshots[step] = self.suite.snapshot()
 
     def _firing(self, faults, step: int, attempt: int):

@@ -51,7 +51,7 @@ def kill_plans(min_kills: int = 1, max_kills: int = 5, **point_kw) -> st.SearchS
 def engine_settings(engine: str = "faultlab") -> st.SearchStrategy[dict]:
     """Valid settings of a checkpointer (for the engine: in-flight saves, retention, chunk
     size, staging pool, writer threads; for the baselines: retention)."""
-    if engine == "faultlab":
+    if engine in ("faultlab", "faultlab+cow"):
         return st.builds(
             lambda inflight, keep, chunk, pool_chunks, writers: {
                 "max_in_flight": inflight, "keep": keep, "chunk_bytes": chunk,

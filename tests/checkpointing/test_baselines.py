@@ -22,7 +22,8 @@ from faultlab.checkpointing.baselines import (COMPARED, ENGINES, Checkpointer, e
 from faultlab.errors import CheckpointError, FaultlabError
 
 ALL = list(COMPARED) + ["naive"]
-SMALL = {"faultlab": {"chunk_bytes": 4096, "pool_bytes": 16384}}
+SMALL = {"faultlab": {"chunk_bytes": 4096, "pool_bytes": 16384},
+         "faultlab+cow": {"chunk_bytes": 4096, "pool_bytes": 16384}}
 
 
 def state_for(step: int) -> dict[str, np.ndarray]:

@@ -62,15 +62,16 @@ def final_state(model, opt) -> dict:
     return TorchCheckpointAdapter(model, opt, rng=False).capture(0, copy=True)[0]
 
 
-@settings(max_examples=14, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(opt_name=st.sampled_from(sorted(OPTIMIZERS)), width=st.sampled_from([8, 24, 40]),
        lr=st.sampled_from([1e-3, 0.05]), seed=st.integers(0, 2**16),
-       rounds=st.integers(1, 3), during=st.integers(1, 3))
+       rounds=st.integers(1, 3), during=st.integers(1, 3),
+       policy=st.sampled_from(["redirect", "redirect", "copy", "auto"]))
 def test_cow_saves_hold_their_step_and_training_stays_bit_identical(
-        opt_name, width, lr, seed, rounds, during):
+        opt_name, width, lr, seed, rounds, during, policy):
     plain_model, plain_opt, plain_step = make_run(opt_name, width, lr, seed)
     model, opt, step = make_run(opt_name, width, lr, seed)
-    adapter = TorchCheckpointAdapter(model, opt, rng=False, cow_min_bytes=1)
+    adapter = TorchCheckpointAdapter(model, opt, rng=False, cow_min_bytes=1, cow_policy=policy)
     engine, gate = gated_engine()
     i = 0
     for _ in range(rounds):
@@ -99,7 +100,8 @@ def test_cow_saves_hold_their_step_and_training_stays_bit_identical(
 
 def test_updates_after_the_first_reuse_the_buffers_a_finished_save_gave_back():
     model, opt, step = make_run("adam", 64, 1e-2, 0)
-    adapter = TorchCheckpointAdapter(model, opt, rng=False, cow_min_bytes=1)
+    adapter = TorchCheckpointAdapter(model, opt, rng=False, cow_min_bytes=1,
+                                     cow_policy="redirect")
     engine, gate = gated_engine()
     step(0)
     for i in range(1, 4):
@@ -116,7 +118,8 @@ def test_updates_after_the_first_reuse_the_buffers_a_finished_save_gave_back():
 def test_fused_optimizer_falls_back_to_copying_and_stays_exact():
     # _fused_adam_ writes several lists at once: each frozen tensor is copied off first
     model, opt, step = make_run("adam-fused", 32, 1e-2, 3)
-    adapter = TorchCheckpointAdapter(model, opt, rng=False, cow_min_bytes=1)
+    adapter = TorchCheckpointAdapter(model, opt, rng=False, cow_min_bytes=1,
+                                     cow_policy="redirect")
     engine, gate = gated_engine()
     step(0)
     expected = adapter.capture(1, copy=True)[0]
@@ -127,6 +130,23 @@ def test_fused_optimizer_falls_back_to_copying_and_stays_exact():
     assert adapter.cow_stats["copied_bytes"] > 0
     assert_same_state(engine.load_latest().state, expected)
     engine.close()
+
+
+def test_auto_copies_a_small_frozen_state_and_redirects_a_large_one():
+    guard = CowGuard(min_bytes=1)
+    small, large = torch.zeros(1000), torch.zeros(4 << 20)
+    snap = guard.freeze([small])
+    assert guard.cheaper_to_copy(n_params=10)          # 4 KB: a copy is cheaper
+    guard.copy_off_all()
+    assert _moved(small, snap) and guard.copied_bytes == small.numel() * 4
+    snap.release()
+    snap = guard.freeze([large])
+    assert not guard.cheaper_to_copy(n_params=10)      # 16 MiB in 10 tensors: redirect
+    snap.release()
+
+
+def _moved(t, snap) -> bool:
+    return all(t.untyped_storage().data_ptr() != e.ptr for e in snap.entries if e.owner is t)
 
 
 def test_a_change_outside_optimizer_step_refuses_that_checkpoint_only():

@@ -37,6 +37,16 @@ def test_one_hundred_kills_of_the_engine_lose_nothing_and_every_run_ends_identic
     assert set(report.phases) == {p.value for p in Phase}       # every phase was hit
 
 
+def test_kills_of_copy_on_write_saves_lose_nothing(crash_lab):
+    """faultlab+cow: the engine writes parameters and optimizer state where they are while the
+    next steps update them out of place; a kill at any point still leaves whole checkpoints."""
+    report = crash_lab.campaign("mlp", steps=24).campaign("faultlab+cow", 40, seed=7)
+    assert report.kills >= 40
+    assert report.ok, report.problems[:5]
+    assert (report.torn, report.mixed, report.lost) == (0, 0, 0)
+    assert report.runs_identical == report.runs
+
+
 @pytest.mark.parametrize("engine", ["sync", "checkfreq", "dcp-async"])
 def test_the_baselines_survive_kills_too(crash_lab, engine):
     report = crash_lab.campaign("mlp", steps=24).campaign(engine, 12, seed=5)

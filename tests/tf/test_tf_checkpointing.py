@@ -392,3 +392,33 @@ def test_bulk_variable_io_reads_and_assigns_every_replicas_copy(mirrored, seed, 
         for r in range(2):
             assert have[r].tobytes() == np.asarray(want[r]).tobytes()
             assert copies[r].numpy().tobytes() == np.asarray(want[r]).tobytes()
+
+
+def test_a_borrowed_save_keeps_its_step_while_training_updates_the_variables(mirrored):
+    """The TF adapter hands the engine its snapshots uncopied (a borrowed save); with the
+    engine's writers held at a gate, two more training steps update every variable: the
+    checkpoint still holds the step it was taken at, bit for bit."""
+    import sys
+    import threading
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parents[1] / "checkpointing"))
+    from ckpt_helpers import HookedDisk, assert_same_state
+    gate = threading.Event()
+
+    def before_write(offset, data):
+        if threading.current_thread().name.startswith("ckpt-writer"):
+            gate.wait()
+    s = Session(mirrored)
+    s.step()
+    s.step()
+    expected = {k: np.array(v) for k, v in s.adapter.capture(2)[0].items()}
+    with CheckpointEngine(HookedDisk(block_size=512, before_write=before_write),
+                          chunk_bytes=1024) as engine:
+        handle = s.adapter.save(engine, 2)
+        s.step()
+        s.step()
+        moved = s.adapter.capture(4)[0]
+        assert any(moved[k].tobytes() != expected[k].tobytes() for k in expected)
+        gate.set()
+        handle.wait()
+        assert_same_state(engine.load_latest().state, expected)
