@@ -225,14 +225,11 @@ class CowGuard:
 
     def _out_of_place(self, func, args, kwargs) -> bool:
         target = args[0]
-        packet = getattr(torch.ops.aten, func.overloadpacket.__name__[:-1], None)
-        if packet is None:
-            return False
-        overload = func._overloadname
         new = None
         spare = self._take_spare(target)
         if spare is not None:
-            out_op = _out_overload(packet, overload)
+            packet = getattr(torch.ops.aten, func.overloadpacket.__name__[:-1], None)
+            out_op = _out_overload(packet, func._overloadname) if packet is not None else None
             if out_op is not None:
                 try:
                     new = out_op(*args, **kwargs, out=spare)
@@ -240,33 +237,17 @@ class CowGuard:
                 except (RuntimeError, TypeError):
                     new = None
         if new is None:
-            op = getattr(packet, overload, None)
-            if op is None:
-                return False
-            try:
-                new = op(*args, **kwargs)
-            except (RuntimeError, TypeError):
-                return False
-        if not (isinstance(new, torch.Tensor) and new.dtype == target.dtype
-                and new.shape == target.shape and new.is_contiguous()):
+            new = _functional(func, args, kwargs)
+        if not _fits(new, target):
             return False
         target.set_(new)
         self.redirected += 1
         return True
 
     def _foreach_out_of_place(self, func, args, kwargs) -> bool:
-        packet = getattr(torch.ops.aten, func.overloadpacket.__name__[:-1], None)
-        op = getattr(packet, func._overloadname, None) if packet is not None else None
-        if op is None:
-            return False
-        try:
-            new = op(*args, **kwargs)
-        except (RuntimeError, TypeError):
-            return False
-        targets = args[0]
-        if not (isinstance(new, (list, tuple)) and len(new) == len(targets) and all(
-                n.dtype == t.dtype and n.shape == t.shape and n.is_contiguous()
-                for n, t in zip(new, targets))):
+        new, targets = _functional(func, args, kwargs), args[0]
+        if not (isinstance(new, (list, tuple)) and len(new) == len(targets)
+                and all(_fits(n, t) for n, t in zip(new, targets))):
             return False
         for t, n in zip(targets, new):
             t.set_(n)
@@ -297,6 +278,25 @@ class _CopyOnWrite(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         return self.guard.dispatch(func, args, kwargs or {})
+
+
+def _functional(func, args, kwargs):
+    """The result of the functional variant of in-place op `func` (aten.X_.ov -> aten.X.ov)
+    on the same arguments, or None if there is none or it refuses them."""
+    packet = getattr(torch.ops.aten, func.overloadpacket.__name__[:-1], None)
+    op = getattr(packet, func._overloadname, None) if packet is not None else None
+    if op is None:
+        return None
+    try:
+        return op(*args, **kwargs)
+    except (RuntimeError, TypeError):
+        return None
+
+
+def _fits(new, target: torch.Tensor) -> bool:
+    """Whether `new` can take `target`'s place (what the in-place op would have produced)."""
+    return (isinstance(new, torch.Tensor) and new.dtype == target.dtype
+            and new.shape == target.shape and new.is_contiguous())
 
 
 def _ptr(t: torch.Tensor) -> int:

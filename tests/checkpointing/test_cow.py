@@ -58,6 +58,14 @@ def make_run(opt_name: str, width: int, lr: float, seed: int):
     return model, opt, step
 
 
+def cow_run(opt_name: str, width: int, lr: float, seed: int, policy: str = "redirect"):
+    """make_run's training, a cow adapter freezing every tensor, and a gated engine."""
+    model, opt, step = make_run(opt_name, width, lr, seed)
+    adapter = TorchCheckpointAdapter(model, opt, rng=False, cow_min_bytes=1, cow_policy=policy)
+    engine, gate = gated_engine()
+    return model, opt, step, adapter, engine, gate
+
+
 def final_state(model, opt) -> dict:
     return TorchCheckpointAdapter(model, opt, rng=False).capture(0, copy=True)[0]
 
@@ -70,9 +78,7 @@ def final_state(model, opt) -> dict:
 def test_cow_saves_hold_their_step_and_training_stays_bit_identical(
         opt_name, width, lr, seed, rounds, during, policy):
     plain_model, plain_opt, plain_step = make_run(opt_name, width, lr, seed)
-    model, opt, step = make_run(opt_name, width, lr, seed)
-    adapter = TorchCheckpointAdapter(model, opt, rng=False, cow_min_bytes=1, cow_policy=policy)
-    engine, gate = gated_engine()
+    model, opt, step, adapter, engine, gate = cow_run(opt_name, width, lr, seed, policy)
     i = 0
     for _ in range(rounds):
         step(i)
@@ -99,10 +105,7 @@ def test_cow_saves_hold_their_step_and_training_stays_bit_identical(
 
 
 def test_updates_after_the_first_reuse_the_buffers_a_finished_save_gave_back():
-    model, opt, step = make_run("adam", 64, 1e-2, 0)
-    adapter = TorchCheckpointAdapter(model, opt, rng=False, cow_min_bytes=1,
-                                     cow_policy="redirect")
-    engine, gate = gated_engine()
+    model, opt, step, adapter, engine, gate = cow_run("adam", 64, 1e-2, 0)
     step(0)
     for i in range(1, 4):
         gate.clear()
@@ -117,10 +120,7 @@ def test_updates_after_the_first_reuse_the_buffers_a_finished_save_gave_back():
 
 def test_fused_optimizer_falls_back_to_copying_and_stays_exact():
     # _fused_adam_ writes several lists at once: each frozen tensor is copied off first
-    model, opt, step = make_run("adam-fused", 32, 1e-2, 3)
-    adapter = TorchCheckpointAdapter(model, opt, rng=False, cow_min_bytes=1,
-                                     cow_policy="redirect")
-    engine, gate = gated_engine()
+    model, opt, step, adapter, engine, gate = cow_run("adam-fused", 32, 1e-2, 3)
     step(0)
     expected = adapter.capture(1, copy=True)[0]
     h = adapter.save(engine, 1, cow=True)
@@ -150,9 +150,7 @@ def _moved(t, snap) -> bool:
 
 
 def test_a_change_outside_optimizer_step_refuses_that_checkpoint_only():
-    model, opt, step = make_run("adam", 16, 1e-2, 1)
-    adapter = TorchCheckpointAdapter(model, opt, rng=False, cow_min_bytes=1)
-    engine, gate = gated_engine()
+    model, opt, step, adapter, engine, gate = cow_run("adam", 16, 1e-2, 1, "auto")
     step(0)
     gate.set()
     adapter.save(engine, 1, cow=True).wait()              # a good checkpoint first
