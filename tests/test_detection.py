@@ -227,3 +227,23 @@ def test_coverage_counts_per_class_latency_and_before_after():
     assert c["latency_steps"]["max"] == 2 and c["steps_lost"] == 10
     assert c["control_trials"] == 1 and c["control_false_positives"] == 0
     assert c["before_after"]["SlowDegrade"] == {"Masked": 1, "SlowDegrade": 1}
+
+
+def test_replay_rerun_reports_recovery_against_both_bounds(capsys):
+    """`faultlab replay --rerun` on a small workload: every rerun recovers, and the recovery
+    is reported with the load priced at the disk's (O_DIRECT) and the page cache's bandwidth
+    and the replayed steps at the protected run's own first executions."""
+    from faultlab import cli
+    rc = cli.main(["replay", "--rerun", "--workload", "mlp", "--steps", "20", "--every", "10",
+                   "--checkpoint-every", "5"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "recovery (detection -> training resumed)" in out
+    assert "O_DIRECT" in out and "first time" in out
+
+
+def test_disk_read_bandwidth_direct_and_cached(tmp_path):
+    from faultlab.overhead import disk_read_bandwidth
+    assert disk_read_bandwidth(tmp_path, 4 << 20) > 0
+    assert disk_read_bandwidth(tmp_path, 4 << 20, direct=True) > 0
+    assert not list(tmp_path.iterdir())          # the probe file is gone
