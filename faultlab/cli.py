@@ -577,6 +577,10 @@ def cmd_crash(a) -> int:
                             "pip install 'faultlab[tf]'")
     if a.workload is None:                   # a TF loop for TF engines alone
         a.workload = "keras-mlp" if all(n in TF_ENGINES for n in engines) else "mlp"
+    if "faultlab+cow" in engines and a.workload == "keras-mlp":
+        raise FaultlabError("--engine faultlab+cow needs a torch loop (copy-on-write saves are "
+                            "the torch adapter's); TF variables are copy-on-write already: use "
+                            "--engine faultlab")
     factory = factory_name(a.workload)
     loop = LoopSpec(factory, a.steps, a.every)
     workdir = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="faultlab-crash-"))

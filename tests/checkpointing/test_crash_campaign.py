@@ -138,6 +138,7 @@ def test_the_power_loss_mode_reports_every_engine(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
+    (["--engine", "faultlab+cow", "--workload", "keras-mlp"], "needs a torch loop"),
     (["--kills", "0"], "--kills must be at least 1"),
     (["--engine", "nope"], "unknown engine 'nope'"),
     (["--workload", "nomodule"], "not module:function"),
