@@ -62,7 +62,10 @@ class Snapshot:
     def modified(self) -> str | None:
         """A message if a frozen tensor was changed in place without copy-on-write."""
         for e in self.entries:
-            if e.owner.untyped_storage().data_ptr() == e.ptr and e.alias._version != e.version:
+            # the version first, then the storage: a copy-on-write swaps the storage before
+            # the version counter moves, so a swap under way never reads as a modification
+            version = e.alias._version
+            if version != e.version and e.owner.untyped_storage().data_ptr() == e.ptr:
                 return (f"a tensor of shape {tuple(e.owner.shape)} was changed in place outside "
                         "optimizer.step() while its checkpoint was being written")
         return None
