@@ -135,8 +135,9 @@ class CowGuard:
                 if self._owners.get(id(e.owner)) == e.ptr:
                     del self._owners[id(e.owner)]
                     del self._owner_objs[id(e.owner)]
-                if e.owner.untyped_storage().data_ptr() != e.ptr:
-                    # the owner moved on: its old storage is free for the next update (kept:
+                if e.owner.untyped_storage().data_ptr() != e.ptr and _unshared(e.alias):
+                    # the owner moved on and nobody else holds the old storage (a view the
+                    # user kept would see it overwritten): free for the next update (kept:
                     # at most one snapshot's worth, what the next save's updates will need)
                     spare_bytes = e.alias.numel() * e.alias.element_size()
                     if self._spare_bytes + spare_bytes <= max(self._snap_bytes, 0):
@@ -300,6 +301,15 @@ def _fits(new, target: torch.Tensor) -> bool:
     """Whether `new` can take `target`'s place (what the in-place op would have produced)."""
     return (isinstance(new, torch.Tensor) and new.dtype == target.dtype
             and new.shape == target.shape and new.is_contiguous())
+
+
+def _unshared(alias: torch.Tensor) -> bool:
+    """Whether `alias` is the only tensor left on its storage (the count also includes the
+    storage object made to ask). Without the count, nothing is recycled."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return False
+    return count(alias.untyped_storage()._cdata) <= 2
 
 
 def _ptr(t: torch.Tensor) -> int:

@@ -453,6 +453,9 @@ class CheckpointEngine:
             finally:
                 if pooled is not None:
                     self._pool.release(pooled)
+                # drop this chunk's references to a borrowed save's arrays before the save
+                # may finish: its owner recycles their memory only when nobody holds them
+                item = buf = view = pooled = None
                 self._done_with(job, 1)
 
     def _finalize(self, job: _SaveJob) -> None:

@@ -118,6 +118,22 @@ def test_updates_after_the_first_reuse_the_buffers_a_finished_save_gave_back():
     engine.close()
 
 
+def test_memory_someone_else_still_views_is_never_recycled():
+    model, opt, step, adapter, engine, gate = cow_run("adam", 64, 1e-2, 0)
+    step(0)
+    kept = model[0].weight.detach()          # a view the user holds of the weight's memory
+    before = kept.clone()
+    for i in range(1, 4):
+        gate.clear()
+        h = adapter.save(engine, i, cow=True)
+        step(i)                              # the weight moves to new memory; `kept` stays
+        gate.set()
+        h.wait()
+    assert torch.equal(kept, before)         # its old memory was not reused for an update
+    assert not torch.equal(model[0].weight.detach(), before)
+    engine.close()
+
+
 def test_fused_optimizer_falls_back_to_copying_and_stays_exact():
     # _fused_adam_ writes several lists at once: each frozen tensor is copied off first
     model, opt, step, adapter, engine, gate = cow_run("adam-fused", 32, 1e-2, 3)
