@@ -259,13 +259,13 @@ def child_state(engine: str, mib: int, reps: int, directory: Path) -> dict:
             # optimizer step updates them copy-on-write (out of place, with the writers
             # competing for memory bandwidth): what that optimizer step takes beyond a plain
             # one (measured in this process) is stall too
-            st = s.adapter.cow_stats
-            plain = st["mean_optimizer_step_s"]["plain"]
-            before_cow = s.adapter._step_times["cow"][:]
+            st0 = s.adapter.cow_stats
             s.train_step()
-            after_cow = s.adapter._step_times["cow"]
-            if after_cow[1] > before_cow[1]:
-                stall += (after_cow[0] - before_cow[0]) / (after_cow[1] - before_cow[1]) - plain
+            st1 = s.adapter.cow_stats
+            n = st1["optimizer_steps"]["cow"] - st0["optimizer_steps"]["cow"]
+            if n:
+                stall += ((st1["optimizer_step_s"]["cow"] - st0["optimizer_step_s"]["cow"]) / n
+                          - st0["mean_optimizer_step_s"]["plain"])
         h.wait()
         t2 = time.perf_counter()
         # when the checkpoint became durable: the engine's handle knows (an overlapped or
@@ -381,7 +381,7 @@ def run_training_part(args, directory: Path, log) -> dict:
         ckpt = ckpts.get((engine, every))
         overlap, cow = engine.endswith("+overlap"), engine.endswith("+cow")
         waited0, saves = adapter.overlap_wait_s, 0
-        cow0 = adapter._step_times["cow"][:]
+        cow0 = adapter.cow_stats
         t0 = time.perf_counter()
         for _ in range(n):
             trainer.train_step(step)
@@ -400,11 +400,13 @@ def run_training_part(args, directory: Path, log) -> dict:
             # training also waited at the optimizer's pre-hook for unfinished staging
             extra = (adapter.overlap_wait_s - waited0) / saves
             stalls[key][-saves:] = [x + extra for x in stalls[key][-saves:]]
-        cow1 = adapter._step_times["cow"]
-        if cow and saves and cow1[1] > cow0[1]:
+        cow1 = adapter.cow_stats
+        n_cow = cow1["optimizer_steps"]["cow"] - cow0["optimizer_steps"]["cow"]
+        if cow and saves and n_cow:
             # optimizer steps that ran copy-on-write, beyond a plain optimizer step's mean
-            plain = adapter.cow_stats["mean_optimizer_step_s"]["plain"] or 0.0
-            extra = ((cow1[0] - cow0[0]) - (cow1[1] - cow0[1]) * plain) / saves
+            plain = cow1["mean_optimizer_step_s"]["plain"] or 0.0
+            extra = (cow1["optimizer_step_s"]["cow"] - cow0["optimizer_step_s"]["cow"]
+                     - n_cow * plain) / saves
             stalls[key][-saves:] = [x + extra for x in stalls[key][-saves:]]
         return dt
 

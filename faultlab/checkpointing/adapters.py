@@ -73,10 +73,16 @@ class CheckpointAdapter(Protocol):
 class AdapterBase:
     """What every adapter derives from its capture() / restore(): save() and resume()."""
 
+    #: capture() returns snapshots that training never changes (TF's copy-on-write
+    #: variables): a checkpointer that can write borrowed arrays gets them uncopied
+    immutable_capture = False
+
     def save(self, checkpointer, step: int, *, data_position: Any = None,
              extra: Mapping | None = None):
         """capture() and checkpointer.save(); returns the checkpointer's handle."""
         state, meta = self.capture(step, data_position=data_position, extra=extra)
+        if self.immutable_capture and getattr(checkpointer, "borrows", False):
+            return checkpointer.save(step, state, meta, borrowed=True)
         return checkpointer.save(step, state, meta)
 
     def resume(self, loader: Callable[[], Any]) -> Resume | None:
@@ -690,13 +696,8 @@ class TorchCheckpointAdapter(AdapterBase):
         self._step_kind = "plain"
         if self._cow.active:                 # storages of a save in flight are frozen
             self._step_kind = "cow"
-            n_params = sum(len(g["params"]) for g in optimizer.param_groups)
-            policy = self._cow.policy
-            if policy == "copy" or (policy == "auto" and self._cow.cheaper_to_copy(n_params)):
-                self._cow.copy_off_all()     # a few MB: copying beats dispatching every op
-            else:
-                self._cow_mode = self._cow.updating()
-                self._cow_mode.__enter__()
+            self._cow_mode = self._cow.begin_update(
+                sum(len(g["params"]) for g in optimizer.param_groups))
 
     def _after_optimizer_step(self, optimizer, args, kwargs):
         dt = time.perf_counter() - self._step_t0
@@ -738,6 +739,7 @@ class TorchCheckpointAdapter(AdapterBase):
         return {"redirected": c.redirected, "recycled": c.recycled,
                 "copied_bytes": c.copied_bytes, "waits": c.waits,
                 "optimizer_steps": {k: n for k, (_, n) in self._step_times.items()},
+                "optimizer_step_s": {k: t for k, (t, _) in self._step_times.items()},
                 "mean_optimizer_step_s": mean}
 
     def close(self) -> None:

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .adapters import _storage_ptr as _ptr
+
 MIN_BYTES = 64 << 10
 
 
@@ -65,7 +67,7 @@ class Snapshot:
             # the version first, then the storage: a copy-on-write swaps the storage before
             # the version counter moves, so a swap under way never reads as a modification
             version = e.alias._version
-            if version != e.version and e.owner.untyped_storage().data_ptr() == e.ptr:
+            if version != e.version and _ptr(e.owner) == e.ptr:
                 return (f"a tensor of shape {tuple(e.owner.shape)} was changed in place outside "
                         "optimizer.step() while its checkpoint was being written")
         return None
@@ -113,7 +115,7 @@ class CowGuard:
             self._snap_bytes = max(self._snap_bytes, sum(t.numel() * t.element_size()
                                                          for t in tensors))
             for t in tensors:
-                ptr = t.untyped_storage().data_ptr()
+                ptr = _ptr(t)
                 alias = t.detach()
                 snap.entries.append(_Frozen(t, alias, ptr, alias._version))
                 self._frozen[ptr] = self._frozen.get(ptr, 0) + 1
@@ -135,7 +137,7 @@ class CowGuard:
                 if self._owners.get(id(e.owner)) == e.ptr:
                     del self._owners[id(e.owner)]
                     del self._owner_objs[id(e.owner)]
-                if e.owner.untyped_storage().data_ptr() != e.ptr and _unshared(e.alias):
+                if _ptr(e.owner) != e.ptr and _unshared(e.alias):
                     # the owner moved on and nobody else holds the old storage (a view the
                     # user kept would see it overwritten): free for the next update (kept:
                     # at most one snapshot's worth, what the next save's updates will need)
@@ -190,6 +192,17 @@ class CowGuard:
                     self.recycled += 1
                 t.set_(new)
                 self.copied_bytes += t.untyped_storage().nbytes()
+
+    def begin_update(self, n_params: int) -> _CopyOnWrite | None:
+        """Make the coming optimizer step safe for the frozen storages, by `policy`: give
+        them copies now ("copy", or "auto" when that is cheaper), or return the entered
+        copy-on-write mode ("redirect", "auto" otherwise) for the caller to exit after it."""
+        if self.policy == "copy" or (self.policy == "auto" and self.cheaper_to_copy(n_params)):
+            self.copy_off_all()              # a few MB: copying beats dispatching every op
+            return None
+        mode = self.updating()
+        mode.__enter__()
+        return mode
 
     def updating(self) -> _CopyOnWrite:
         """The mode to run an optimizer step under while storages are frozen."""
@@ -310,10 +323,6 @@ def _unshared(alias: torch.Tensor) -> bool:
     if count is None:
         return False
     return count(alias.untyped_storage()._cdata) <= 2
-
-
-def _ptr(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
 
 
 def _shape_key(t: torch.Tensor) -> tuple:

@@ -116,18 +116,11 @@ class TFCheckpointAdapter(AdapterBase):
             for i, v in enumerate(opt.variables):
                 yield name, f"{name}/{i:04d}", v
 
-    def save(self, checkpointer, step: int, *, data_position: Any = None,
-             extra: Mapping | None = None):
-        """capture() and checkpointer.save(); returns the checkpointer's handle. A
-        checkpointer that writes borrowed arrays (the engine) gets the captured snapshots
-        as they are, uncopied: a TF resource variable copies its buffer before an update
-        while a snapshot still shares it, so training may go on at once (the copy, when the
-        next update comes first, is TF's; tests/tf/test_tf_checkpointing.py holds the
-        engine's writers while training updates the variables)."""
-        state, meta = self.capture(step, data_position=data_position, extra=extra)
-        if getattr(checkpointer, "borrows", False):
-            return checkpointer.save(step, state, meta, borrowed=True)
-        return checkpointer.save(step, state, meta)
+    # A capture's arrays are snapshots: a TF resource variable copies its buffer before an
+    # update while a snapshot still shares it, so the engine writes them uncopied while
+    # training goes on (tests/tf/test_tf_checkpointing.py holds the engine's writers while
+    # training updates the variables).
+    immutable_capture = True
 
     def capture(self, step: int, *, data_position: Any = None,
                 extra: Mapping | None = None) -> tuple[dict[str, np.ndarray], dict]:
