@@ -143,7 +143,7 @@ def torch_session(engine: str, mib: int, directory: Path) -> Session:
     import torch
     import torch.distributed.checkpoint  # noqa: F401  (imported before RSS is measured)
 
-    from faultlab.checkpointing.adapters import TorchCheckpointAdapter
+    from faultlab.backends.torch.adapter import TorchCheckpointAdapter
     from faultlab.checkpointing.baselines import open_checkpointer
     torch.set_num_threads(1)
     model, opt, train_step = wide_mlp(mib)
@@ -187,7 +187,7 @@ def tf_session(engine: str, mib: int, directory: Path) -> Session:
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     from faultlab.checkpointing.baselines import Future, fsync_tf_checkpoint, open_checkpointer
-    from faultlab.checkpointing.tf_adapter import TFCheckpointAdapter
+    from faultlab.backends.tf.adapter import TFCheckpointAdapter
     model, opt, train_step = keras_wide_mlp(mib)
     for _ in range(2):
         train_step()
@@ -347,10 +347,10 @@ def run_state_part(args, directory: Path, log, engines) -> dict:
 def run_training_part(args, directory: Path, log) -> dict:
     import torch
 
-    from faultlab.checkpointing.adapters import TorchCheckpointAdapter
+    from faultlab.backends.torch.adapter import TorchCheckpointAdapter
     from faultlab.checkpointing.baselines import open_checkpointer
     from faultlab.workloads.base import default_config
-    from faultlab.workloads.torch_trainer import TorchTrainer
+    from faultlab.backends.torch.trainer import TorchTrainer
     cfg = default_config("resnet18", **REFERENCE)
     trainer = TorchTrainer(cfg)
     adapter = TorchCheckpointAdapter(trainer.model, trainer.optimizer)

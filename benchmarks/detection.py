@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from faultlab.detectors import default_suite  # noqa: E402
 from faultlab.detectors.signals import Signals  # noqa: E402
-from faultlab.executor import set_threads  # noqa: E402
-from faultlab.overhead import (REFERENCE, detection_overhead, false_positives,  # noqa: E402
+from faultlab.backends import load_backend  # noqa: E402
+from faultlab.replay.overhead import (REFERENCE, detection_overhead, false_positives,  # noqa: E402
                                format_recovery, replay_overhead)
 from faultlab.runner import Session  # noqa: E402
 from faultlab.workloads.base import default_config  # noqa: E402
@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--fp-only", action="store_true")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    set_threads(a.threads)
+    load_backend(REFERENCE.framework).configure(a.threads)
     t0 = time.time()
     out = {"false_positives": fp_sweep(a.threads)}
     if not a.fp_only:

@@ -88,10 +88,10 @@ import torch  # noqa: E402
 
 from faultlab.faults import (Duration, FaultSpec, PositionSpec, Site,  # noqa: E402
                              ValueSpec)
-from faultlab.injectors.torch_hooks import TorchInjector  # noqa: E402
+from faultlab.backends.torch.injector import TorchInjector  # noqa: E402
 from faultlab.workloads.base import default_config  # noqa: E402
-from faultlab.workloads.torch_models import layer_map  # noqa: E402
-from faultlab.workloads.torch_trainer import (TorchTrainer, build_workload,  # noqa: E402
+from faultlab.backends.torch.models import layer_map  # noqa: E402
+from faultlab.backends.torch.trainer import (TorchTrainer, build_workload,  # noqa: E402
                                               operand_shapes)
 
 FWD_LAYER = "basicblock_2_basic_0_conv2"

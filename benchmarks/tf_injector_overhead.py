@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     os.environ["OMP_NUM_THREADS"] = str(a.threads)   # read by the backend when it configures TF
     from faultlab.faults import Duration, FaultSpec, PositionSpec, Site, ValueSpec
     from faultlab.workloads.base import default_config
-    from faultlab.workloads import tf_trainer
+    from faultlab.backends.tf import trainer as tf_trainer
     import tensorflow as tf
 
     def log(msg):

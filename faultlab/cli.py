@@ -14,7 +14,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .errors import FaultlabError
+from faultlab.backends import load_backend
+from faultlab.errors import FaultlabError
 
 EPILOGS = {
     "run": """examples:
@@ -87,7 +88,7 @@ def _protect_args(p, with_flag: bool = True) -> None:
 
 
 def _detect_options(a):
-    from .runner import DetectOptions
+    from faultlab.runner.session import DetectOptions
     th = []
     for t in a.threshold:
         k, sep, v = t.partition("=")
@@ -110,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
                     "detect and recover.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run 'faultlab COMMAND --help' for examples.")
-    from . import __version__
+    from faultlab import __version__
     p.add_argument("--version", action="version", version=f"faultlab {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -263,8 +264,8 @@ def _default_threads(workers: int) -> int:
 
 
 def cmd_validate(a) -> int:
-    from .campaigns import load_campaign
-    from .runner import validate_trials
+    from faultlab.campaigns.files import load_campaign
+    from faultlab.runner.session import validate_trials
     camp = load_campaign(a.campaign, a.framework)
     validate_trials(camp.trials)
     info = {"campaign": camp.path, "format": camp.format, "digest": camp.digest,
@@ -280,9 +281,8 @@ def cmd_validate(a) -> int:
 
 
 def cmd_workloads(a) -> int:
-    from .workloads.base import BUILTINS, default_config
+    from faultlab.workloads.base import BUILTINS, default_config
     if a.layers:
-        from .backend import load_backend
         cfg = default_config(a.layers, framework=a.framework)
         table = load_backend(cfg.framework).operand_shapes(cfg)
         rows = {layer: {(s.value if hasattr(s, "value") else s): list(shape)
@@ -331,11 +331,11 @@ def _stop_after() -> int | None:
 
 def _run_campaign(a, detect=None):
     """Parse, validate, run what is not done yet, store as each trial ends; the results."""
-    from .campaigns import load_campaign
-    from .executor import LocalPool
-    from .outcomes import OutcomeRules
-    from .results import ResultStore
-    from .runner import validate_trials
+    from faultlab.campaigns.files import load_campaign
+    from faultlab.runner.pool import LocalPool
+    from faultlab.outcomes import OutcomeRules
+    from faultlab.results.store import ResultStore
+    from faultlab.runner.session import validate_trials
 
     if a.workers < 1:
         raise FaultlabError("--workers must be at least 1")
@@ -384,7 +384,7 @@ def _run_campaign(a, detect=None):
 
 
 def cmd_run(a) -> int:
-    from .results import OUTCOMES, format_results, format_summary, summarize, to_csv
+    from faultlab.results.store import OUTCOMES, format_results, format_summary, summarize, to_csv
 
     for flag in ("expect", "expect_after"):
         want = getattr(a, flag)
@@ -396,14 +396,14 @@ def cmd_run(a) -> int:
     rows = summarize(results)
     after_rows = None
     if detect is not None:
-        from .results import TrialResult
+        from faultlab.results.store import TrialResult
         after_rows = summarize([TrialResult(**{**r.__dict__, "outcome": r.outcome_after or r.outcome})
                                 for r in results])
     if a.csv:
         to_csv(results, a.csv)
     cov = None
     if detect is not None:
-        from .coverage import coverage
+        from faultlab.results.coverage import coverage
         cov = coverage(results)
     if a.json:
         doc = {"campaign": camp.path, "digest": cid, "results_db": str(db),
@@ -418,7 +418,7 @@ def cmd_run(a) -> int:
         print()
         print(format_summary(rows))
         if detect is not None:
-            from .coverage import format_coverage
+            from faultlab.results.coverage import format_coverage
             print()
             print("after detection and recovery:")
             print(format_summary(after_rows))
@@ -445,13 +445,13 @@ def _table(rows, cols) -> str:
 
 
 def cmd_detect(a) -> int:
-    from .overhead import detection_overhead, false_positives, reference
+    from faultlab.replay.overhead import detection_overhead, false_positives, reference
     if a.campaign:
         a.fresh, a.rule, a.timeout, a.threads = False, [], 3600.0, 0
         detect = _detect_options(a)
         camp, cid, db, results = _run_campaign(a, detect)
-        from .coverage import coverage, format_coverage
-        from .golden import golden_dir, load as load_golden
+        from faultlab.results.coverage import coverage, format_coverage
+        from faultlab.runner.golden import golden_dir, load as load_golden
         cov = coverage(results)
         fps = None
         threads = _default_threads(a.workers)
@@ -468,9 +468,8 @@ def cmd_detect(a) -> int:
         else:
             print(format_coverage(cov, fps))
         return 0
-    from .executor import set_threads
-    set_threads(a.threads)
     cfg = reference(a.workload, a.framework)
+    load_backend(cfg.framework).configure(a.threads)
     if not a.check:
         res = detection_overhead(cfg, a.steps, variants={})
     else:
@@ -501,10 +500,9 @@ def cmd_detect(a) -> int:
 
 
 def cmd_replay(a) -> int:
-    from .executor import set_threads
-    from .overhead import format_recovery, reference, replay_overhead
-    set_threads(a.threads)
+    from faultlab.replay.overhead import format_recovery, reference, replay_overhead
     cfg = reference(a.workload, a.framework)
+    load_backend(cfg.framework).configure(a.threads)
     every = a.every if a.rerun else 10**9
     res = replay_overhead(cfg, a.steps, a.checkpoint_every, every, a.repeats,
                           progress=lambda k, n: _say(f"replay: step {k}/{n}", a.json))
@@ -527,7 +525,7 @@ def cmd_replay(a) -> int:
 
 
 def cmd_report(a) -> int:
-    from .results import (ResultStore, format_results, format_summary, summarize, to_csv,
+    from faultlab.results.store import (ResultStore, format_results, format_summary, summarize, to_csv,
                           to_parquet)
     if not Path(a.results).is_file():
         raise FaultlabError(f"{a.results}: no such results database")
@@ -553,8 +551,8 @@ def cmd_crash(a) -> int:
     import shutil
     import tempfile
 
-    from .checkpointing.baselines import COMPARED, engine_names
-    from .checkpointing.crash import (EngineReport, KillCampaign, LoopSpec, factory_name,
+    from faultlab.checkpointing.baselines import COMPARED, engine_names
+    from faultlab.crash.harness import (EngineReport, KillCampaign, LoopSpec, factory_name,
                                       format_reports, power_loss_campaign)
     engines = []
     for name in a.engine or ["faultlab"]:
@@ -571,7 +569,7 @@ def cmd_crash(a) -> int:
             raise FaultlabError(f"{flag} must be at least {low}, got {value}")
     if a.jitter_ms < 0:
         raise FaultlabError(f"--jitter-ms must be >= 0, got {a.jitter_ms}")
-    from .checkpointing.baselines import TF_ENGINES
+    from faultlab.checkpointing.baselines import TF_ENGINES
     if any(n in TF_ENGINES for n in engines) and importlib.util.find_spec("tensorflow") is None:
         raise FaultlabError("--engine tf-sync / tf-async need TensorFlow: "
                             "pip install 'faultlab[tf]'")
@@ -627,9 +625,9 @@ def cmd_crash(a) -> int:
 
 
 def cmd_plan(a) -> int:
-    from .campaigns import format_columnar
-    from .overhead import reference
-    from .plan import plan, population, sample_size
+    from faultlab.campaigns.files import format_columnar
+    from faultlab.replay.overhead import reference
+    from faultlab.campaigns.plan import plan, population, sample_size
     cfg = reference(a.workload, a.framework)
     if a.trials is not None and a.trials < 1:
         raise FaultlabError("--trials must be at least 1")

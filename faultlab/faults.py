@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import SpecError
+from faultlab.backends import Framework  # noqa: F401 - built from the backend registry
+from faultlab.bits import (DTYPE_LAYOUT, LAYOUT_BITS, BitLayout,  # noqa: F401 - re-exported
+                           bits_to_float)
+from faultlab.errors import SpecError
 
-
-class Framework(str, enum.Enum):
-    TORCH = "torch"
-    TF = "tf"
 
 
 class Site(str, enum.Enum):
@@ -61,27 +60,6 @@ class ValueModel(str, enum.Enum):
     SCALE = "scale"          # multiply by a factor
     SET = "set"              # explicit replacement values (ISCA inj_values), exact
     DEGRADE = "degrade"      # slowly degrading unit: x * (1 + ramp * n), n = steps since onset
-
-
-class BitLayout(str, enum.Enum):
-    """Bit layout the value is corrupted in. NATIVE: the tensor's own dtype; a float layout on
-    a wider tensor emulates a reduced-precision datapath (cast, corrupt, cast back); INT8 on a
-    float tensor emulates symmetric per-tensor int8 quantisation."""
-
-    NATIVE = "native"
-    FP32 = "fp32"
-    FP16 = "fp16"
-    BF16 = "bf16"
-    FP64 = "fp64"
-    INT8 = "int8"
-
-
-#: bit width of each concrete layout
-LAYOUT_BITS = {BitLayout.FP32: 32, BitLayout.FP16: 16, BitLayout.BF16: 16, BitLayout.FP64: 64,
-               BitLayout.INT8: 8}
-#: dtype names the kernels accept, mapped to their layout
-DTYPE_LAYOUT = {"float32": BitLayout.FP32, "float16": BitLayout.FP16,
-                "bfloat16": BitLayout.BF16, "float64": BitLayout.FP64, "int8": BitLayout.INT8}
 
 
 class PositionMode(str, enum.Enum):
@@ -313,7 +291,6 @@ def _random_masks(rng, n: int, width: int, k: int) -> np.ndarray:
 
 def _random_finite(rng, n: int, layout: BitLayout) -> np.ndarray:
     """Random bit patterns of the layout's width, redrawn until finite, as float64."""
-    from .kernels.reference import bits_to_float  # local: kernels import this module
     out = np.empty(n, dtype=np.float64)
     todo = np.arange(n)
     width = LAYOUT_BITS[layout]

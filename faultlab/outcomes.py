@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from .errors import SpecError
+from faultlab.errors import SpecError
 
 MASKED = "Masked"
 IMMEDIATE = "ImmediateINFsNaNs"

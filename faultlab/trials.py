@@ -6,8 +6,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from .faults import FaultSpec
-from .workloads.base import WorkloadConfig
+from faultlab.faults import FaultSpec
+from faultlab.workloads.base import WorkloadConfig
 
 
 @dataclass(frozen=True)

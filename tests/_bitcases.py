@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from faultlab.faults import DTYPE_LAYOUT, BitLayout
-from faultlab.kernels.reference import convert_bits
+from faultlab.injectors.reference import convert_bits
 
 DTYPES = ["float32", "float16", "bfloat16", "float64", "int8"]
 FLOAT_DTYPES = DTYPES[:4]

@@ -5,7 +5,7 @@ import math
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from faultlab.coverage import coverage
+from faultlab.results.coverage import coverage
 from faultlab.detectors import (ABFTDetector, DetectorSuite, HistoryBound, NonFinite,
                                 ReplicaDivergence, Signals, SignalSpec, Spike, default_suite)
 from faultlab.detectors.base import Verdict
@@ -16,7 +16,7 @@ from faultlab.results import TrialResult
 from faultlab.runner import DetectOptions, Session
 from faultlab.trials import Trial
 from faultlab.workloads.base import default_config
-from faultlab.workloads.torch_trainer import TorchTrainer
+from faultlab.backends.torch.trainer import TorchTrainer
 
 CFG = default_config("mlp", replicas=2, per_replica_batch=16, width=32, input_size=8,
                      dataset="digits", steps_per_epoch=10, epochs=5, seed=0, lr=1e-2)
@@ -243,7 +243,7 @@ def test_replay_rerun_reports_recovery_against_both_bounds(capsys):
 
 
 def test_disk_read_bandwidth_direct_and_cached(tmp_path):
-    from faultlab.overhead import disk_read_bandwidth
+    from faultlab.replay.overhead import disk_read_bandwidth
     assert disk_read_bandwidth(tmp_path, 4 << 20) > 0
     assert disk_read_bandwidth(tmp_path, 4 << 20, direct=True) > 0
     assert not list(tmp_path.iterdir())          # the probe file is gone

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from faultlab.errors import SpecError
 from faultlab.faults import (DTYPE_LAYOUT, LAYOUT_BITS, BitLayout, Corruption, PositionSpec,
                              ValueModel, ValueSpec, resolve)
-from faultlab.injectors.torch_kernels import prepare
-from faultlab.kernels.reference import apply_reference, bits_to_float, convert_bits
+from faultlab.backends.torch.kernels import prepare
+from faultlab.injectors.reference import apply_reference, bits_to_float, convert_bits
 
 from _bitcases import (DTYPES, FLOAT_DTYPES, FLOAT_LAYOUTS, FMT, NP, UINT, cfg, dtype_layout,
                        layouts_for, make_tensor, pick_index, specials)

@@ -4,7 +4,7 @@ executor), and the rule function itself on constructed series."""
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from faultlab.executor import LocalPool
+from faultlab.runner.pool import LocalPool
 from faultlab.faults import Duration, FaultSpec, PositionSpec, Site, ValueSpec
 from faultlab.outcomes import OutcomeRules, classify
 from faultlab.runner import Session

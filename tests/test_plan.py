@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st
 
 from faultlab.campaigns import format_columnar, parse_columnar
 from faultlab.errors import SpecError
-from faultlab.plan import plan, sample_size
+from faultlab.campaigns.plan import plan, sample_size
 from faultlab.runner import validate_trials
 from faultlab.workloads.base import default_config
 

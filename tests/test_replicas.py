@@ -9,7 +9,7 @@ import torch
 
 from faultlab.faults import FaultSpec, PositionSpec, Site, ValueSpec
 from faultlab.workloads.base import default_config
-from faultlab.workloads.torch_trainer import TorchTrainer
+from faultlab.backends.torch.trainer import TorchTrainer
 
 RESNET = default_config("resnet18", width=4, input_size=16, replicas=4, per_replica_batch=4,
                         dataset="digits", steps_per_epoch=3, epochs=2, seed=5)
@@ -157,7 +157,7 @@ LONG = default_config("mlp", replicas=3, per_replica_batch=8, width=512, input_s
 
 
 def protected(faults, detectors, every=5):
-    from faultlab.detectors.base import default_suite
+    from faultlab.detectors import default_suite
     from faultlab.replay.rollback import Protector
     with Protector(TorchTrainer(LONG), default_suite(detectors), every) as p:
         run = p.run(0, LONG.total_steps, faults)

@@ -9,9 +9,9 @@ from hypothesis import given, settings, strategies as st
 
 from faultlab.errors import SpecError
 from faultlab.faults import FaultSpec, PositionSpec, Site, ValueSpec
-from faultlab.injectors.torch_hooks import (TorchInjector, act_perm, canonical_shape,
+from faultlab.backends.torch.injector import (TorchInjector, act_perm, canonical_shape,
                                             conv_grad_input, dilated_grad, remap, weight_perm)
-from faultlab.workloads.torch_models import Conv2dSame, layer_map
+from faultlab.backends.torch.models import Conv2dSame, layer_map
 
 torch.use_deterministic_algorithms(True)
 

@@ -8,7 +8,7 @@ from faultlab.errors import DataError
 from faultlab.faults import FaultSpec, PositionSpec, Site, ValueSpec
 from faultlab.workloads import data as datamod
 from faultlab.workloads.base import default_config
-from faultlab.workloads.torch_trainer import TorchTrainer, operand_shapes
+from faultlab.backends.torch.trainer import TorchTrainer, operand_shapes
 
 LM = default_config("transformer", replicas=2, per_replica_batch=4, width=16, input_size=16,
                     steps_per_epoch=3, epochs=2, seed=3)

@@ -8,10 +8,10 @@
 The on-disk format is documented in docs/checkpoint_format.md.
 """
 
-from .engine import CheckpointEngine, EngineSettings, SaveHandle
-from .recovery import CommitInfo, Restored, list_commits, recover
-from .simdisk import CrashChoice, SimDisk
-from .storage import OSStorage, Storage
+from faultlab.checkpointing.engine import CheckpointEngine, EngineSettings, SaveHandle
+from faultlab.checkpointing.recovery import CommitInfo, Restored, list_commits, recover
+from faultlab.checkpointing.simdisk import CrashChoice, SimDisk
+from faultlab.checkpointing.storage import OSStorage, Storage
 
 __all__ = ["CheckpointEngine", "CommitInfo", "CrashChoice", "EngineSettings", "OSStorage",
            "Restored", "SaveHandle", "SimDisk", "Storage", "list_commits", "recover"]

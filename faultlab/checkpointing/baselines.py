@@ -24,7 +24,7 @@
 Every checkpointer keeps the newest `keep` checkpoints, recovers the newest one that loads and
 verifies, and takes a `phase_hook(phase, point, step)` that it calls at the points a crash
 campaign may kill it: "staging" (the state is being copied), "writing" (data on its way to the
-file), "committing" (syncs, record, rename) -- faultlab.checkpointing.crash uses it. Only this
+file), "committing" (syncs, record, rename) -- faultlab.crash.harness uses it. Only this
 module's torch-based classes import torch, its TF-based ones TensorFlow, and only when used.
 """
 
@@ -43,12 +43,12 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
-from ..errors import CheckpointError, FaultlabError
-from .engine import CheckpointEngine
-from .format import decode_header, dtype_from_json, dtype_to_json
-from .layout import check_step, encode_meta, normalize_state
-from .recovery import recover as _engine_recover
-from .storage import OSStorage, _fsync_dir, storage_error
+from faultlab.errors import CheckpointError, FaultlabError
+from faultlab.checkpointing.engine import CheckpointEngine
+from faultlab.checkpointing.format import decode_header, dtype_from_json, dtype_to_json
+from faultlab.checkpointing.layout import check_step, encode_meta, normalize_state
+from faultlab.checkpointing.recovery import recover as _engine_recover
+from faultlab.checkpointing.storage import OSStorage, _fsync_dir, storage_error
 
 PhaseHook = Callable[[str, str, int], None]
 
@@ -193,6 +193,15 @@ class EngineCheckpointer:
     """CheckpointEngine behind the Checkpointer interface (path: the checkpoint file)."""
 
     name = "faultlab"
+    framework = None
+    file_target = "faultlab.ckpt"
+    #: small chunks, so that one checkpoint of a tiny model still has several writing points
+    default_settings = {"max_in_flight": 2, "keep": 2, "chunk_bytes": 4096, "pool_bytes": 16384,
+                        "writers": 2}
+    settings_space = {"max_in_flight": (1, 2, 3), "keep": (1, 2, 3),
+                      "chunk_bytes": (4096, 8192, 16384, 65536),
+                      "pool_bytes": (4096, 8192, 16384, 32768, 65536, 262144),
+                      "writers": (1, 2, 3)}
     borrows = True          # save(..., borrowed=True): see CheckpointEngine.save
 
     def __init__(self, path: str | os.PathLike, *, phase_hook: PhaseHook | None = None,
@@ -234,6 +243,7 @@ class CowEngineCheckpointer(EngineCheckpointer):
     parameters and optimizer state are written where they are, frozen until written."""
 
     name = "faultlab+cow"
+    framework = "torch"
     cow = True
     cow_min_bytes = 1        # freeze every tensor (a crash campaign's model is tiny) and
     cow_policy = "redirect"  # update them out of place (not "auto"'s copy for small states)
@@ -386,6 +396,10 @@ def _write_torch_file(path: Path, payload: dict, hook: PhaseHook, step: int) -> 
 
 class _DirectoryCheckpointer:
     name = "?"
+    framework = "torch"
+    file_target = None
+    default_settings = {"keep": 2}
+    settings_space = {"keep": (1, 2, 3)}
     _framework = staticmethod(_torch)          # checks that the framework is installed
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 2,
@@ -679,7 +693,7 @@ def _load_dcp_dir(path: Path) -> Loaded:
 
 def _tf():
     try:
-        from ..tfruntime import tf
+        from faultlab.backends.tf.runtime import tf
     except ImportError:
         raise FaultlabError("this checkpointer needs TensorFlow: "
                             "pip install 'faultlab[tf]'") from None
@@ -733,6 +747,7 @@ class TFCheckpoint(_OneInFlight):
     variables (TF's own CPU copy) and returns; TF's thread writes, then the callback fsyncs."""
 
     name = "tf-sync"
+    framework = "tf"
     asynchronous = False
     _framework = staticmethod(_tf)
     _INDEX_RE = re.compile(r"^ckpt-(-?\d+)\.index$")
@@ -884,6 +899,10 @@ class NaiveInPlace:
     """
 
     name = "naive"
+    framework = None
+    file_target = "naive.ckpt"
+    default_settings: dict = {}
+    settings_space: dict = {}
     _HEADER = 1 << 16
 
     def __init__(self, path: str | os.PathLike, *, phase_hook: PhaseHook | None = None):
@@ -943,62 +962,9 @@ class NaiveInPlace:
             raise CheckpointError(f"{path}: unreadable naive checkpoint ({e})") from None
 
 
-# -- registry ---------------------------------------------------------------------------------
+# -- registry: faultlab.checkpointing.api (re-exported while the classes move) ---------------
 
-ENGINES: dict[str, type] = {
-    "faultlab": EngineCheckpointer,
-    "faultlab+cow": CowEngineCheckpointer,
-    "sync": SyncSave,
-    "checkfreq": CheckFreqStyle,
-    "dcp-async": TorchDCPAsync,
-    "naive": NaiveInPlace,
-    "tf-sync": TFCheckpoint,
-    "tf-async": TFAsyncCheckpoint,
-}
+from faultlab.checkpointing.api import (COMPARED, checkpointer_names as engine_names,  # noqa: E402
+                                        open_checkpointer, recover_checkpoint, target_path)
+
 TF_ENGINES = ("tf-sync", "tf-async")
-#: engines a plain `faultlab crash --engine all` and the benchmark compare
-COMPARED = ("faultlab", "faultlab+cow", "sync", "checkfreq", "dcp-async")
-
-# Engines whose target is one file inside the directory given to open_checkpointer().
-_FILE_TARGETS = {"faultlab": "faultlab.ckpt", "faultlab+cow": "faultlab.ckpt",
-                 "naive": "naive.ckpt"}
-
-
-def engine_names() -> list[str]:
-    return list(ENGINES)
-
-
-def _cls(name: str) -> type:
-    try:
-        return ENGINES[name]
-    except KeyError:
-        raise FaultlabError(f"unknown checkpoint engine {name!r} "
-                            f"(one of: {', '.join(engine_names())})") from None
-
-
-def target_path(name: str, directory: str | os.PathLike) -> Path:
-    """Where engine `name` keeps its checkpoints inside `directory`."""
-    _cls(name)
-    directory = Path(directory)
-    return directory / _FILE_TARGETS[name] if name in _FILE_TARGETS else directory / name
-
-
-def open_checkpointer(name: str, directory: str | os.PathLike, *,
-                      phase_hook: PhaseHook | None = None, **settings) -> Checkpointer:
-    """A checkpointer of engine `name` that keeps its files inside `directory`."""
-    cls = _cls(name)
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    try:
-        return cls(target_path(name, directory), phase_hook=phase_hook, **settings)
-    except TypeError as e:
-        raise FaultlabError(f"bad settings for engine {name}: {e}") from None
-
-
-def recover_checkpoint(name: str, directory: str | os.PathLike) -> Loaded:
-    """The newest checkpoint engine `name` can recover from `directory` (CheckpointError if
-    none: missing, foreign or damaged beyond every fallback)."""
-    cls = _cls(name)
-    target = target_path(name, directory)
-    if name not in _FILE_TARGETS and not target.exists():
-        raise CheckpointError(f"no committed checkpoint in {target}")
-    return cls.recover(target)

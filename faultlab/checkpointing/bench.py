@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import CheckpointEngine
-from .format import digest
+from faultlab.checkpointing.engine import CheckpointEngine
+from faultlab.checkpointing.format import digest
 
 MiB = 1 << 20
 

@@ -18,14 +18,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import CheckpointError
-from . import tuning
-from .format import (Geometry, Manifest, Record, align_up, digest, encode_header,
+from faultlab.errors import CheckpointError
+from faultlab.checkpointing import tuning
+from faultlab.checkpointing.format import (Geometry, Manifest, Record, align_up, digest, encode_header,
                      encode_manifest, encode_record, tombstone)
-from .layout import Layout, byte_view, check_step, encode_meta, normalize_state, plan, stage_chunk
-from .pool import BufferPool
-from .recovery import CommitInfo, Restored, read_geometry, recover, valid_commits
-from .storage import OSStorage, Storage
+from faultlab.checkpointing.layout import Layout, byte_view, check_step, encode_meta, normalize_state, plan, stage_chunk
+from faultlab.checkpointing.pool import BufferPool
+from faultlab.checkpointing.recovery import CommitInfo, Restored, read_geometry, recover, valid_commits
+from faultlab.checkpointing.storage import OSStorage, Storage
 
 _CHUNK, _FINALIZE = "chunk", "finalize"
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import CheckpointError
-from .format import TensorEntry
+from faultlab.errors import CheckpointError
+from faultlab.checkpointing.format import TensorEntry
 
 ALIGN = 64                         # array start alignment within a slot (a cache line)
 INT64 = (-(1 << 63), (1 << 63) - 1)

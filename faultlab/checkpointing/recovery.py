@@ -15,10 +15,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..errors import CheckpointError
-from .format import (FormatError, Geometry, Manifest, Record, decode_header, decode_manifest,
+from faultlab.errors import CheckpointError
+from faultlab.checkpointing.format import (FormatError, Geometry, Manifest, Record, decode_header, decode_manifest,
                      decode_record, digest)
-from .storage import OSStorage, Storage
+from faultlab.checkpointing.storage import OSStorage, Storage
 
 _HEADER_PROBE = 1 << 16          # bytes read to find the header (the largest block size)
 

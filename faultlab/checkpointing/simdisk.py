@@ -18,9 +18,9 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ..errors import CheckpointError
-from .format import digest as _digest
-from .storage import Storage, storage_error
+from faultlab.errors import CheckpointError
+from faultlab.checkpointing.format import digest as _digest
+from faultlab.checkpointing.storage import Storage, storage_error
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import secrets
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-from ..errors import CheckpointError
+from faultlab.errors import CheckpointError
 
 
 def storage_error(exc: OSError, action: str, name: str) -> CheckpointError:

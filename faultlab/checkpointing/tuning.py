@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import digest
+from faultlab.checkpointing.format import digest
 
 MiB = 1 << 20
 DEFAULT_CHUNK_BYTES = 8 * MiB
@@ -100,7 +100,7 @@ def probe(storage) -> Probed:
     Storages that are not real files (SimDisk) get the defaults. Results are cached per
     directory for the life of the process.
     """
-    from .storage import OSStorage
+    from faultlab.checkpointing.storage import OSStorage
     if not isinstance(storage, OSStorage):
         return DEFAULTS
     directory = storage.path.resolve().parent

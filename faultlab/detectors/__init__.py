@@ -1,8 +1,9 @@
 """Step-level anomaly detectors behind one interface (framework-free logic)."""
 
-from .base import Detector, DetectorSuite, Verdict, default_suite
-from .builtin import ABFTDetector, HistoryBound, NonFinite, ReplicaDivergence, Spike
-from .signals import Signals, SignalSpec
+from faultlab.detectors.base import Detector, DetectorSuite, Verdict
+from faultlab.detectors.builtin import (ABFTDetector, HistoryBound, NonFinite, ReplicaDivergence,
+                                       Spike, default_suite)
+from faultlab.detectors.signals import Signals, SignalSpec
 
 __all__ = ["Detector", "DetectorSuite", "Verdict", "default_suite", "ABFTDetector",
            "HistoryBound", "NonFinite", "ReplicaDivergence", "Spike", "Signals", "SignalSpec"]

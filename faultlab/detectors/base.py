@@ -10,8 +10,8 @@ import copy
 from dataclasses import dataclass
 from typing import Iterable, Protocol
 
-from ..errors import SpecError
-from .signals import Signals, SignalSpec
+from faultlab.errors import SpecError
+from faultlab.detectors.signals import Signals, SignalSpec
 
 
 @dataclass(frozen=True)
@@ -71,14 +71,3 @@ class DetectorSuite:
     @property
     def names(self) -> list[str]:
         return [d.name for d in self.detectors]
-
-
-def default_suite(names: Iterable[str] | None = None, **thresholds) -> DetectorSuite:
-    """The built-in detectors by name (default: nonfinite, history, spike)."""
-    from .builtin import BUILTIN
-    names = list(names or ("nonfinite", "history", "spike"))
-    unknown = [n for n in names if n not in BUILTIN]
-    if unknown:
-        raise SpecError(f"unknown detector {unknown[0]!r} (built-ins: {', '.join(BUILTIN)})")
-    return DetectorSuite(BUILTIN[n](**{k: v for k, v in thresholds.items()
-                                       if k in BUILTIN[n].PARAMS}) for n in names)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from typing import Iterable
 
-from .base import Verdict
-from .signals import Signals, SignalSpec
+from faultlab.detectors.base import DetectorSuite, Verdict
+from faultlab.errors import SpecError
+from faultlab.detectors.signals import Signals, SignalSpec
 
 
 class NonFinite:
@@ -125,3 +127,13 @@ class ABFTDetector:
 
 BUILTIN = {"nonfinite": NonFinite, "history": HistoryBound, "spike": Spike,
            "divergence": ReplicaDivergence, "abft": ABFTDetector}
+
+
+def default_suite(names: Iterable[str] | None = None, **thresholds) -> DetectorSuite:
+    """The built-in detectors by name (default: nonfinite, history, spike)."""
+    names = list(names or ("nonfinite", "history", "spike"))
+    unknown = [n for n in names if n not in BUILTIN]
+    if unknown:
+        raise SpecError(f"unknown detector {unknown[0]!r} (built-ins: {', '.join(BUILTIN)})")
+    return DetectorSuite(BUILTIN[n](**{k: v for k, v in thresholds.items()
+                                       if k in BUILTIN[n].PARAMS}) for n in names)

@@ -1,7 +1,7 @@
 """Protected training: detect every step, roll back to the last persisted checkpoint, replay
 deterministically and tell a transient fault from a real instability.
 
-Framework-free: it drives a Trainer (faultlab.backend) and a CheckpointEngine. Checkpoints are
+Framework-free: it drives a Trainer (faultlab.backends.base) and a CheckpointEngine. Checkpoints are
 taken every `checkpoint_every` steps while training continues (the engine persists them
 concurrently); on a detection the run waits for the saves in flight, restores the newest
 committed checkpoint, replays the steps since it and re-runs the anomalous step. A clean
@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ..backend import StepMetrics
-from ..checkpointing import CheckpointEngine
-from ..detectors import DetectorSuite, Verdict
-from ..errors import CheckpointError, SpecError
-from ..faults import DurationKind, FaultSpec
+from faultlab.backends.base import StepMetrics
+from faultlab.checkpointing import CheckpointEngine
+from faultlab.detectors import DetectorSuite, Verdict
+from faultlab.errors import CheckpointError, SpecError
+from faultlab.faults import DurationKind, FaultSpec
 
 
 class Policy(str, enum.Enum):

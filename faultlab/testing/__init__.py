@@ -13,8 +13,8 @@
 A worked example: examples/test_my_training_crash.py; the guide: docs/checkpointing.md.
 """
 
-from ..checkpointing.adapters import Resume, TorchCheckpointAdapter
-from ..checkpointing.crash import (KillPoint, KillRecord, Phase, RunResult, TrainingLoop,
+from faultlab.backends.torch.adapter import Resume, TorchCheckpointAdapter
+from faultlab.crash.harness import (KillPoint, KillRecord, Phase, RunResult, TrainingLoop,
                                    Verdict)
 
 

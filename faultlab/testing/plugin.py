@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from ..checkpointing.crash import (KillCampaign, KillPoint, LoopSpec, RunResult, Zygote,
+from faultlab.crash.harness import (KillCampaign, KillPoint, LoopSpec, RunResult, Zygote,
                                    factory_name)
 
 

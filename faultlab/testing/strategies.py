@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 from hypothesis import strategies as st
 
-from ..checkpointing.baselines import COMPARED
-from ..checkpointing.crash import MAX_OCCURRENCE, KillPoint, Phase
+from faultlab.checkpointing.baselines import COMPARED
+from faultlab.crash.harness import MAX_OCCURRENCE, KillPoint, Phase
 
 KiB = 1 << 10
 

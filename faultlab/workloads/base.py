@@ -12,8 +12,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from ..errors import SpecError
-from ..faults import Framework, _enum
+from faultlab.errors import SpecError
+from faultlab.faults import Framework, _enum
 
 
 @dataclass(frozen=True)

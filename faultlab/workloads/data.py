@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
-from .base import WorkloadConfig
+from faultlab.errors import DataError
+from faultlab.workloads.base import WorkloadConfig
 
 IMAGE_DATASETS = ("digits", "cifar10", "synthetic")
 TEXT_DATASETS = ("corpus",)

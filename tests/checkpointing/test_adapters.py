@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from faultlab.checkpointing import CheckpointEngine, recover
-from faultlab.checkpointing.adapters import (Resume, TorchCheckpointAdapter, TrainerAdapter,
+from faultlab.backends.torch.adapter import (Resume, TorchCheckpointAdapter, TrainerAdapter,
                                              _decode, _Encoder, adapter_for, array_to_tensor,
                                              tensor_to_array)
 from faultlab.errors import CheckpointError, FaultlabError
@@ -387,7 +387,7 @@ def test_cuda_tensors_go_through_reused_pinned_buffers(tmp_path):
 
 def test_the_trainer_adapter_resumes_a_faultlab_trainer_exactly(tmp_path):
     from faultlab.workloads.base import default_config
-    from faultlab.workloads.torch_trainer import TorchTrainer
+    from faultlab.backends.torch.trainer import TorchTrainer
     cfg = default_config("mlp", replicas=2, per_replica_batch=8, width=8, steps_per_epoch=4,
                          epochs=2)
     ref = TorchTrainer(cfg)
@@ -409,9 +409,9 @@ def test_the_trainer_adapter_resumes_a_faultlab_trainer_exactly(tmp_path):
 
 @pytest.fixture(scope="module")
 def golden_run(tmp_path_factory):
-    from faultlab import golden
+    from faultlab.runner import golden as golden
     from faultlab.workloads.base import default_config
-    from faultlab.workloads.torch_trainer import TorchTrainer
+    from faultlab.backends.torch.trainer import TorchTrainer
     cfg = default_config("mlp", replicas=1, per_replica_batch=8, width=8, steps_per_epoch=3,
                          epochs=3, checkpoint_every=2)
     directory = tmp_path_factory.mktemp("golden") / "g"
@@ -420,9 +420,9 @@ def golden_run(tmp_path_factory):
 
 
 def test_golden_checkpoints_are_one_engine_file_holding_every_checkpoint(golden_run):
-    from faultlab import golden
+    from faultlab.runner import golden as golden
     from faultlab.checkpointing.recovery import list_commits
-    from faultlab.workloads.torch_trainer import TorchTrainer
+    from faultlab.backends.torch.trainer import TorchTrainer
     cfg, directory, run = golden_run
     assert run.checkpoints == [0, 2, 4, 6, 8]
     assert sorted(p.name for p in directory.iterdir()) == ["golden.ckpt", "golden.json"]
@@ -442,7 +442,7 @@ def test_golden_checkpoints_are_one_engine_file_holding_every_checkpoint(golden_
 def test_a_damaged_golden_checkpoint_is_a_one_line_error(golden_run, tmp_path):
     import shutil
 
-    from faultlab import golden
+    from faultlab.runner import golden as golden
     cfg, directory, _ = golden_run
     copy = tmp_path / "g"
     shutil.copytree(directory, copy)

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from ckpt_helpers import HookedDisk, assert_same_state, random_state
 from faultlab.checkpointing import CheckpointEngine
-from faultlab.checkpointing.adapters import TorchCheckpointAdapter
-from faultlab.checkpointing.cow import CowGuard
+from faultlab.backends.torch.adapter import TorchCheckpointAdapter
+from faultlab.backends.torch.cow import CowGuard
 from faultlab.errors import CheckpointError
 
 OPTIMIZERS = {

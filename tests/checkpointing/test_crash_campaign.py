@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 
 from faultlab import cli
 from faultlab.checkpointing.baselines import COMPARED
-from faultlab.checkpointing.crash import (KillPoint, Phase, Reference, Verdict, classify,
+from faultlab.crash.harness import (KillPoint, Phase, Reference, Verdict, classify,
                                           fingerprint, power_loss_campaign)
 from faultlab.errors import CheckpointError
 from faultlab.testing import strategies as fst

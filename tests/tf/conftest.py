@@ -6,4 +6,4 @@ import pytest
 
 pytest.importorskip("tensorflow", reason="TensorFlow tests need the tf extra: pip install -e '.[tf]'")
 
-import faultlab.workloads.tf_trainer  # noqa: E402,F401  (configures TF on import)
+import faultlab.backends.tf.trainer  # noqa: E402,F401  (configures TF on import)

@@ -20,14 +20,14 @@ from hypothesis import strategies as st
 from faultlab import cli
 from faultlab.checkpointing import CheckpointEngine, recover
 from faultlab.checkpointing import baselines
-from faultlab.checkpointing.adapters import adapter_for
+from faultlab.backends.torch.adapter import adapter_for
 from faultlab.checkpointing.baselines import open_checkpointer, recover_checkpoint, target_path
-from faultlab.checkpointing.crash import KillPoint, Phase, keras_loop, same_state
-from faultlab.checkpointing.tf_adapter import TFCheckpointAdapter, _global_generator
+from faultlab.crash.harness import KillPoint, Phase, keras_loop, same_state
+from faultlab.backends.tf.adapter import TFCheckpointAdapter, _global_generator
 from faultlab.errors import CheckpointError
-from faultlab.injectors.tf_hooks import _components
+from faultlab.backends.tf.injector import _components
 from faultlab.testing.plugin import crash_lab  # noqa: F401  (the plugin's fixture)
-from faultlab.workloads.tf_trainer import select_strategy
+from faultlab.backends.tf.trainer import select_strategy
 
 TF_ENGINES = ["tf-sync", "tf-async"]
 
@@ -374,7 +374,7 @@ def test_crash_defaults_to_the_keras_loop_for_tf_engines(capsys, tmp_path):
 def test_bulk_variable_io_reads_and_assigns_every_replicas_copy(mirrored, seed, diverged):
     """VariableSet: one traced read and one traced assign of every replica's copy of
     variables of several dtypes and shapes, each replica's own values where given."""
-    from faultlab.tfvars import VariableSet
+    from faultlab.backends.tf.variables import VariableSet
     rng = np.random.default_rng(seed)
     with mirrored.scope():
         variables = [tf.Variable(np.zeros((3, 5), np.float32)), tf.Variable(np.int64(0)),

@@ -15,12 +15,12 @@ import pytest
 
 from faultlab.detectors import SignalSpec, default_suite
 from faultlab.faults import Duration, FaultSpec, PositionSpec, Site, ValueSpec
-from faultlab.overhead import false_positives
+from faultlab.replay.overhead import false_positives
 from faultlab.replay import Protector
 from faultlab.runner import DetectOptions, Session
 from faultlab.trials import Trial
 from faultlab.workloads.base import default_config
-from faultlab.workloads.tf_trainer import BACKEND
+from faultlab.backends.tf import BACKEND
 
 from test_tf_cli import HEADER, REPO, TINY, _env, _finish, _start
 

@@ -10,9 +10,9 @@ import keras
 
 from faultlab.errors import SpecError
 from faultlab.faults import Duration, FaultSpec, PositionSpec, Site, ValueSpec
-from faultlab.injectors.tf_hooks import TFInjector, dilate
+from faultlab.backends.tf.injector import TFInjector, dilate
 from faultlab.keras import cpu_devices
-from faultlab.workloads.tf_models import OnePassBatchNorm
+from faultlab.backends.tf.models import OnePassBatchNorm
 
 R, B = 2, 3
 

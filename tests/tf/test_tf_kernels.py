@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from faultlab.errors import SpecError
 from faultlab.faults import (DTYPE_LAYOUT, LAYOUT_BITS, BitLayout, Corruption, PositionSpec,
                              ValueModel, ValueSpec, resolve)
-from faultlab.injectors import tf_kernels as K
-from faultlab.kernels.reference import apply_reference
+from faultlab.backends.tf import kernels as K
+from faultlab.injectors.reference import apply_reference
 
 from _bitcases import (DTYPES, FLOAT_DTYPES, FLOAT_LAYOUTS, NP, UINT, cfg, dtype_layout,
                        make_tensor, np_bits, pick_index, specials)
@@ -234,7 +234,7 @@ def test_corruption_works_on_any_shape_and_in_a_tf_function():
        layout=st.sampled_from(["native", "fp16", "bf16", "fp64", "int8"]))
 def test_same_fault_same_values_in_tensorflow_torch_and_numpy(dtype, seed, value, layout):
     torch = pytest.importorskip("torch")
-    from faultlab.injectors.torch_kernels import prepare as torch_prepare
+    from faultlab.backends.torch.kernels import prepare as torch_prepare
     if dtype == "int8" and (layout not in ("native", "int8")
                             or value in ("nan", "inf", "-inf")):
         return

@@ -17,7 +17,8 @@ from faultlab.outcomes import IMMEDIATE, MASKED
 from faultlab.runner import Session
 from faultlab.trials import Trial
 from faultlab.workloads.base import default_config
-from faultlab.workloads.tf_trainer import BACKEND, TFTrainer, select_strategy
+from faultlab.backends.tf import BACKEND
+from faultlab.backends.tf.trainer import TFTrainer, select_strategy
 
 RESNET = default_config("resnet18", width=4, input_size=16, replicas=2, per_replica_batch=4,
                         dataset="digits", steps_per_epoch=3, epochs=2, seed=5, framework="tf")

@@ -12,7 +12,7 @@ from faultlab.campaigns import load_campaign
 from faultlab.faults import Site
 from faultlab.runner import validate_trials
 from faultlab.workloads.base import default_config
-from faultlab.workloads.tf_trainer import TFTrainer, operand_shapes
+from faultlab.backends.tf.trainer import TFTrainer, operand_shapes
 
 REFERENCE = "/work/shared/reference/isca_ae/injections"
 
@@ -29,7 +29,7 @@ def _tiny(name, **kw):
 
 @pytest.mark.parametrize("name", ["resnet18", "mlp", "transformer"])
 def test_layer_names_and_operand_shapes_equal_torch(name):
-    torch_trainer = pytest.importorskip("faultlab.workloads.torch_trainer")
+    torch_trainer = pytest.importorskip("faultlab.backends.torch.trainer")
     cfg = _tiny(name)
     tf_table = operand_shapes(cfg.replace(framework="tf"))
     torch_table = torch_trainer.operand_shapes(cfg)

@@ -1,0 +1,156 @@
+"""The framework-free half of a backend: the trainer base and the backend contract.
+
+A backend builds a :class:`TrainerBase` for a workload configuration, reports the shapes of
+every injectable operand, configures its runtime and names its checkpoint adapter,
+checkpointers and crash loops. The runner, replay, the checkpoint harness and the CLI talk only
+to these; the torch and TensorFlow code lives behind them in ``backends/<framework>/``.
+"""
+
+from __future__ import annotations
+
+import abc
+import difflib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import numpy as np
+
+from faultlab.errors import SpecError
+from faultlab.faults import FaultSpec, Site
+from faultlab.workloads.base import WorkloadConfig
+
+if TYPE_CHECKING:
+    from faultlab.detectors import DetectorSuite, SignalSpec, Signals
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    loss: float
+    acc: float
+    #: cheap per-step detector signals when the trainer was asked for them; not part of
+    #: equality, so metrics compare as the run's numbers
+    signals: Signals | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class EvalMetrics:
+    loss: float
+    acc: float
+
+
+#: shapes of a layer's operands in the canonical layout, per replica, by site
+OperandTable = Mapping[str, Mapping[Site, tuple[tuple[int, ...], str]]]
+
+
+class TrainerBase(abc.ABC):
+    """A live training session of one workload configuration (each backend subclasses it).
+
+    The four abstract methods are the whole contract the runner needs; the rest has defaults
+    that the replay and overhead code rely on, so they call them without ``hasattr``."""
+
+    config: WorkloadConfig
+    #: which optional signals train_step collects, or None (set by the Protector)
+    signal_spec: SignalSpec | None = None
+    #: the learning rate is multiplied by this for the next step (a recovery policy's lever)
+    lr_scale: float = 1.0
+
+    @abc.abstractmethod
+    def train_step(self, step: int, faults: Sequence[FaultSpec] = ()) -> StepMetrics:
+        """Run global step `step` (all replicas), injecting `faults` (those firing now)."""
+
+    @abc.abstractmethod
+    def evaluate(self) -> EvalMetrics:
+        """Loss and accuracy on the held-out set."""
+
+    @abc.abstractmethod
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Everything that determines the following steps (model, optimizer), as arrays that
+        nobody else holds (callers may hand them to the engine as borrowed saves)."""
+
+    @abc.abstractmethod
+    def set_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore a state returned by get_state (bit-exact)."""
+
+    def prepare_restore(self) -> None:
+        """Do ahead of time whatever makes a later set_state fast (TF traces its bulk assign);
+        called when protection starts, so a rollback does not pay for it. Default: nothing."""
+
+    def signal_cost(self, spec: SignalSpec, suite: DetectorSuite | None = None,
+                    repeats: int = 50) -> float | None:
+        """Seconds one step's detector signals cost in isolation, or None when the backend
+        cannot separate them from the step (then only the whole-step comparison counts)."""
+        return None
+
+
+#: what faultlab needs of a trainer (the name the rest of the code types against)
+Trainer = TrainerBase
+
+
+class Backend(abc.ABC):
+    """What faultlab needs of a framework. Each backend package exports one as ``BACKEND``.
+
+    Importing a backend package must not import its framework: the methods do, on first use.
+    The registries here are "module:attribute" strings, so listing them is free."""
+
+    name: str
+    #: checkpointers this framework provides: engine name -> "module:Class"
+    checkpointers: Mapping[str, str] = {}
+    #: built-in crash-test training loops: loop name -> "module:factory"
+    crash_loops: Mapping[str, str] = {}
+
+    @abc.abstractmethod
+    def build_trainer(self, config: WorkloadConfig) -> TrainerBase:
+        """A trainer at the configuration's initial state (a backend may hand out a reused one)."""
+
+    def new_trainer(self, config: WorkloadConfig) -> TrainerBase:
+        """A trainer of its own, never a reused one (for runs side by side in one process)."""
+        return self.build_trainer(config)
+
+    @abc.abstractmethod
+    def operand_shapes(self, config: WorkloadConfig) -> OperandTable:
+        """Every injectable layer's operand shapes, canonical layout, per replica."""
+
+    @abc.abstractmethod
+    def configure(self, threads: int) -> None:
+        """Fix this process's intra-op thread count (it changes reduction order, so it is part
+        of a run); called by a worker before it builds anything."""
+
+    @abc.abstractmethod
+    def checkpoint_adapter(self) -> type:
+        """The class that turns this framework's training objects into checkpointable arrays
+        (faultlab.checkpointing.codec's AdapterBase subclass)."""
+
+    def crash_preload(self, engines: Sequence[str] = ()) -> list[str]:
+        """Modules a crash-test zygote imports before it forks training children running this
+        framework's loops with `engines` (fork-safe imports only). Default: none."""
+        return []
+
+
+def check_fault(table: OperandTable, fault: FaultSpec, config: WorkloadConfig) -> None:
+    """Raise SpecError when a fault names a missing layer, an unsupported site or a position
+    outside its operand."""
+    if fault.layer not in table:
+        close = difflib.get_close_matches(fault.layer, list(table), n=3, cutoff=0.6)
+        hint = (f"did you mean {', '.join(close)}?" if close else
+                f"'faultlab workloads --layers {config.workload}' lists them")
+        raise SpecError(f"unknown layer {fault.layer!r} in workload {config.workload} ({hint})",
+                        "layer")
+    sites = table[fault.layer]
+    site = fault.site
+    if site in (Site.PARAM, Site.GRAD_WT, Site.OPT_STATE) and fault.tensor == "bias":
+        key = "bias"
+    else:
+        key = site
+    if key not in sites:
+        raise SpecError(f"site {site.value} is not available on layer {fault.layer}", "site")
+    shape, _ = sites[key]
+    if fault.replica >= config.replicas:
+        raise SpecError(f"replica {fault.replica} is out of range 0..{config.replicas - 1}",
+                        "replica")
+    if fault.step >= config.total_steps:
+        raise SpecError(f"step {fault.step} is past the end of training "
+                        f"({config.total_steps} steps)", "step")
+    try:
+        fault.positions.check(shape, what=f"{site.value} operand of {fault.layer}")
+    except SpecError as e:
+        raise SpecError(str(e), "positions") from None

@@ -1,0 +1,54 @@
+"""The PyTorch backend. Importing this package does not import torch: its modules do.
+
+Modules (the TF backend has the same names for the same jobs): ``trainer`` (TorchTrainer,
+replica emulation, operand shapes), ``models``, ``replicas`` (per-replica state copies),
+``injector`` and ``kernels`` (hooks and vectorised corruption kernels), ``adapter`` (the
+checkpoint adapter), ``cow`` (copy-on-write saves), ``checkpointers`` (sync, CheckFreq-style,
+torch.distributed.checkpoint baselines) and ``loops`` (crash-test training loops).
+"""
+
+from __future__ import annotations
+
+import os
+
+from faultlab.backends.base import Backend, OperandTable, TrainerBase
+from faultlab.workloads.base import WorkloadConfig
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    checkpointers = {
+        "faultlab+cow": "faultlab.checkpointing.baselines:CowEngineCheckpointer",
+        "sync": "faultlab.checkpointing.baselines:SyncSave",
+        "checkfreq": "faultlab.checkpointing.baselines:CheckFreqStyle",
+        "dcp-async": "faultlab.checkpointing.baselines:TorchDCPAsync",
+    }
+    crash_loops = {"mlp": "faultlab.crash.harness:mlp_loop",
+                   "rng-mlp": "faultlab.crash.harness:rng_loop"}
+
+    def build_trainer(self, config: WorkloadConfig) -> TrainerBase:
+        from faultlab.backends.torch.trainer import TorchTrainer
+        return TorchTrainer(config)
+
+    def operand_shapes(self, config: WorkloadConfig) -> OperandTable:
+        from faultlab.backends.torch.trainer import operand_shapes
+        return operand_shapes(config)
+
+    def configure(self, threads: int) -> None:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+        torch.set_num_threads(threads)
+
+    def checkpoint_adapter(self) -> type:
+        from faultlab.backends.torch.adapter import TorchCheckpointAdapter
+        return TorchCheckpointAdapter
+
+    def crash_preload(self, engines=()) -> list[str]:
+        # torch is fork-safe before its thread pools start: children of the zygote share it
+        mods = ["torch", "faultlab.backends.torch.trainer", "faultlab.backends.torch.adapter"]
+        if "dcp-async" in engines:
+            mods.append("torch.distributed.checkpoint")
+        return mods
+
+
+BACKEND = TorchBackend()

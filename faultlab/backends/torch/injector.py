@@ -1,0 +1,295 @@
+"""Torch injectors: faults delivered through module, tensor and optimizer hooks.
+
+Hooks are installed at the start of a step for the faults that fire in that step and removed at
+its end, so a trial costs nothing between its injections and a model is left exactly as it was.
+Every hook checks the emulated replica, so a fault hits one replica's shard only.
+
+Positions arrive in the canonical layout (NHWC / HWIO / (in, out)) and are remapped here onto
+torch's NCHW / OIHW / (out, in) memory layout.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from faultlab.errors import SpecError
+from faultlab.faults import FaultSpec, Site
+from faultlab.backends.torch.kernels import prepare
+
+# A full backward hook on the first layer (whose input needs no gradient) makes torch warn at
+# every backward; the hooks handle the missing input gradient, so the warning is only noise.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are "
+                        "computed with respect to module outputs", category=UserWarning)
+
+
+# --- canonical <-> torch layouts -----------------------------------------------------------------
+
+def act_perm(ndim: int) -> tuple[int, ...]:
+    """torch axis i of an activation holds canonical axis perm[i] (NCHW <- NHWC for 4-D)."""
+    return (0, 3, 1, 2) if ndim == 4 else tuple(range(ndim))
+
+
+def weight_perm(ndim: int) -> tuple[int, ...]:
+    """OIHW <- HWIO for conv kernels, (out, in) <- (in, out) for dense kernels."""
+    return (3, 2, 0, 1) if ndim == 4 else (1, 0) if ndim == 2 else tuple(range(ndim))
+
+
+def canonical_shape(torch_shape, perm) -> tuple[int, ...]:
+    out = [0] * len(perm)
+    for i, p in enumerate(perm):
+        out[p] = int(torch_shape[i])
+    return tuple(out)
+
+
+def remap(flat: np.ndarray, canon_shape: tuple[int, ...], perm: tuple[int, ...]) -> np.ndarray:
+    """Flat canonical indices -> flat indices of the permuted (torch) layout."""
+    if perm == tuple(range(len(perm))):
+        return flat
+    multi = np.unravel_index(flat, canon_shape)
+    return np.ravel_multi_index(tuple(multi[p] for p in perm),
+                                tuple(canon_shape[p] for p in perm)).astype(np.int64)
+
+
+def dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+class _Substitute(torch.autograd.Function):
+    """Forward: the corrupted tensor, exactly. Backward: the gradient passes to the original."""
+
+    @staticmethod
+    def forward(ctx, original, corrupted):
+        return corrupted.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+# --- backward operand recomputation --------------------------------------------------------------
+
+def conv_geometry(mod: nn.Conv2d, h: int, w: int) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) input padding a conv module applies to an h x w input."""
+    if hasattr(mod, "pads"):
+        return mod.pads(h, w)
+    if isinstance(mod.padding, str):
+        if mod.padding == "valid":
+            return (0, 0, 0, 0)
+        kh, kw = mod.kernel_size
+        return ((kh - 1) // 2, kh // 2, (kw - 1) // 2, kw // 2)
+    ph, pw = mod.padding
+    return (ph, ph, pw, pw)
+
+
+def dilated_grad(mod: nn.Conv2d, g: torch.Tensor, in_hw: tuple[int, int]) -> torch.Tensor:
+    """The artifact's INPUT operand of a backward conv: the incoming gradient dilated by the
+    stride, on the input's spatial grid (N, C_out, H_in, W_in)."""
+    sh, sw = mod.stride
+    n, c, ho, wo = g.shape
+    h, w = in_hw
+    if (ho - 1) * sh + 1 > h or (wo - 1) * sw + 1 > w:
+        raise SpecError("backward operand faults need padding <= kernel - 1")
+    if sh == 1 and sw == 1 and (ho, wo) == (h, w):
+        return g
+    d = g.new_zeros((n, c, h, w))
+    d[:, :, 0:(ho - 1) * sh + 1:sh, 0:(wo - 1) * sw + 1:sw] = g
+    return d
+
+
+def conv_grad_input(mod: nn.Conv2d, d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """grad_in[x] = sum_a D[x + pad_before - a] W[a]: a full convolution of the dilated gradient
+    with the 180-degree-rotated kernel, as the artifact computes it."""
+    if mod.groups != 1 or tuple(mod.dilation) != (1, 1):
+        raise SpecError("backward operand faults support groups=1, dilation=1 convolutions")
+    kh, kw = weight.shape[-2:]
+    t, _, l, _ = conv_geometry(mod, d.shape[-2], d.shape[-1])
+    dp = F.pad(d, (kw - 1 - l, l, kh - 1 - t, t))
+    return F.conv2d(dp, weight.flip(-1, -2).transpose(0, 1))
+
+
+# --- the injector --------------------------------------------------------------------------------
+
+@dataclass
+class _Firing:
+    fault: FaultSpec
+    step: int
+    cache: dict = field(default_factory=dict)
+
+
+class TorchInjector:
+    """Installs the hooks that deliver a step's faults into a model (and its optimizer)."""
+
+    def __init__(self, layers: dict[str, nn.Module], optimizer: torch.optim.Optimizer | None = None):
+        self.layers = layers
+        self.optimizer = optimizer
+        self.replica = 0          # the emulated replica whose shard is being computed
+        self.copies = None        # ReplicaCopies: per-replica parameter / optimizer copies
+        self._handles: list = []
+        self._shadowed: list[nn.Module] = []
+
+    # corruption of one tensor, resolved once per (fault, step, shape)
+    def _corrupt(self, fi: _Firing, t: torch.Tensor, perm, inplace: bool = False) -> torch.Tensor:
+        key = (tuple(t.shape), t.dtype, t.device)
+        tc = fi.cache.get(key)
+        if tc is None:
+            canon = canonical_shape(t.shape, perm)
+            c = fi.fault.resolve(canon, dtype_name(t), fi.step)
+            src = remap(c.src, canon, perm) if c.src is not None else None
+            tc = prepare(c, t, index=remap(c.index, canon, perm), src=src)
+            fi.cache[key] = tc
+        return tc.apply_(t) if inplace else tc.apply(t)
+
+    def _mine(self, fi: _Firing) -> bool:
+        return self.replica == fi.fault.replica
+
+    def layer(self, name: str) -> nn.Module:
+        try:
+            return self.layers[name]
+        except KeyError:
+            raise SpecError(f"unknown layer {name!r}") from None
+
+    def begin_step(self, faults, step: int) -> None:
+        """Install hooks for `faults` (those firing at `step`); state faults apply at once."""
+        self.end_step()
+        for f in faults:
+            self._install(_Firing(f, step))
+
+    def end_step(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for mod in self._shadowed:
+            mod.__dict__.pop("weight", None)
+        self._shadowed.clear()
+
+    def _tensor(self, mod: nn.Module, name: str | None) -> torch.Tensor:
+        t = getattr(mod, name or "weight", None)
+        if not isinstance(t, torch.Tensor):
+            raise SpecError(f"layer has no {name or 'weight'} tensor")
+        return t
+
+    def _install(self, fi: _Firing) -> None:
+        f = fi.fault
+        mod = self.layer(f.layer)
+        site = f.site
+        add = self._handles.append
+
+        if site is Site.FWD_INPUT:
+            def pre(m, args):
+                if self._mine(fi) and args and isinstance(args[0], torch.Tensor):
+                    x = args[0]
+                    return (self._corrupt(fi, x, act_perm(x.dim())),) + tuple(args[1:])
+            add(mod.register_forward_pre_hook(pre))
+
+        elif site is Site.FWD_OUTPUT:
+            def post(m, args, out):
+                if self._mine(fi):
+                    return self._corrupt(fi, out, act_perm(out.dim()))
+            add(mod.register_forward_hook(post))
+
+        elif site is Site.FWD_WEIGHT:
+            # Shadow the parameter with a corrupted tensor for this call only: an instance
+            # attribute wins over nn.Module.__getattr__, and _parameters is never touched.
+            def pre_w(m, args):
+                if self._mine(fi):
+                    w = m._parameters["weight"]
+                    wc = self._corrupt(fi, w.detach(), weight_perm(w.dim()))
+                    m.__dict__["weight"] = _Substitute.apply(w, wc)
+                    self._shadowed.append(m)
+
+            def post_w(m, args, out):
+                m.__dict__.pop("weight", None)
+            add(mod.register_forward_pre_hook(pre_w))
+            add(mod.register_forward_hook(post_w))
+
+        elif site is Site.GRAD_OUT:
+            def bpre(m, grad_output):
+                if self._mine(fi) and grad_output[0] is not None:
+                    g = grad_output[0]
+                    return (self._corrupt(fi, g, act_perm(g.dim())),) + tuple(grad_output[1:])
+            add(mod.register_full_backward_pre_hook(bpre))
+
+        elif site is Site.GRAD_IN:
+            def bhook(m, grad_input, grad_output):
+                if self._mine(fi) and grad_input and grad_input[0] is not None:
+                    g = grad_input[0]
+                    return (self._corrupt(fi, g, act_perm(g.dim())),) + tuple(grad_input[1:])
+            add(mod.register_full_backward_hook(bhook))
+
+        elif site in (Site.BWD_INPUT, Site.BWD_WEIGHT):
+            if not isinstance(mod, (nn.Conv2d, nn.Linear)):
+                raise SpecError(f"backward operand faults need a conv or dense layer, "
+                                f"{f.layer} is {type(mod).__name__}")
+            add(mod.register_full_backward_hook(self._bwd_operand_hook(fi)))
+
+        elif site is Site.GRAD_WT:
+            p = self._tensor(mod, f.tensor)
+
+            def ghook(g):
+                if self._mine(fi):
+                    return self._corrupt(fi, g, weight_perm(g.dim()))
+            add(p.register_hook(ghook))
+
+        elif site is Site.PARAM:
+            # Stored parameters are mirrored variables: the fault hits the replica's own copy
+            # (forked from the shared one; without replica copies, the one shared copy).
+            p = self._tensor(mod, f.tensor)
+            target = self.copies.param(f.replica, p) if self.copies is not None else p.data
+            with torch.no_grad():
+                self._corrupt(fi, target, weight_perm(p.dim()), inplace=True)
+
+        elif site is Site.OPT_STATE:
+            if self.optimizer is None:
+                raise SpecError("optimizer-state faults need a workload with an optimizer")
+            p = self._tensor(mod, f.tensor if f.tensor in ("weight", "bias") else None)
+            slot = "exp_avg_sq" if f.tensor == "v" else "exp_avg"
+
+            if self.copies is not None:
+                self.copies.fork(f.replica)   # the replica's own optimizer state diverges
+
+            def opt_pre(opt, args, kwargs):
+                if self.copies is not None and not self.copies.is_state_of(f.replica, opt.state):
+                    return                    # another replica's optimizer step
+                st = opt.state.get(p, {})
+                if slot not in st:
+                    raise SpecError(f"optimizer {type(opt).__name__} has no '{slot}' state "
+                                    f"for {f.layer} at step {fi.step}")
+                with torch.no_grad():
+                    self._corrupt(fi, st[slot], weight_perm(st[slot].dim()), inplace=True)
+            add(self.optimizer.register_step_pre_hook(opt_pre))
+
+        else:
+            raise SpecError(f"site {site.value} is not supported by the torch injector "
+                            f"(no offloaded host state in this workload)")
+
+    def _bwd_operand_hook(self, fi: _Firing):
+        """Recompute the gradient w.r.t. the layer input with one corrupted operand, so the
+        error fans out through the backward conv as a faulty operand register would."""
+        f = fi.fault
+
+        def hook(m, grad_input, grad_output):
+            if not self._mine(fi) or not grad_input or grad_input[0] is None:
+                return None
+            g, w = grad_output[0], m.weight.detach()
+            with torch.no_grad():
+                if isinstance(m, nn.Linear):
+                    if f.site is Site.BWD_INPUT:
+                        g = self._corrupt(fi, g, act_perm(g.dim()))
+                    else:
+                        w = self._corrupt(fi, w, weight_perm(2))
+                    gi = g @ w
+                else:
+                    d = dilated_grad(m, g, tuple(grad_input[0].shape[-2:]))
+                    if f.site is Site.BWD_INPUT:
+                        d = self._corrupt(fi, d, act_perm(4))
+                    else:
+                        w = self._corrupt(fi, w, weight_perm(4))
+                    gi = conv_grad_input(m, d, w)
+            return (gi.reshape(grad_input[0].shape),) + tuple(grad_input[1:])
+        return hook

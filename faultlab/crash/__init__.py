@@ -1,0 +1,1 @@
+"""The crash-consistency harness: kill and power-loss campaigns against checkpointers."""

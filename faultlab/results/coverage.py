@@ -1,0 +1,84 @@
+"""Detection coverage of a campaign run with `--detect` (framework-free, from results)."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Sequence
+
+from faultlab.results.store import OUTCOMES, TrialResult, wilson_interval
+
+
+def coverage(results: Sequence[TrialResult]) -> dict:
+    """Coverage per outcome class (detected / trials of that class, Wilson 95%), detection
+    latency, recovery success, steps of work lost, and outcomes before and after recovery."""
+    protected = [r for r in results if r.detected is not None]
+    by_class = []
+    for outcome in OUTCOMES:
+        rs = [r for r in protected if r.outcome == outcome]
+        if not rs:
+            continue
+        k = sum(bool(r.detected) for r in rs)
+        lo, hi = wilson_interval(k, len(rs))
+        by_class.append({"outcome": outcome, "trials": len(rs), "detected": k,
+                         "rate": k / len(rs), "ci_low": lo, "ci_high": hi})
+    harmful = [r for r in protected if r.outcome != "Masked"]
+    k = sum(bool(r.detected) for r in harmful)
+    lo, hi = wilson_interval(k, len(harmful)) if harmful else (0.0, 1.0)
+    controls = [r for r in protected if not r.faults]
+    latency = [r.detect_step - r.inject_step for r in protected
+               if r.detected and r.inject_step is not None and r.detect_step is not None]
+    detections = [d for r in protected for d in (r.metrics.get("protected") or {}).get("detections", [])]
+    detected = [r for r in protected if r.detected]
+    after = {}
+    for r in protected:
+        if r.outcome_after:
+            after.setdefault(r.outcome, {}).setdefault(r.outcome_after, 0)
+            after[r.outcome][r.outcome_after] += 1
+    return {
+        "trials": len(protected),
+        "non_masked": len(harmful), "non_masked_detected": k,
+        "coverage": k / len(harmful) if harmful else None, "ci_low": lo, "ci_high": hi,
+        "by_outcome": by_class,
+        "control_trials": len(controls),
+        "control_false_positives": sum(bool(r.detected) for r in controls),
+        "masked_with_alarm": sum(bool(r.detected) for r in protected if r.outcome == "Masked"),
+        "latency_steps": {"median": statistics.median(latency) if latency else None,
+                          "max": max(latency) if latency else None, "n": len(latency)},
+        "recovered": sum(bool(r.recovered) for r in detected), "detected": len(detected),
+        "masked_after": sum(r.outcome_after == "Masked" for r in detected),
+        "steps_lost": sum(d.get("steps_replayed", 0) for d in detections),
+        "recovery_s_median": statistics.median([d["recovery_s"] for d in detections]) if detections else None,
+        "before_after": after,
+    }
+
+
+def format_coverage(c: dict, golden_fp: dict | None = None) -> str:
+    lines = []
+    if c["coverage"] is not None:
+        lines.append(f"coverage: {c['non_masked_detected']}/{c['non_masked']} non-masked trials "
+                     f"detected ({100 * c['coverage']:.1f}%, 95% CI "
+                     f"[{100 * c['ci_low']:.1f}, {100 * c['ci_high']:.1f}])")
+    lines.append("")
+    lines.append(f"{'outcome':18s} {'trials':>6s} {'detected':>8s} {'rate %':>7s}  95% CI")
+    for row in c["by_outcome"]:
+        lines.append(f"{row['outcome']:18s} {row['trials']:6d} {row['detected']:8d} "
+                     f"{100 * row['rate']:7.1f}  [{100 * row['ci_low']:5.1f}, {100 * row['ci_high']:5.1f}]")
+    lines.append("")
+    lat = c["latency_steps"]
+    if lat["n"]:
+        lines.append(f"detection latency: median {lat['median']} step(s), max {lat['max']}")
+    if c["detected"]:
+        lines.append(f"recovered: {c['recovered']}/{c['detected']} detected trials; Masked after "
+                     f"recovery: {c['masked_after']}/{c['detected']}; steps of work lost (replayed): "
+                     f"{c['steps_lost']}; median recovery {1e3 * (c['recovery_s_median'] or 0):.0f} ms")
+    lines.append(f"false positives: {c['control_false_positives']} of {c['control_trials']} "
+                 f"fault-free control trial(s); alarms on Masked trials: {c['masked_with_alarm']}")
+    if golden_fp is not None:
+        lines.append(f"false positives on golden runs: {golden_fp['alarms']} alarm(s) in "
+                     f"{golden_fp['steps']} step(s)")
+    if c["before_after"]:
+        lines.append("")
+        lines.append("outcome before -> after detection and recovery")
+        for before, afters in c["before_after"].items():
+            lines.append(f"  {before:18s} -> " + ", ".join(f"{k} {v}" for k, v in sorted(afters.items())))
+    return "\n".join(lines)

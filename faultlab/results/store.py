@@ -1,0 +1,694 @@
+"""The results store: one row per finished trial, durable as soon as it is written.
+
+A campaign writes each finished trial with :meth:`ResultStore.add`, which commits before it
+returns, so an interrupted campaign loses nothing and resumes by skipping
+:meth:`ResultStore.done`. The store is a single SQLite file in WAL mode with a busy timeout, so
+several processes may append to it at once.
+
+Non-finite floats
+-----------------
+SQLite turns NaN into NULL, and strict JSON has no NaN or Infinity. So:
+
+* scalar float columns (``final_train_acc``, ``final_test_acc``, ``golden_test_acc``,
+  ``final_loss``, ``max_acc_drop``, ``wall_s``) are stored as REAL when finite; a non-finite
+  value is stored as NULL and its kind (``"nan"``, ``"inf"`` or ``"-inf"``) is recorded in the
+  row's ``nonfinite`` column, a JSON object such as ``{"final_loss": "nan"}`` (NULL when the row
+  has none). SQL aggregates over the columns thus only ever see finite numbers, and a plain NULL
+  (no ``nonfinite`` entry) still means "not measured".
+* the JSON columns (``faults``, ``metrics``) use the JSON extension of Python's :mod:`json`
+  (the bare tokens ``NaN``, ``Infinity``, ``-Infinity``), which round-trips exactly.
+* :meth:`TrialResult.to_dict` with ``strict=True`` gives strict JSON: non-finite floats become
+  the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``; :meth:`TrialResult.from_dict`
+  turns those strings back into floats in the float fields, the metrics and the faults (the
+  fault vocabulary's own strings, such as the value model ``"nan"``, are lower case and are not
+  touched).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any, Iterable, Sequence
+
+from faultlab.errors import FaultlabError
+
+#: the outcome classes, in reporting order (the taxonomy of the ISCA'23 study plus Crash/Hang)
+OUTCOMES = ("Masked", "ImmediateINFsNaNs", "ShortTermINFsNaNs", "LatentINFsNaNs",
+            "SharpDegrade", "SlowDegrade", "SharpSlowDegrade", "LowTestAccuracy", "Crash", "Hang")
+
+#: the outcome name of the total row that :func:`summarize` appends
+TOTAL = "Total"
+
+#: version of the database layout, kept in ``PRAGMA user_version``
+SCHEMA_VERSION = 1
+
+#: ``PRAGMA application_id`` of a faultlab results database ("FLRS")
+APPLICATION_ID = 0x464C5253
+
+#: seconds a writer waits for another process's lock before giving up
+BUSY_TIMEOUT_S = 60.0
+
+_FLOAT_FIELDS = ("final_train_acc", "final_test_acc", "golden_test_acc", "final_loss",
+                 "max_acc_drop", "wall_s")
+_INT_FIELDS = ("inject_step", "first_nonfinite_step", "steps_run", "detect_step")
+_BOOL_FIELDS = ("bit_exact", "detected", "recovered")
+_JSON_FIELDS = ("faults", "metrics")
+
+_NONFINITE_STR = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+_STR_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+class ResultsError(FaultlabError):
+    """A results database is unreadable, foreign, corrupt or from a newer faultlab."""
+
+
+@dataclass
+class TrialResult:
+    """One finished trial.
+
+    ``bit_exact`` is true when every recorded metric equals the golden run's. ``metrics`` holds
+    the per-step series of the trial and of the golden run (any JSON-able dict). The detection
+    fields (``detected`` .. ``outcome_after``) are filled by detection/recovery, else None.
+    """
+
+    campaign: str                       # campaign digest
+    trial_id: str
+    source: str                         # "file:row" the trial came from
+    framework: str
+    workload: str
+    workload_key: str
+    faults: list[dict]
+    outcome: str                        # one of OUTCOMES
+    bit_exact: bool
+    inject_step: int | None = None
+    first_nonfinite_step: int | None = None
+    final_train_acc: float | None = None
+    final_test_acc: float | None = None
+    golden_test_acc: float | None = None
+    final_loss: float | None = None
+    max_acc_drop: float | None = None
+    steps_run: int = 0
+    wall_s: float = 0.0
+    error: str | None = None
+    metrics: dict = field(default_factory=dict)
+    detected: bool | None = None
+    detect_step: int | None = None
+    detector: str | None = None
+    recovered: bool | None = None
+    outcome_after: str | None = None
+
+    def __post_init__(self):
+        if self.outcome not in OUTCOMES:
+            raise ValueError(f"unknown outcome {self.outcome!r}; expected one of "
+                             + ", ".join(OUTCOMES))
+        if self.outcome_after is not None and self.outcome_after not in OUTCOMES:
+            raise ValueError(f"unknown outcome_after {self.outcome_after!r}")
+
+    def to_dict(self, strict: bool = False) -> dict:
+        """All fields as a dict (deep copies of faults and metrics). With ``strict``, non-finite
+        floats anywhere become "NaN"/"Infinity"/"-Infinity" so that the dict is strict JSON."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["faults"] = json.loads(_dumps(self.faults))
+        d["metrics"] = json.loads(_dumps(self.metrics))
+        return _strict_json(d) if strict else d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrialResult":
+        """Inverse of :meth:`to_dict` (either form). Unknown keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        for k in _FLOAT_FIELDS:
+            if isinstance(kw.get(k), str):
+                kw[k] = _STR_NONFINITE.get(kw[k], kw[k])
+        for k in _JSON_FIELDS:
+            if k in kw:
+                kw[k] = _unstrict_json(kw[k])
+        return cls(**kw)
+
+    def to_json(self, strict: bool = False) -> str:
+        return json.dumps(self.to_dict(strict=strict), allow_nan=not strict, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrialResult":
+        return cls.from_dict(json.loads(text))
+
+
+def _strict_json(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return _NONFINITE_STR[_nonfinite_kind(obj)]
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict_json(v) for v in obj]
+    return obj
+
+
+def _unstrict_json(obj: Any) -> Any:
+    if isinstance(obj, str):
+        return _STR_NONFINITE.get(obj, obj)
+    if isinstance(obj, dict):
+        return {k: _unstrict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unstrict_json(v) for v in obj]
+    return obj
+
+
+def _json_default(o: Any) -> Any:
+    """NumPy scalars and arrays (and anything else with .tolist()) as plain JSON values."""
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, default=_json_default)
+
+
+def _nonfinite_kind(x: float) -> str:
+    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+
+
+# --------------------------------------------------------------------------------------------
+# the store
+
+_COLUMNS = ("campaign", "trial_id", "source", "framework", "workload", "workload_key", "faults",
+            "outcome", "bit_exact", "inject_step", "first_nonfinite_step", "final_train_acc",
+            "final_test_acc", "golden_test_acc", "final_loss", "max_acc_drop", "steps_run",
+            "wall_s", "error", "metrics", "detected", "detect_step", "detector", "recovered",
+            "outcome_after")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (
+    campaign TEXT NOT NULL,
+    trial_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    framework TEXT NOT NULL,
+    workload TEXT NOT NULL,
+    workload_key TEXT NOT NULL,
+    faults TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    bit_exact INTEGER NOT NULL,
+    inject_step INTEGER,
+    first_nonfinite_step INTEGER,
+    final_train_acc REAL,
+    final_test_acc REAL,
+    golden_test_acc REAL,
+    final_loss REAL,
+    max_acc_drop REAL,
+    steps_run INTEGER NOT NULL,
+    wall_s REAL,
+    error TEXT,
+    metrics TEXT NOT NULL,
+    detected INTEGER,
+    detect_step INTEGER,
+    detector TEXT,
+    recovered INTEGER,
+    outcome_after TEXT,
+    nonfinite TEXT,
+    PRIMARY KEY (campaign, trial_id)
+);
+CREATE INDEX IF NOT EXISTS results_seq ON results (seq);
+"""
+
+
+class ResultStore:
+    """SQLite store of trial results; one row per (campaign, trial_id).
+
+    Re-adding a trial replaces its row (and moves it to the end of the insertion order).
+    Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._conn: sqlite3.Connection | None = None
+        self.journal_mode = ""
+        if self.path.is_dir():
+            raise ResultsError(f"{self.path}: is a directory, not a faultlab results database")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ResultsError(f"{self.path}: cannot create its folder: {e.strerror or e}") from None
+        try:
+            self._conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S,
+                                         isolation_level=None)
+            self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            self._init_schema()
+        except ResultsError:
+            self.close()
+            raise
+        except sqlite3.Error as e:
+            self.close()
+            raise ResultsError(f"{self.path}: not a faultlab results database "
+                               f"({_one_line(e)})") from None
+
+    # -- setup
+
+    def _init_schema(self) -> None:
+        c = self._conn
+        app_id, version = self._ident()
+        if app_id == APPLICATION_ID and version == SCHEMA_VERSION:
+            self._wal()
+            return
+        self._check_ident(app_id, version)
+        c.execute("BEGIN IMMEDIATE")          # another process may be initialising too
+        try:
+            app_id, version = self._ident()
+            self._check_ident(app_id, version)
+            if app_id == 0:
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        c.execute(stmt)
+                c.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            # (older schema versions would be migrated here)
+            c.execute("COMMIT")
+        except BaseException:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise
+        self._wal()
+
+    def _ident(self) -> tuple[int, int]:
+        c = self._conn
+        return (c.execute("PRAGMA application_id").fetchone()[0],
+                c.execute("PRAGMA user_version").fetchone()[0])
+
+    def _check_ident(self, app_id: int, version: int) -> None:
+        if app_id == 0:
+            n = self._conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if n:
+                raise ResultsError(f"{self.path}: an SQLite database of another program, "
+                                   "not a faultlab results database")
+            return
+        if app_id != APPLICATION_ID:
+            raise ResultsError(f"{self.path}: an SQLite database of another program "
+                               f"(application id {app_id:#x}), not a faultlab results database")
+        if version > SCHEMA_VERSION:
+            raise ResultsError(f"{self.path}: results schema version {version} is newer than "
+                               f"this faultlab supports ({SCHEMA_VERSION}); upgrade faultlab")
+        if version < 1:
+            raise ResultsError(f"{self.path}: faultlab results database without a schema "
+                               "version; it is damaged")
+
+    def _wal(self) -> None:
+        # WAL lets readers and one writer work at once. It may be refused (e.g. a file system
+        # without shared memory); the rollback journal then still works, only slower.
+        self.journal_mode = str(
+            self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]).lower()
+        # a WAL commit with synchronous=FULL is durable at once, even on power loss
+        self._conn.execute("PRAGMA synchronous = FULL")
+
+    # -- context manager
+
+    def __enter__(self) -> "ResultStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise ResultsError(f"{self.path}: results store is closed")
+        return self._conn
+
+    def _run(self, sql: str, args: Sequence = ()) -> sqlite3.Cursor:
+        try:
+            return self.conn.execute(sql, args)
+        except sqlite3.Error as e:
+            raise ResultsError(f"{self.path}: {_one_line(e)}") from None
+
+    # -- writing
+
+    def add(self, result: TrialResult) -> None:
+        """Write (or replace) one trial's row; committed and durable when this returns."""
+        row, nonfinite = _to_row(result)
+        cols = ", ".join(_COLUMNS)
+        marks = ", ".join("?" for _ in _COLUMNS)
+        self._run(f"INSERT OR REPLACE INTO results (seq, nonfinite, {cols}) VALUES "
+                  f"((SELECT coalesce(max(seq), 0) + 1 FROM results), ?, {marks})",
+                  [nonfinite, *row])
+
+    def clear(self, campaign: str) -> int:
+        """Delete every row of ``campaign``; returns how many were deleted."""
+        return self._run("DELETE FROM results WHERE campaign = ?", (campaign,)).rowcount
+
+    # -- reading
+
+    def done(self, campaign: str) -> set[str]:
+        """Ids of the trials of ``campaign`` already finished."""
+        return {r[0] for r in self._run("SELECT trial_id FROM results WHERE campaign = ?",
+                                        (campaign,))}
+
+    def results(self, campaign: str | None = None) -> list[TrialResult]:
+        """Stored results (of one campaign, or all), in insertion order."""
+        sel = f"SELECT nonfinite, {', '.join(_COLUMNS)} FROM results"
+        if campaign is None:
+            rows = self._run(sel + " ORDER BY seq").fetchall()
+        else:
+            rows = self._run(sel + " WHERE campaign = ? ORDER BY seq", (campaign,)).fetchall()
+        return [self._from_row(r) for r in rows]
+
+    def campaigns(self) -> list[str]:
+        """Campaign digests present, in order of their first stored trial."""
+        return [r[0] for r in self._run(
+            "SELECT campaign FROM results GROUP BY campaign ORDER BY min(seq)")]
+
+    def __len__(self) -> int:
+        return self._run("SELECT count(*) FROM results").fetchone()[0]
+
+    def _from_row(self, r: tuple) -> TrialResult:
+        try:
+            return _from_row(r)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ResultsError(f"{self.path}: damaged row for trial {r[2]!r}: "
+                               f"{_one_line(e)}") from None
+
+
+def _to_row(r: TrialResult) -> tuple[list, str | None]:
+    nonfinite = {}
+    row = []
+    for name in _COLUMNS:
+        v = getattr(r, name)
+        if name in _FLOAT_FIELDS and v is not None:
+            v = float(v)
+            if not math.isfinite(v):
+                nonfinite[name] = _nonfinite_kind(v)
+                v = None
+        elif name in _BOOL_FIELDS and v is not None:
+            v = int(bool(v))
+        elif name in _INT_FIELDS and v is not None:
+            v = int(v)
+        elif name in _JSON_FIELDS:
+            v = _dumps(v)
+        row.append(v)
+    return row, (json.dumps(nonfinite, sort_keys=True) if nonfinite else None)
+
+
+def _from_row(r: tuple) -> TrialResult:
+    nonfinite = json.loads(r[0]) if r[0] else {}
+    kw = dict(zip(_COLUMNS, r[1:]))
+    for name, kind in nonfinite.items():
+        kw[name] = float(kind)
+    for name in _BOOL_FIELDS:
+        if kw[name] is not None:
+            kw[name] = bool(kw[name])
+    for name in _JSON_FIELDS:
+        kw[name] = json.loads(kw[name])
+    for name in _FLOAT_FIELDS:
+        if kw[name] is not None:
+            kw[name] = float(kw[name])
+    return TrialResult(**kw)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# exports
+
+#: columns of :func:`to_csv` / :func:`to_records`: every field but ``metrics``
+EXPORT_COLUMNS = tuple(c for c in _COLUMNS if c != "metrics")
+
+
+def to_records(results: Iterable[TrialResult], include_metrics: bool = False) -> list[dict]:
+    """Flat dicts, one per result: the columns of :data:`EXPORT_COLUMNS`, ``faults`` as JSON
+    text (and ``metrics`` as JSON text too when ``include_metrics``). Floats stay floats."""
+    out = []
+    for r in results:
+        d = {c: getattr(r, c) for c in EXPORT_COLUMNS}
+        d["faults"] = _dumps(r.faults)
+        if include_metrics:
+            d["metrics"] = _dumps(r.metrics)
+        out.append(d)
+    return out
+
+
+def _csv_cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v)            # shortest exact form; nan, inf, -inf as float() reads them
+    return str(v)
+
+
+def to_csv(results: Iterable[TrialResult], path_or_file: str | os.PathLike | io.TextIOBase) -> int:
+    """Write results as CSV (header row, then one row per result); returns the row count.
+
+    Columns are :data:`EXPORT_COLUMNS`: ``faults`` as JSON text, no metrics. None is an empty
+    cell, booleans are ``true``/``false``, floats are exact (``nan``, ``inf``, ``-inf`` for the
+    non-finite ones)."""
+    records = to_records(results)
+
+    def write(f) -> None:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(EXPORT_COLUMNS)
+        for d in records:
+            w.writerow([_csv_cell(d[c]) for c in EXPORT_COLUMNS])
+
+    if isinstance(path_or_file, (str, os.PathLike)):
+        p = Path(path_or_file)
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            with open(p, "w", newline="", encoding="utf-8") as f:
+                write(f)
+        except OSError as e:
+            raise FaultlabError(f"{p}: cannot write CSV: {e.strerror or e}") from None
+    else:
+        write(path_or_file)
+    return len(records)
+
+
+def _need(module: str, purpose: str):
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        top = module.split(".")[0]
+        raise FaultlabError(f"{purpose} needs the optional package '{top}', which is not "
+                            f"installed (pip install {top})") from None
+
+
+def to_pandas(results: Iterable[TrialResult], include_metrics: bool = False):
+    """A pandas DataFrame of :func:`to_records`; integer and boolean columns that may be
+    missing use pandas' nullable dtypes. Needs pandas."""
+    pd = _need("pandas", "exporting to pandas")
+    df = pd.DataFrame.from_records(to_records(results, include_metrics),
+                                   columns=list(EXPORT_COLUMNS)
+                                   + (["metrics"] if include_metrics else []))
+    for c in _INT_FIELDS:
+        df[c] = df[c].astype("Int64")
+    for c in _BOOL_FIELDS:
+        df[c] = df[c].astype("boolean")
+    for c in _FLOAT_FIELDS:
+        df[c] = df[c].astype("float64")
+    return df
+
+
+def to_parquet(results: Iterable[TrialResult], path: str | os.PathLike,
+               include_metrics: bool = False) -> int:
+    """Write :func:`to_records` as a Parquet file with an explicit schema; returns the row
+    count. Needs pyarrow."""
+    pa = _need("pyarrow", "exporting to Parquet")
+    pq = _need("pyarrow.parquet", "exporting to Parquet")
+    records = to_records(results, include_metrics)
+    types = {c: pa.string() for c in EXPORT_COLUMNS}
+    types.update({c: pa.int64() for c in _INT_FIELDS})
+    types.update({c: pa.bool_() for c in _BOOL_FIELDS})
+    types.update({c: pa.float64() for c in _FLOAT_FIELDS})
+    cols = list(EXPORT_COLUMNS) + (["metrics"] if include_metrics else [])
+    schema = pa.schema([(c, types.get(c, pa.string())) for c in cols])
+    table = pa.Table.from_pylist(records, schema=schema)
+    p = Path(path)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, str(p))
+    except OSError as e:
+        raise FaultlabError(f"{p}: cannot write Parquet: {_one_line(e)}") from None
+    return len(records)
+
+
+# --------------------------------------------------------------------------------------------
+# statistics
+
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion k/n at the given two-sided confidence.
+
+    ``center = (p + z^2/(2n)) / (1 + z^2/n)``, ``half = z*sqrt(p(1-p)/n + z^2/(4n^2)) /
+    (1 + z^2/n)``, z the standard normal quantile of ``1 - (1-confidence)/2``. n = 0 gives
+    (0.0, 1.0)."""
+    if isinstance(k, bool) or isinstance(n, bool) or int(k) != k or int(n) != n:
+        raise ValueError(f"k and n must be integers, got k={k!r}, n={n!r}")
+    k, n = int(k), int(n)
+    if n < 0 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if n == 0:
+        return 0.0, 1.0
+    z = NormalDist().inv_cdf(1 - (1 - confidence) / 2)
+    z2 = z * z
+    # computed from the side of the smaller count and mirrored, so that the interval of
+    # n-k is exactly the mirror image of the interval of k
+    if k > n - k:
+        lo, hi = wilson_interval(n - k, n, confidence)
+        return 1.0 - hi, 1.0 - lo
+    p = k / n
+    denom = 1 + z2 / n
+    center = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    lo = 0.0 if k == 0 else min(p, max(0.0, center - half))
+    hi = max(p, min(1.0, center + half))
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class OutcomeRow:
+    """One line of a summary: how many trials had ``outcome``, the rate and its Wilson CI.
+    The last row of :func:`summarize` is the total (``outcome == TOTAL``)."""
+
+    outcome: str
+    count: int
+    rate: float
+    ci_low: float
+    ci_high: float
+    confidence: float = 0.95
+
+    @property
+    def is_total(self) -> bool:
+        return self.outcome == TOTAL
+
+
+def summarize(results: Iterable[TrialResult], confidence: float = 0.95) -> list[OutcomeRow]:
+    """Count per outcome (only outcomes that occur, in :data:`OUTCOMES` order) with rates and
+    Wilson intervals, then a total row (rate 1, interval (1, 1); 0 and (0, 0) when empty)."""
+    counts = dict.fromkeys(OUTCOMES, 0)
+    n = 0
+    for r in results:
+        counts[r.outcome] += 1
+        n += 1
+    rows = []
+    for o in OUTCOMES:
+        k = counts[o]
+        if k:
+            lo, hi = wilson_interval(k, n, confidence)
+            rows.append(OutcomeRow(o, k, k / n, lo, hi, confidence))
+    t = 1.0 if n else 0.0
+    rows.append(OutcomeRow(TOTAL, n, t, t, t, confidence))
+    return rows
+
+
+def _ascii(s: Any) -> str:
+    return str(s).encode("ascii", "backslashreplace").decode("ascii")
+
+
+def _clip(s: str, width: int) -> str:
+    return s if len(s) <= width else s[: max(0, width - 3)] + "..."
+
+
+def _table(header: Sequence[str], rows: list[Sequence[str]], right: set[int]) -> str:
+    cells = [[_ascii(c) for c in row] for row in [header, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+
+    def line(r):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
+
+
+def format_summary(rows: Sequence[OutcomeRow]) -> str:
+    """A fixed-width ASCII table: outcome, count, rate %, CI (the total row below a rule)."""
+    conf = rows[0].confidence if rows else 0.95
+    ci_name = f"{conf * 100:g}% CI"
+    body, total = [], None
+    for r in rows:
+        cells = [r.outcome, str(r.count), f"{r.rate * 100:.1f}",
+                 f"[{r.ci_low * 100:5.1f}, {r.ci_high * 100:5.1f}]"]
+        if r.is_total:
+            cells[3] = ""
+            total = cells
+        else:
+            body.append(cells)
+    text = _table(["outcome", "count", "rate %", ci_name], body + ([total] if total else []),
+                  right={1, 2})
+    if total is not None:       # a rule above the total row
+        lines = text.split("\n")
+        lines.insert(len(lines) - 1, lines[1])
+        text = "\n".join(lines)
+    return text
+
+
+def describe_fault(f: dict) -> str:
+    """Short description of one fault dict: ``layer/site[.tensor] model``, e.g.
+    ``conv1/fwd_output bitflip`` or ``dense/param.bias zero``."""
+    where = f"{f.get('layer') or '*'}/{f.get('site', '?')}"
+    if f.get("tensor"):
+        where += f".{f['tensor']}"
+    model = f.get("value")
+    if model == "bitflip" and f.get("bit") is not None:
+        model = f"bitflip:{f['bit']}"
+    return f"{where} {model}" if model else where
+
+
+def describe_faults(faults: Sequence[dict]) -> str:
+    if not faults:
+        return "(control)"
+    text = describe_fault(faults[0])
+    return text + (f" +{len(faults) - 1} more" if len(faults) > 1 else "")
+
+
+def _acc(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if not math.isfinite(x):
+        return _nonfinite_kind(x)
+    return f"{x:.4f}"
+
+
+def format_results(results: Sequence[TrialResult], fault_width: int = 60) -> str:
+    """A per-trial ASCII table: trial id, fault (layer/site and value model), injection step,
+    outcome, final test accuracy / golden, and ``=`` when the trial was bit-exact with the
+    golden run. A detection column appears when any result has detection data."""
+    results = list(results)
+    with_det = any(r.detected is not None for r in results)
+    header = ["trial", "fault", "step", "outcome", "test acc / golden", "exact"]
+    if with_det:
+        header.append("detected")
+    rows = []
+    for r in results:
+        row = [r.trial_id, _clip(describe_faults(r.faults), fault_width),
+               "-" if r.inject_step is None else str(r.inject_step), r.outcome,
+               f"{_acc(r.final_test_acc)} / {_acc(r.golden_test_acc)}",
+               "=" if r.bit_exact else ""]
+        if with_det:
+            if r.detected is None:
+                row.append("-")
+            elif r.detected:
+                row.append(f"step {r.detect_step}" if r.detect_step is not None else "yes")
+            else:
+                row.append("no")
+        rows.append(row)
+    return _table(header, rows, right={2})

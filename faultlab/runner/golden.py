@@ -1,0 +1,200 @@
+"""Golden (fault-free) runs: per-step metrics and periodic checkpoints, cached on disk.
+
+A golden run is keyed by its workload configuration (and the thread count, which can change
+floating-point reduction order) and reused by every trial of every campaign on that
+configuration. The cache entry is built in a temporary directory and renamed into place, so a
+run interrupted while recording leaves nothing half-written behind.
+
+Checkpoints are written by the checkpoint engine into one file, `golden.ckpt`, whose `keep` is
+the number of checkpoints the run takes, so none is ever overwritten: training goes on while
+they persist, each is checksummed, and a trial loads exactly the one it needs (the record
+blocks, then that checkpoint's slot). A damaged one is a one-line CheckpointError.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from faultlab import __version__
+from faultlab.checkpointing.engine import CheckpointEngine
+from faultlab.checkpointing.format import FormatError, Manifest, align_up, encode_manifest
+from faultlab.checkpointing.layout import normalize_state, plan
+from faultlab.checkpointing.recovery import load_commit, read_geometry, scan_records
+from faultlab.checkpointing.storage import OSStorage
+from faultlab.checkpointing.tuning import DEFAULT_CHUNK_BYTES
+from faultlab.errors import CheckpointError
+from faultlab.workloads.base import WorkloadConfig
+
+FORMAT = 4                          # 4: TF golden runs record every signal; 3: checkpoints in one engine file (1, 2: .npz files)
+CHECKPOINT_FILE = "golden.ckpt"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FAULTLAB_CACHE", Path.home() / ".cache" / "faultlab"))
+
+
+def golden_dir(config: WorkloadConfig, threads: int) -> Path:
+    return cache_root() / "golden" / f"{config.framework.value}-{config.workload.replace(':', '_')}-{config.key()}-t{threads}"
+
+
+def slot_bytes_for(*states: dict[str, np.ndarray], margin: float = 0.25) -> int:
+    """Slot size for the largest of `states` (as the engine sizes slots: data, then a
+    manifest reserve), plus `margin` for states that grow a little later in the run."""
+    need = 0
+    for state in states:
+        layout = plan(normalize_state(state), DEFAULT_CHUNK_BYTES)
+        manifest = encode_manifest(Manifest(2**63 - 1, 2**63 - 1, layout.chunk_bytes,
+                                            layout.data_bytes, (0,) * len(layout.chunks),
+                                            layout.tensors, {}))
+        need = max(need, align_up(layout.data_bytes, 4096)
+                   + align_up(2 * len(manifest) + 4096, 4096))
+    return align_up(int(need * (1 + margin)), 4096)
+
+
+def load_checkpoint(path: Path, step: int) -> dict[str, np.ndarray]:
+    """The state a golden run saved after `step` steps, verified against its checksums; a
+    one-line CheckpointError if it is missing or damaged (never a silently wrong state)."""
+    storage = OSStorage(path)
+    storage.open(write=False)
+    try:
+        geom = read_geometry(storage)
+        records, _ = scan_records(storage, geom)
+        match = next((r for r in records if r.step == step), None)
+        if match is None:
+            raise CheckpointError(f"{path}: no golden checkpoint of step {step}")
+        try:
+            return load_commit(storage, geom, match).state
+        except FormatError as e:
+            raise CheckpointError(f"{path}: golden checkpoint of step {step} is damaged "
+                                  f"({e})") from None
+    finally:
+        storage.close()
+
+
+@dataclass
+class GoldenRun:
+    """The fault-free reference of one configuration."""
+
+    config: WorkloadConfig
+    loss: list[float] = field(default_factory=list)    # per step
+    acc: list[float] = field(default_factory=list)     # per step
+    evals: dict[int, tuple[float, float]] = field(default_factory=dict)  # after k steps
+    checkpoints: list[int] = field(default_factory=list)  # state after k steps saved
+    directory: Path | None = None
+    wall_s: float = 0.0
+    signals: list[dict] = field(default_factory=list)  # per step: detectors' signals
+
+    def checkpoint_before(self, step: int) -> int:
+        """The latest checkpoint taken at or before `step` (training resumes from it)."""
+        i = bisect.bisect_right(self.checkpoints, step) - 1
+        if i < 0:
+            raise CheckpointError(f"no golden checkpoint at or before step {step}")
+        return self.checkpoints[i]
+
+    def state(self, step: int) -> dict[str, np.ndarray]:
+        """The checkpointed state after `step` steps (a step in `checkpoints`)."""
+        return load_checkpoint(self.directory / CHECKPOINT_FILE, step)
+
+    def eval_after(self, steps: int) -> tuple[float, float] | None:
+        return self.evals.get(steps)
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "faultlab": __version__, "config": self.config.to_dict(),
+                "loss": self.loss, "acc": self.acc,
+                "evals": {str(k): list(v) for k, v in self.evals.items()},
+                "checkpoints": self.checkpoints, "wall_s": self.wall_s,
+                "signals": self.signals}
+
+
+def eval_points(config: WorkloadConfig) -> list[int]:
+    """Steps after which the golden run evaluates: every epoch end."""
+    return list(range(config.steps_per_epoch, config.total_steps + 1, config.steps_per_epoch))
+
+
+def record(trainer, config: WorkloadConfig, directory: Path, progress=None) -> GoldenRun:
+    """Train `config` from scratch without faults, saving metrics and checkpoints."""
+    import time
+    t0 = time.perf_counter()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
+    try:
+        run = GoldenRun(config, directory=tmp)
+        from faultlab.detectors.signals import SignalSpec
+        # everything, exactly (bound=0: exact max |m| per kernel): detectors warm up on these
+        # and false-positive rates are measured on them
+        trainer.signal_spec = SignalSpec(history=True, grads=True, bound=0.0, params=True)
+        every = config.checkpoint_interval
+        evals = set(eval_points(config))
+        engine, first = None, None
+        try:
+            for step in range(config.total_steps):
+                if step % every == 0:
+                    state = trainer.get_state()         # a copy
+                    if engine is None:
+                        first = (step, state)           # saved once slots can be sized
+                    else:
+                        # a copy nobody else holds: written as it is (borrowed), while
+                        # training goes on
+                        engine.save(step, state, borrowed=True)
+                    run.checkpoints.append(step)
+                m = trainer.train_step(step)
+                if engine is None:
+                    # Slots are sized when the file is made; before the first step an optimizer
+                    # may hold no state yet (Adam's moments appear at step 0), so size them
+                    # from the state after it. keep = every checkpoint of the run: no slot is
+                    # reused, the file holds them all (plus max_in_flight spare slots).
+                    engine = CheckpointEngine(
+                        tmp / CHECKPOINT_FILE, max_in_flight=2,
+                        keep=len(range(0, config.total_steps, every)),
+                        slot_bytes=slot_bytes_for(first[1], trainer.get_state()))
+                    engine.save(*first, borrowed=True)
+                    first = None
+                run.loss.append(m.loss)
+                run.acc.append(m.acc)
+                if m.signals is not None:
+                    run.signals.append(m.signals.to_dict())
+                if step + 1 in evals:
+                    e = trainer.evaluate()
+                    run.evals[step + 1] = (e.loss, e.acc)
+                if progress:
+                    progress(step + 1, config.total_steps)
+        finally:
+            if engine is not None:
+                engine.close()                          # every checkpoint durable
+        run.wall_s = time.perf_counter() - t0
+        (tmp / "golden.json").write_text(json.dumps(run.to_json()))
+        if directory.exists() and load(config, directory) is None:
+            shutil.rmtree(directory, ignore_errors=True)   # stale (older format or version)
+        try:
+            os.rename(tmp, directory)   # atomic; fails if another process got there first
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)   # theirs is equivalent: same config
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    run.directory = directory
+    return run
+
+
+def load(config: WorkloadConfig, directory: Path) -> GoldenRun | None:
+    """The cached golden run of `config`, or None when absent or from another version."""
+    meta = directory / "golden.json"
+    if not meta.is_file():
+        return None
+    try:
+        d = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return None
+    if d.get("format") != FORMAT or d.get("faultlab") != __version__ or d.get("config") != config.to_dict():
+        return None
+    return GoldenRun(config, d["loss"], d["acc"],
+                     {int(k): tuple(v) for k, v in d["evals"].items()}, d["checkpoints"],
+                     directory, d.get("wall_s", 0.0), d.get("signals", []))

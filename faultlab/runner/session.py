@@ -1,0 +1,185 @@
+"""Golden runs and trials (framework-free: a backend supplies the trainer).
+
+A trial restores the latest golden checkpoint at or before its injection step, trains to the
+step (bit-identical to the golden run), injects, runs its horizon, evaluates at the next
+evaluation point, and is classified against the golden run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from faultlab.runner import golden as goldenmod
+from faultlab.backends import load_backend
+from faultlab.backends.base import Backend, check_fault
+from faultlab.errors import SpecError
+from faultlab.outcomes import OutcomeRules, classify
+from faultlab.results.store import TrialResult
+from faultlab.trials import Trial
+from faultlab.workloads.base import WorkloadConfig
+
+
+def trial_window(trial: Trial) -> tuple[int, int]:
+    """(first injected step, exclusive end step) of a trial; the end is rounded up to the next
+    evaluation point so the trial's test accuracy is comparable with the golden run's."""
+    c = trial.workload
+    start = trial.inject_step if trial.inject_step is not None else 0
+    if trial.horizon is None:
+        return start, c.total_steps
+    end = start + trial.horizon + 1
+    spe = c.steps_per_epoch
+    return start, min(c.total_steps, -(-end // spe) * spe)
+
+
+@dataclass(frozen=True)
+class DetectOptions:
+    """Detection and recovery settings of a protected trial (`faultlab run --detect`)."""
+
+    detectors: tuple[str, ...] = ("nonfinite", "history", "spike")
+    thresholds: tuple[tuple[str, float], ...] = ()
+    checkpoint_every: int = 10
+    policy: str = "stop"
+
+    def suite(self):
+        from faultlab.detectors import default_suite
+        return default_suite(self.detectors, **dict(self.thresholds))
+
+
+@dataclass
+class Session:
+    """Trainers and golden runs of one process, reused across the trials it runs."""
+
+    threads: int = 1
+    rules: OutcomeRules = field(default_factory=OutcomeRules)
+    detect: DetectOptions | None = None
+    _trainers: dict = field(default_factory=dict)
+    _goldens: dict = field(default_factory=dict)
+
+    def backend(self, config: WorkloadConfig) -> Backend:
+        return load_backend(config.framework)
+
+    def trainer(self, config: WorkloadConfig):
+        key = config.key()
+        if key not in self._trainers:
+            self._trainers.clear()  # one live model per process keeps memory flat
+            self._trainers[key] = self.backend(config).build_trainer(config)
+        return self._trainers[key]
+
+    def golden(self, config: WorkloadConfig, progress: Callable | None = None) -> goldenmod.GoldenRun:
+        key = config.key()
+        if key in self._goldens:
+            return self._goldens[key]
+        directory = goldenmod.golden_dir(config, self.threads)
+        run = goldenmod.load(config, directory)
+        if run is None:
+            trainer = self.backend(config).build_trainer(config)  # fresh: initial weights
+            run = goldenmod.record(trainer, config, directory, progress)
+        self._goldens[key] = run
+        return run
+
+    def validate(self, trial: Trial) -> None:
+        table = self.backend(trial.workload).operand_shapes(trial.workload)
+        for f in trial.faults:
+            check_fault(table, f, trial.workload)
+
+    def _classify(self, gold, start: int, ckpt: int, end: int, losses, accs, test):
+        """Outcome of a timeline (losses / accs from step `ckpt`) against the golden run."""
+        first_nf = next((ckpt + i for i, x in enumerate(losses) if not math.isfinite(x)), None)
+        if first_nf is None and test is not None and not math.isfinite(test[0]):
+            first_nf = end - 1  # the state went non-finite without the loss showing it
+        steps = range(ckpt, ckpt + len(losses))
+        g_loss = [gold.loss[s] for s in steps]
+        g_acc = [gold.acc[s] for s in steps]
+        g_test = gold.eval_after(end)
+        bit_exact = (first_nf is None and list(losses) == g_loss and list(accs) == g_acc
+                     and g_test is not None and test is not None and tuple(test) == tuple(g_test))
+        cls = classify(accs, g_acc, start - ckpt,
+                       None if first_nf is None else first_nf - start,
+                       test[1] if test else None, g_test[1] if g_test else None,
+                       bit_exact, self.rules)
+        return cls, first_nf, g_loss, g_acc, g_test
+
+    def run_trial(self, trial: Trial, campaign: str = "") -> TrialResult:
+        t0 = time.perf_counter()
+        cfg = trial.workload
+        gold = self.golden(cfg)
+        trainer = self.trainer(cfg)
+        start, end = trial_window(trial)
+        ckpt = gold.checkpoint_before(start)
+        trainer.set_state(gold.state(ckpt))
+        losses, accs = [], []
+        for step in range(ckpt, end):
+            firing = [f for f in trial.faults if f.active(step)]
+            m = trainer.train_step(step, firing)
+            losses.append(m.loss)
+            accs.append(m.acc)
+            if not math.isfinite(m.loss):
+                break
+        test = None
+        if all(math.isfinite(x) for x in losses[-1:]):
+            e = trainer.evaluate()
+            test = (e.loss, e.acc)
+        cls, first_nf, g_loss, g_acc, g_test = self._classify(gold, start, ckpt, end, losses,
+                                                              accs, test)
+        result = TrialResult(
+            campaign=campaign, trial_id=trial.trial_id, source=trial.source,
+            framework=cfg.framework.value, workload=cfg.workload, workload_key=cfg.key(),
+            faults=trial.describe_faults(), outcome=cls.outcome, bit_exact=cls.bit_exact,
+            inject_step=trial.inject_step, first_nonfinite_step=first_nf,
+            final_train_acc=accs[-1] if accs else None,
+            final_test_acc=test[1] if test else None,
+            golden_test_acc=g_test[1] if g_test else None,
+            final_loss=losses[-1] if losses else None, max_acc_drop=cls.max_acc_drop,
+            steps_run=len(losses), wall_s=0.0,
+            metrics={"start": ckpt, "loss": losses, "acc": accs, "golden_loss": g_loss,
+                     "golden_acc": g_acc, "test": list(test) if test else None,
+                     "golden_test": list(g_test) if g_test else None})
+        if self.detect is not None:
+            self._protected(trial, gold, trainer, start, ckpt, end, result)
+        result.wall_s = time.perf_counter() - t0
+        return result
+
+    def _protected(self, trial, gold, trainer, start, ckpt, end, result) -> None:
+        """Run the trial again under detection and recovery; fill the detection fields."""
+        from faultlab.detectors.signals import Signals
+        from faultlab.replay import Protector
+        opts = self.detect
+        suite = opts.suite()
+        suite.warm_up(Signals.from_dict(d) for d in gold.signals[:ckpt])
+        trainer.set_state(gold.state(ckpt))
+        with Protector(trainer, suite, opts.checkpoint_every, opts.policy) as prot:
+            run = prot.run(ckpt, end, trial.faults)
+            test = None
+            if run.stopped_at is None and all(math.isfinite(x) for x in run.losses[-1:]):
+                e = trainer.evaluate()
+                test = (e.loss, e.acc)
+        cls, *_ = self._classify(gold, start, ckpt, end, run.losses, run.accs, test)
+        first = run.detections[0] if run.detections else None
+        result.detected = first is not None
+        result.detect_step = first.step if first else None
+        result.detector = first.detector if first else None
+        result.recovered = run.recovered if first else None
+        result.outcome_after = cls.outcome
+        result.metrics["protected"] = {"loss": run.losses, "acc": run.accs,
+                                       "test": list(test) if test else None,
+                                       "stopped_at": run.stopped_at,
+                                       "bit_exact": cls.bit_exact,
+                                       "detections": [d.to_dict() for d in run.detections]}
+
+
+def validate_trials(trials, session: Session | None = None) -> None:
+    """Check every fault of every trial against its workload's operand shapes."""
+    session = session or Session()
+    tables: dict[str, object] = {}
+    for t in trials:
+        key = t.workload.key()
+        if key not in tables:
+            tables[key] = session.backend(t.workload).operand_shapes(t.workload)
+        for i, f in enumerate(t.faults):
+            try:
+                check_fault(tables[key], f, t.workload)
+            except SpecError as e:
+                raise SpecError(f"{t.where(i, e.field)}: {e}", e.field) from None
