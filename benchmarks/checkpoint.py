@@ -104,7 +104,7 @@ def peak_rss_bytes() -> int:
 def dd_rate(directory: Path, mib: int) -> float | None:
     """bytes/s of dd writing `mib` MiB with conv=fdatasync (the raw sequential bandwidth),
     after flushing what other writers left dirty."""
-    from faultlab.checkpointing.bench import dd_rate as measure
+    from engine_rates import dd_rate as measure          # benchmarks/, this script's directory
     os.sync()
     return measure(directory, mib)
 
@@ -144,7 +144,7 @@ def torch_session(engine: str, mib: int, directory: Path) -> Session:
     import torch.distributed.checkpoint  # noqa: F401  (imported before RSS is measured)
 
     from faultlab.backends.torch.adapter import TorchCheckpointAdapter
-    from faultlab.checkpointing.baselines import open_checkpointer
+    from faultlab.checkpointing.api import open_checkpointer
     torch.set_num_threads(1)
     model, opt, train_step = wide_mlp(mib)
     for _ in range(2):                                 # gradients and Adam moments exist
@@ -186,7 +186,8 @@ def tf_session(engine: str, mib: int, directory: Path) -> Session:
     import tensorflow as tf
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
-    from faultlab.checkpointing.baselines import Future, fsync_tf_checkpoint, open_checkpointer
+    from faultlab.backends.tf.checkpointers import fsync_tf_checkpoint
+    from faultlab.checkpointing.api import SaveFuture, open_checkpointer
     from faultlab.backends.tf.adapter import TFCheckpointAdapter
     model, opt, train_step = keras_wide_mlp(mib)
     for _ in range(2):
@@ -212,7 +213,7 @@ def tf_session(engine: str, mib: int, directory: Path) -> Session:
     asynchronous = engine.startswith("tf-async")
 
     def save(step):
-        fut = Future(step)
+        fut = SaveFuture(step)
 
         def durable(path):
             fsync_tf_checkpoint(Path(path))
@@ -296,14 +297,14 @@ def cow_step_cost(s, reps: int = 3) -> dict:
     The first copy-on-write step allocates its new buffers; later ones reuse the buffers the
     previous snapshot gave back, as a steady run does."""
     adapter, opt = s.adapter, s.opt
-    owners = [t for t in adapter._cow_owners().values() if adapter._cow.eligible(t)]
+    owners = adapter.cow_tensors()
     plain, cow = [], []
     for _ in range(reps + 1):
         plain.append(timed(opt.step))
-        snap = adapter._cow.freeze(owners)
+        snap = adapter.cow_freeze(owners)
         cow.append(timed(opt.step))
         snap.release()
-        owners = [t for t in adapter._cow_owners().values() if adapter._cow.eligible(t)]
+        owners = adapter.cow_tensors()
     return {"plain_s": plain, "cow_s": cow, "frozen_bytes": sum(
         t.numel() * t.element_size() for t in owners)}
 
@@ -348,7 +349,7 @@ def run_training_part(args, directory: Path, log) -> dict:
     import torch
 
     from faultlab.backends.torch.adapter import TorchCheckpointAdapter
-    from faultlab.checkpointing.baselines import open_checkpointer
+    from faultlab.checkpointing.api import open_checkpointer
     from faultlab.workloads.base import default_config
     from faultlab.backends.torch.trainer import TorchTrainer
     cfg = default_config("resnet18", **REFERENCE)

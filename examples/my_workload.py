@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from faultlab.workloads.data import Dataset
-from faultlab.backends.torch.trainer import TorchWorkload
+from faultlab.torch import TorchWorkload
 
 
 class TinyCNN(nn.Module):

@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from faultlab.backends import load_backend
+from faultlab.backends import load_backend, names as framework_names
 from faultlab.errors import FaultlabError
 
 EPILOGS = {
@@ -121,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
 
     r = cmd("run", "run a campaign: golden run, trials, outcomes, summary")
     r.add_argument("campaign", help="campaign file (ISCA key/value or columnar CSV)")
-    r.add_argument("--framework", choices=["torch", "tf"], help="override the file's framework")
+    r.add_argument("--framework", choices=framework_names(), help="override the file's framework")
     r.add_argument("--workers", type=int, default=1, help="trial worker processes (default 1)")
     r.add_argument("--threads", type=int, default=0,
                    help="threads per worker (default: cores / workers); part of the golden key")
@@ -139,19 +139,19 @@ def _parser() -> argparse.ArgumentParser:
 
     v = cmd("validate", "check a campaign file against its workloads (no training)")
     v.add_argument("campaign")
-    v.add_argument("--framework", choices=["torch", "tf"])
+    v.add_argument("--framework", choices=framework_names())
     v.add_argument("--json", action="store_true")
 
     w = cmd("workloads", "list built-in workloads (and a workload's layers)")
     w.add_argument("--layers", metavar="WORKLOAD", help="list the layers and operand shapes")
-    w.add_argument("--framework", choices=["torch", "tf"], default="torch")
+    w.add_argument("--framework", choices=framework_names(), default=framework_names()[0])
     w.add_argument("--json", action="store_true")
 
     d = cmd("detect", "measure detection overhead; with --campaign, detection coverage")
     d.add_argument("--check", action="store_true",
                    help="also run with detection, interleaved, and print the overhead ratio")
     d.add_argument("--workload", help="built-in workload (default: the reference ResNet-18)")
-    d.add_argument("--framework", choices=["torch", "tf"])
+    d.add_argument("--framework", choices=framework_names())
     d.add_argument("--campaign", help="run this campaign with --detect and report coverage")
     d.add_argument("--steps", type=int, default=60, help="timed steps per variant (default 60)")
     d.add_argument("--threads", type=int, default=1,
@@ -165,7 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     rr.add_argument("--rerun", action="store_true",
                     help="roll back and replay every --every steps (else checkpointing only)")
     rr.add_argument("--workload", help="built-in workload (default: the reference ResNet-18)")
-    rr.add_argument("--framework", choices=["torch", "tf"])
+    rr.add_argument("--framework", choices=framework_names())
     rr.add_argument("--steps", type=int, default=60)
     rr.add_argument("--every", type=int, default=10, help="steps between reruns (default 10)")
     rr.add_argument("--checkpoint-every", type=int, default=10)
@@ -176,7 +176,7 @@ def _parser() -> argparse.ArgumentParser:
     pl = cmd("plan", "write a random campaign sized by the statistical FI formula")
     pl.add_argument("--workload", default="reference",
                     help="built-in workload (default: the reference ResNet-18 of campaigns/)")
-    pl.add_argument("--framework", choices=["torch", "tf"])
+    pl.add_argument("--framework", choices=framework_names())
     pl.add_argument("--trials", type=int, help="number of trials (default: from --margin)")
     pl.add_argument("--margin", type=float, default=0.05, help="margin of error (default 0.05)")
     pl.add_argument("--confidence", type=float, default=0.95)
@@ -264,50 +264,31 @@ def _default_threads(workers: int) -> int:
 
 
 def cmd_validate(a) -> int:
-    from faultlab.campaigns.files import load_campaign
+    """`faultlab validate`: parse a campaign and check its trials against their workloads."""
+    from faultlab.campaigns import load_campaign
+    from faultlab.report import format_validation
     from faultlab.runner.session import validate_trials
     camp = load_campaign(a.campaign, a.framework)
     validate_trials(camp.trials)
-    info = {"campaign": camp.path, "format": camp.format, "digest": camp.digest,
-            "trials": len(camp.trials), "faults": sum(len(t.faults) for t in camp.trials),
-            "workloads": sorted({f"{t.workload.framework.value}:{t.workload.workload}" for t in camp.trials}),
-            "valid": True}
-    if a.json:
-        print(json.dumps(info))
-    else:
-        print(f"{camp.path}: valid {camp.format} campaign, {info['trials']} trial(s), "
-              f"{info['faults']} fault(s) on {', '.join(info['workloads'])}")
+    info = {**camp.info(), "valid": True}
+    print(json.dumps(info) if a.json else format_validation(info))
     return 0
 
 
 def cmd_workloads(a) -> int:
+    """`faultlab workloads`: list the built-in workloads, or one workload's layers."""
+    from faultlab.report import format_layers, format_workloads, operand_rows, workload_entries
     from faultlab.workloads.base import BUILTINS, default_config
     if a.layers:
         cfg = default_config(a.layers, framework=a.framework)
-        table = load_backend(cfg.framework).operand_shapes(cfg)
-        rows = {layer: {(s.value if hasattr(s, "value") else s): list(shape)
-                        for s, (shape, _) in sites.items()} for layer, sites in table.items()}
+        rows = operand_rows(load_backend(cfg.framework).operand_shapes(cfg))
         if a.json:
             print(json.dumps({"workload": a.layers, "config": cfg.to_dict(), "layers": rows}))
         else:
-            print(f"{a.layers} ({a.framework}, per-replica batch {cfg.per_replica_batch}; "
-                  f"canonical layout NHWC / HWIO / (in, out))")
-            for layer, sites in rows.items():
-                io = f"in {tuple(sites.get('fwd_input', []))} out {tuple(sites.get('fwd_output', []))}"
-                print(f"  {layer:40s} weight {tuple(sites.get('fwd_weight', []))}  {io}")
+            print(format_layers(a.layers, cfg, rows))
         return 0
-    items = [{"name": w.name, "description": w.description, "frameworks": list(w.frameworks),
-              "defaults": w.defaults} for w in BUILTINS.values()]
-    if a.json:
-        print(json.dumps({"workloads": items}))
-    else:
-        for w in items:
-            d = w["defaults"]
-            print(f"{w['name']:12s} {w['description']}")
-            print(f"{'':12s} defaults: {d['replicas']} replicas x batch {d['per_replica_batch']}, "
-                  f"width {d['width']}, input {d['input_size']}, {d['dataset']}, "
-                  f"{d['epochs']} epochs x {d['steps_per_epoch']} steps")
-        print("your own: module:function returning a TorchWorkload (docs/workloads.md)")
+    items = workload_entries(BUILTINS.values())
+    print(json.dumps({"workloads": items}) if a.json else format_workloads(items))
     return 0
 
 
@@ -331,10 +312,10 @@ def _stop_after() -> int | None:
 
 def _run_campaign(a, detect=None):
     """Parse, validate, run what is not done yet, store as each trial ends; the results."""
-    from faultlab.campaigns.files import load_campaign
-    from faultlab.runner.pool import LocalPool
+    from faultlab.campaigns import load_campaign
     from faultlab.outcomes import OutcomeRules
-    from faultlab.results.store import ResultStore
+    from faultlab.results import ResultStore
+    from faultlab.runner.pool import LocalPool
     from faultlab.runner.session import validate_trials
 
     if a.workers < 1:
@@ -384,7 +365,10 @@ def _run_campaign(a, detect=None):
 
 
 def cmd_run(a) -> int:
-    from faultlab.results.store import OUTCOMES, format_results, format_summary, summarize, to_csv
+    """`faultlab run`: run a campaign (resuming), print the per-trial table and the summary."""
+    from faultlab.report import format_coverage, format_results, format_summary
+    from faultlab.results import OUTCOMES, summarize, summarize_after_recovery, to_csv
+    from faultlab.results.coverage import coverage
 
     for flag in ("expect", "expect_after"):
         want = getattr(a, flag)
@@ -394,17 +378,10 @@ def cmd_run(a) -> int:
     detect = _detect_options(a) if a.detect else None
     camp, cid, db, results = _run_campaign(a, detect)
     rows = summarize(results)
-    after_rows = None
-    if detect is not None:
-        from faultlab.results.store import TrialResult
-        after_rows = summarize([TrialResult(**{**r.__dict__, "outcome": r.outcome_after or r.outcome})
-                                for r in results])
+    after_rows = summarize_after_recovery(results) if detect is not None else None
     if a.csv:
         to_csv(results, a.csv)
-    cov = None
-    if detect is not None:
-        from faultlab.results.coverage import coverage
-        cov = coverage(results)
+    cov = coverage(results) if detect is not None else None
     if a.json:
         doc = {"campaign": camp.path, "digest": cid, "results_db": str(db),
                "summary": [r.__dict__ for r in rows],
@@ -418,7 +395,6 @@ def cmd_run(a) -> int:
         print()
         print(format_summary(rows))
         if detect is not None:
-            from faultlab.results.coverage import format_coverage
             print()
             print("after detection and recovery:")
             print(format_summary(after_rows))
@@ -436,21 +412,15 @@ def cmd_run(a) -> int:
     return status
 
 
-def _table(rows, cols) -> str:
-    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
-    out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)),
-           "  ".join("-" * w for w in widths)]
-    out += ["  ".join(str(r[c]).ljust(w) for c, w in zip(cols, widths)) for r in rows]
-    return "\n".join(out)
-
-
 def cmd_detect(a) -> int:
+    """`faultlab detect`: time detection's overhead; with --campaign, detection coverage."""
     from faultlab.replay.overhead import detection_overhead, false_positives, reference
+    from faultlab.report import format_coverage, format_detection
     if a.campaign:
         a.fresh, a.rule, a.timeout, a.threads = False, [], 3600.0, 0
         detect = _detect_options(a)
         camp, cid, db, results = _run_campaign(a, detect)
-        from faultlab.results.coverage import coverage, format_coverage
+        from faultlab.results.coverage import coverage
         from faultlab.runner.golden import golden_dir, load as load_golden
         cov = coverage(results)
         fps = None
@@ -477,30 +447,15 @@ def cmd_detect(a) -> int:
         res = detection_overhead(cfg, a.steps, variants={
             "nonfinite+history": ["nonfinite", "history"], ",".join(detectors): detectors,
             "abft": ["abft"]}, progress=lambda i, n: _say(f"detect: round {i}/{n}", a.json))
-    if a.json:
-        print(json.dumps(res, default=str))
-        return 0
-    rows = [{"variant": r["variant"], "ms/step": f"{r['median_ms']:.1f}",
-             "ratio": f"{r['ratio']:.4f}", "paired": f"{r['paired']:.4f}",
-             "overhead %": f"{100 * (r['paired'] - 1):+.2f}",
-             "isolated ms": "-" if r.get("isolated_ms") is None else f"{r['isolated_ms']:.2f}",
-             "isolated %": "-" if r.get("isolated_ratio") is None else
-             f"{100 * (r['isolated_ratio'] - 1):+.2f}",
-             "steps": r["steps"]} for r in res["rows"]]
-    print(f"workload: {cfg.workload} ({cfg.replicas} replicas x {cfg.per_replica_batch}, "
-          f"width {cfg.width}, {cfg.framework.value}, {a.threads} thread(s)); blocks of 2 "
-          f"steps interleaved; ratio = median step / none's, paired = median of per-round ratios")
-    print(_table(rows, ["variant", "ms/step", "ratio", "paired", "overhead %", "isolated ms",
-                        "isolated %", "steps"]))
-    print("isolated = the signals' and detectors' own cost per step, timed alone on live state")
-    if a.check:
-        print(f"the ISCA'23 artifact's figure: {100 * res['artifact']:.3f}% (its check run "
-              f"10,000x a step and amortised; ours is measured end to end)")
+    print(json.dumps(res, default=str) if a.json else
+          format_detection(res, cfg, a.threads, a.check))
     return 0
 
 
 def cmd_replay(a) -> int:
-    from faultlab.replay.overhead import format_recovery, reference, replay_overhead
+    """`faultlab replay`: time checkpointing and rollback-replay; the recovery time."""
+    from faultlab.replay.overhead import reference, replay_overhead
+    from faultlab.report import format_replay
     cfg = reference(a.workload, a.framework)
     load_backend(cfg.framework).configure(a.threads)
     every = a.every if a.rerun else 10**9
@@ -508,25 +463,15 @@ def cmd_replay(a) -> int:
                           progress=lambda k, n: _say(f"replay: step {k}/{n}", a.json))
     if not a.rerun:
         res["rows"] = [r for r in res["rows"] if r["variant"] != "rerun"]
-    if a.json:
-        print(json.dumps(res, default=str))
-        return 0
-    rows = [{"variant": r["variant"], "wall s": f"{r['wall_s']:.2f}", "ratio": f"{r['ratio']:.4f}",
-             "overhead %": f"{100 * (r['ratio'] - 1):+.2f}"} for r in res["rows"]]
-    print(f"workload: {cfg.workload}, {a.steps} steps, checkpoint every {a.checkpoint_every}"
-          + (f", rollback + replay every {a.every}" if a.rerun else ""))
-    print(_table(rows, ["variant", "wall s", "ratio", "overhead %"]))
-    rec = res["recovery"]
-    if a.rerun and rec["count"]:
-        print(format_recovery(rec, res["state_mb"]))
-        print(f"the ISCA'23 artifact's figure: {100 * res['artifact']:.2f}% (two iterations "
-              f"re-executed every ten, amortised; no checkpoint reloaded)")
+    print(json.dumps(res, default=str) if a.json else
+          format_replay(res, cfg, a.steps, a.checkpoint_every, a.every if a.rerun else None))
     return 0
 
 
 def cmd_report(a) -> int:
-    from faultlab.results.store import (ResultStore, format_results, format_summary, summarize, to_csv,
-                          to_parquet)
+    """`faultlab report`: summarise a results database; export it as CSV / Parquet."""
+    from faultlab.report import format_results, format_summary
+    from faultlab.results import ResultStore, summarize, to_csv, to_parquet
     if not Path(a.results).is_file():
         raise FaultlabError(f"{a.results}: no such results database")
     with ResultStore(a.results) as store:
@@ -547,21 +492,10 @@ def cmd_report(a) -> int:
 
 
 def cmd_crash(a) -> int:
-    import importlib.util
     import shutil
     import tempfile
 
-    from faultlab.checkpointing.baselines import COMPARED, engine_names
-    from faultlab.crash.harness import (EngineReport, KillCampaign, LoopSpec, factory_name,
-                                      format_reports, power_loss_campaign)
-    engines = []
-    for name in a.engine or ["faultlab"]:
-        for n in (COMPARED if name == "all" else [name]):
-            if n not in engine_names():
-                raise FaultlabError(f"--engine: unknown engine {n!r} (one of: "
-                                    f"{', '.join(engine_names())}, all)")
-            if n not in engines:
-                engines.append(n)
+    from faultlab.crash import KillCampaign, campaign_setup, format_reports, power_loss_report
     for flag, value, low in (("--kills", a.kills, 1), ("--steps", a.steps, 1),
                              ("--every", a.every, 1), ("--points", a.points, 0),
                              ("--images", a.images, 1)):
@@ -569,40 +503,24 @@ def cmd_crash(a) -> int:
             raise FaultlabError(f"{flag} must be at least {low}, got {value}")
     if a.jitter_ms < 0:
         raise FaultlabError(f"--jitter-ms must be >= 0, got {a.jitter_ms}")
-    from faultlab.checkpointing.baselines import TF_ENGINES
-    if any(n in TF_ENGINES for n in engines) and importlib.util.find_spec("tensorflow") is None:
-        raise FaultlabError("--engine tf-sync / tf-async need TensorFlow: "
-                            "pip install 'faultlab[tf]'")
-    if a.workload is None:                   # a TF loop for TF engines alone
-        a.workload = "keras-mlp" if all(n in TF_ENGINES for n in engines) else "mlp"
-    if "faultlab+cow" in engines and a.workload == "keras-mlp":
-        raise FaultlabError("--engine faultlab+cow needs a torch loop (copy-on-write saves are "
-                            "the torch adapter's); TF variables are copy-on-write already: use "
-                            "--engine faultlab")
-    factory = factory_name(a.workload)
-    loop = LoopSpec(factory, a.steps, a.every)
+    setup = campaign_setup(a.engine or (), a.workload, steps=a.steps, every=a.every)
     workdir = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="faultlab-crash-"))
     reports: list = []
     try:
         if a.power_loss:
-            for n in engines:
-                if n not in ("faultlab", "faultlab+cow"):
-                    reports.append(EngineReport(n, mode="power-loss", note=(
-                        "not modeled (SimDisk simulates one file, not a file system)")))
-                    continue
+            for n in setup.engines:
                 points = a.points or None
                 bar = Progress(points or 0, f"power loss {n}", enabled=not a.json and
                                points is not None)
-                reports.append(power_loss_campaign(
-                    factory, steps=a.steps, every=a.every, points=points,
-                    images_per_point=a.images, seed=a.seed, cow=n == "faultlab+cow",
-                    progress=lambda: bar.update("checked")))
+                reports.append(power_loss_report(
+                    n, setup.loop.factory, steps=a.steps, every=a.every, points=points,
+                    images_per_point=a.images, seed=a.seed,
+                    progress=lambda bar=bar: bar.update("checked")))
         else:
-            preload = ["torch.distributed.checkpoint"] if "dcp-async" in engines else []
-            _say(f"starting the training zygote ({a.workload}); kills follow", a.json)
-            with KillCampaign(loop, workdir, preload=preload) as kc:
+            _say(f"starting the training zygote ({setup.workload}); kills follow", a.json)
+            with KillCampaign(setup.loop, workdir, engines=setup.engines) as kc:
                 kc.reference()
-                for n in engines:
+                for n in setup.engines:
                     bar = Progress(a.kills, f"crash {n}", enabled=not a.json)
                     reports.append(kc.campaign(n, a.kills, seed=a.seed,
                                                jitter=a.jitter_ms / 1000.0,
@@ -613,7 +531,7 @@ def cmd_crash(a) -> int:
     ok = all(r.ok for r in reports)
     if a.json:
         print(json.dumps({"mode": "power-loss" if a.power_loss else "kill",
-                          "workload": a.workload, "steps": a.steps, "every": a.every,
+                          "workload": setup.workload, "steps": a.steps, "every": a.every,
                           "seed": a.seed, "ok": ok,
                           "engines": [r.to_json() for r in reports]}))
     else:
@@ -625,19 +543,15 @@ def cmd_crash(a) -> int:
 
 
 def cmd_plan(a) -> int:
-    from faultlab.campaigns.files import format_columnar
+    """`faultlab plan`: write a random campaign sized by the statistical FI formula."""
+    from faultlab.campaigns import write_columnar
+    from faultlab.campaigns.plan import plan
     from faultlab.replay.overhead import reference
-    from faultlab.campaigns.plan import plan, population, sample_size
     cfg = reference(a.workload, a.framework)
     if a.trials is not None and a.trials < 1:
         raise FaultlabError("--trials must be at least 1")
     trials = plan(cfg, a.trials, a.margin, a.confidence, a.seed, a.horizon, a.layer)
-    out = Path(a.output)
-    if out.exists() and out.is_dir():
-        raise FaultlabError(f"{out}: is a directory")
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(format_columnar(trials))
-    tmp.replace(out)
+    out = write_columnar(trials, a.output)
     info = {"output": str(out), "trials": len(trials), "workload": cfg.workload,
             "margin": a.margin, "confidence": a.confidence, "seed": a.seed}
     if a.json:
@@ -654,6 +568,7 @@ COMMANDS = {"run": cmd_run, "plan": cmd_plan, "validate": cmd_validate, "workloa
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, run the command; its exit code (errors are one line)."""
     parser = _parser()
     a = parser.parse_args(argv)
     if not a.command:

@@ -76,7 +76,9 @@ class DurationKind(str, enum.Enum):
     STEPS = "steps"                # `steps` consecutive steps from the start
 
 
-def _enum(cls, value, what):
+def parse_enum(cls, value, what):
+    """`value` as a member of the enum `cls` (its value, any case); a SpecError naming `what`
+    and the choices otherwise."""
     if isinstance(value, cls):
         return value
     try:
@@ -100,8 +102,8 @@ class ValueSpec:
     layout: BitLayout = BitLayout.NATIVE
 
     def __post_init__(self):
-        object.__setattr__(self, "model", _enum(ValueModel, self.model, "value model"))
-        object.__setattr__(self, "layout", _enum(BitLayout, self.layout, "bit layout"))
+        object.__setattr__(self, "model", parse_enum(ValueModel, self.model, "value model"))
+        object.__setattr__(self, "layout", parse_enum(BitLayout, self.layout, "bit layout"))
         object.__setattr__(self, "values", tuple(float(v) for v in self.values))
         m = self.model
         width = LAYOUT_BITS.get(self.layout)
@@ -136,7 +138,7 @@ class PositionSpec:
     groups: int = 1    # GROUPS: most groups in the repeated range (1..groups drawn at random)
 
     def __post_init__(self):
-        object.__setattr__(self, "mode", _enum(PositionMode, self.mode, "position mode"))
+        object.__setattr__(self, "mode", parse_enum(PositionMode, self.mode, "position mode"))
         object.__setattr__(self, "indices", tuple(tuple(int(i) for i in ix) for ix in self.indices))
         if self.mode is PositionMode.EXPLICIT and not self.indices:
             raise SpecError("explicit positions need at least one index")
@@ -192,7 +194,7 @@ class Duration:
     probability: float = 1.0
 
     def __post_init__(self):
-        object.__setattr__(self, "kind", _enum(DurationKind, self.kind, "duration"))
+        object.__setattr__(self, "kind", parse_enum(DurationKind, self.kind, "duration"))
         if self.steps < 1:
             raise SpecError(f"duration steps must be at least 1, got {self.steps}")
         if not 0.0 < self.probability <= 1.0:
@@ -237,7 +239,7 @@ class FaultSpec:
     seed: int = 0
 
     def __post_init__(self):
-        object.__setattr__(self, "site", _enum(Site, self.site, "site"))
+        object.__setattr__(self, "site", parse_enum(Site, self.site, "site"))
         if self.replica < 0:
             raise SpecError(f"replica must be >= 0, got {self.replica}")
         if self.step < 0:

@@ -9,9 +9,13 @@ from faultlab.backends.tf import keras_api as _impl
 from faultlab.backends.tf.keras_api import (configure_cpu_devices, cpu_devices, fault,
                                             faults_from_campaign, layer_names, operand_table)
 
-__all__ = ["Injector", "fault", "faults_from_campaign", "configure_cpu_devices", "cpu_devices",
+__all__ = ["Injector", "TFWorkload", "fault", "faults_from_campaign", "configure_cpu_devices", "cpu_devices",
            "operand_table", "layer_names"]
 
 
 def __getattr__(name):
-    return getattr(_impl, name)   # Injector: TensorFlow is imported when it is first asked for
+    # imported when first asked for: these import TensorFlow
+    if name == "TFWorkload":     # what a `module:function` TF user workload returns
+        from faultlab.backends.tf.trainer import TFWorkload
+        return TFWorkload
+    return getattr(_impl, name)   # Injector

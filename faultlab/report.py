@@ -1,9 +1,16 @@
-"""Text reports: the one table formatter, and every table faultlab prints with it."""
+"""Text reports: the one table formatter, and every table and summary faultlab prints with it
+(results, coverage, overhead, validation, workloads); the crash harness's tables use it too."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
-from typing import Any
+import math
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from faultlab.results.stats import OutcomeRow
+    from faultlab.results.store import TrialResult
+    from faultlab.workloads.base import WorkloadConfig, WorkloadInfo
 
 
 def ascii_cell(s: Any) -> str:
@@ -28,3 +35,216 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]],
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
+
+
+# --- results ------------------------------------------------------------------------------------
+
+def format_summary(rows: Sequence[OutcomeRow]) -> str:
+    """A fixed-width ASCII table: outcome, count, rate %, CI (the total row below a rule)."""
+    conf = rows[0].confidence if rows else 0.95
+    ci_name = f"{conf * 100:g}% CI"
+    body, total = [], None
+    for r in rows:
+        cells = [r.outcome, str(r.count), f"{r.rate * 100:.1f}",
+                 f"[{r.ci_low * 100:5.1f}, {r.ci_high * 100:5.1f}]"]
+        if r.is_total:
+            cells[3] = ""
+            total = cells
+        else:
+            body.append(cells)
+    text = table(["outcome", "count", "rate %", ci_name], body + ([total] if total else []),
+                 right={1, 2})
+    if total is not None:       # a rule above the total row
+        lines = text.split("\n")
+        lines.insert(len(lines) - 1, lines[1])
+        text = "\n".join(lines)
+    return text
+
+
+def describe_fault(f: dict) -> str:
+    """Short description of one fault dict: ``layer/site[.tensor] model``, e.g.
+    ``conv1/fwd_output bitflip`` or ``dense/param.bias zero``."""
+    where = f"{f.get('layer') or '*'}/{f.get('site', '?')}"
+    if f.get("tensor"):
+        where += f".{f['tensor']}"
+    model = f.get("value")
+    if model == "bitflip" and f.get("bit") is not None:
+        model = f"bitflip:{f['bit']}"
+    return f"{where} {model}" if model else where
+
+
+def describe_faults(faults: Sequence[dict]) -> str:
+    """The first fault described, and how many more; ``(control)`` for none."""
+    if not faults:
+        return "(control)"
+    text = describe_fault(faults[0])
+    return text + (f" +{len(faults) - 1} more" if len(faults) > 1 else "")
+
+
+def _acc(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if not math.isfinite(x):
+        return str(float(x))         # nan, inf, -inf
+    return f"{x:.4f}"
+
+
+def format_results(results: Sequence[TrialResult], fault_width: int = 60) -> str:
+    """A per-trial ASCII table: trial id, fault (layer/site and value model), injection step,
+    outcome, final test accuracy / golden, and ``=`` when the trial was bit-exact with the
+    golden run. A detection column appears when any result has detection data."""
+    results = list(results)
+    with_det = any(r.detected is not None for r in results)
+    header = ["trial", "fault", "step", "outcome", "test acc / golden", "exact"]
+    if with_det:
+        header.append("detected")
+    rows = []
+    for r in results:
+        row = [r.trial_id, clip(describe_faults(r.faults), fault_width),
+               "-" if r.inject_step is None else str(r.inject_step), r.outcome,
+               f"{_acc(r.final_test_acc)} / {_acc(r.golden_test_acc)}",
+               "=" if r.bit_exact else ""]
+        if with_det:
+            if r.detected is None:
+                row.append("-")
+            elif r.detected:
+                row.append(f"step {r.detect_step}" if r.detect_step is not None else "yes")
+            else:
+                row.append("no")
+        rows.append(row)
+    return table(header, rows, right={2})
+
+
+def format_coverage(c: dict, golden_fp: dict | None = None) -> str:
+    """Detection coverage (:func:`faultlab.results.coverage.coverage`) as text: the headline
+    rate, a table per outcome class, latency, recovery, false positives, before -> after."""
+    lines = []
+    if c["coverage"] is not None:
+        lines.append(f"coverage: {c['non_masked_detected']}/{c['non_masked']} non-masked trials "
+                     f"detected ({100 * c['coverage']:.1f}%, 95% CI "
+                     f"[{100 * c['ci_low']:.1f}, {100 * c['ci_high']:.1f}])")
+    lines.append("")
+    lines.append(table(["outcome", "trials", "detected", "rate %", "95% CI"],
+                       [[row["outcome"], row["trials"], row["detected"],
+                         f"{100 * row['rate']:.1f}",
+                         f"[{100 * row['ci_low']:5.1f}, {100 * row['ci_high']:5.1f}]"]
+                        for row in c["by_outcome"]], right={1, 2, 3}))
+    lines.append("")
+    lat = c["latency_steps"]
+    if lat["n"]:
+        lines.append(f"detection latency: median {lat['median']} step(s), max {lat['max']}")
+    if c["detected"]:
+        lines.append(f"recovered: {c['recovered']}/{c['detected']} detected trials; Masked after "
+                     f"recovery: {c['masked_after']}/{c['detected']}; steps of work lost (replayed): "
+                     f"{c['steps_lost']}; median recovery {1e3 * (c['recovery_s_median'] or 0):.0f} ms")
+    lines.append(f"false positives: {c['control_false_positives']} of {c['control_trials']} "
+                 f"fault-free control trial(s); alarms on Masked trials: {c['masked_with_alarm']}")
+    if golden_fp is not None:
+        lines.append(f"false positives on golden runs: {golden_fp['alarms']} alarm(s) in "
+                     f"{golden_fp['steps']} step(s)")
+    if c["before_after"]:
+        lines.append("")
+        lines.append("outcome before -> after detection and recovery")
+        for before, afters in c["before_after"].items():
+            lines.append(f"  {before:18s} -> " + ", ".join(f"{k} {v}" for k, v in sorted(afters.items())))
+    return "\n".join(lines)
+
+
+# --- overhead -----------------------------------------------------------------------------------
+
+def format_detection(res: dict, cfg: WorkloadConfig, threads: int, check: bool) -> str:
+    """`faultlab detect`: the timed variants of :func:`faultlab.replay.overhead.detection_overhead`
+    as a table, with the workload above it and the artifact's figure below (with `check`)."""
+    rows = [[r["variant"], f"{r['median_ms']:.1f}", f"{r['ratio']:.4f}", f"{r['paired']:.4f}",
+             f"{100 * (r['paired'] - 1):+.2f}",
+             "-" if r.get("isolated_ms") is None else f"{r['isolated_ms']:.2f}",
+             "-" if r.get("isolated_ratio") is None else f"{100 * (r['isolated_ratio'] - 1):+.2f}",
+             r["steps"]] for r in res["rows"]]
+    lines = [f"workload: {cfg.workload} ({cfg.replicas} replicas x {cfg.per_replica_batch}, "
+             f"width {cfg.width}, {cfg.framework.value}, {threads} thread(s)); blocks of 2 "
+             f"steps interleaved; ratio = median step / none's, paired = median of per-round ratios",
+             table(["variant", "ms/step", "ratio", "paired", "overhead %", "isolated ms",
+                    "isolated %", "steps"], rows),
+             "isolated = the signals' and detectors' own cost per step, timed alone on live state"]
+    if check:
+        lines.append(f"the ISCA'23 artifact's figure: {100 * res['artifact']:.3f}% (its check run "
+                     f"10,000x a step and amortised; ours is measured end to end)")
+    return "\n".join(lines)
+
+
+def format_replay(res: dict, cfg: WorkloadConfig, steps: int, checkpoint_every: int,
+                  every: int | None) -> str:
+    """`faultlab replay`: the variants of :func:`faultlab.replay.overhead.replay_overhead` as a
+    table; with `every` (rollback + replay every so many steps) the recovery figures too."""
+    rows = [[r["variant"], f"{r['wall_s']:.2f}", f"{r['ratio']:.4f}",
+             f"{100 * (r['ratio'] - 1):+.2f}"] for r in res["rows"]]
+    lines = [f"workload: {cfg.workload}, {steps} steps, checkpoint every {checkpoint_every}"
+             + (f", rollback + replay every {every}" if every is not None else ""),
+             table(["variant", "wall s", "ratio", "overhead %"], rows)]
+    rec = res["recovery"]
+    if every is not None and rec["count"]:
+        lines.append(format_recovery(rec, res["state_mb"]))
+        lines.append(f"the ISCA'23 artifact's figure: {100 * res['artifact']:.2f}% (two iterations "
+                     f"re-executed every ten, amortised; no checkpoint reloaded)")
+    return "\n".join(lines)
+
+
+def format_recovery(rec: dict, state_mb: float) -> str:
+    """The recovery figures of replay_overhead as two lines: the total against its bound, and
+    each part (load, replayed steps) against its own."""
+    steps = rec["median_steps_replayed"]
+    per_step = rec["median_replay_s"] / steps if steps else 0.0
+    verdict = "within" if rec["median_recovery_s"] <= rec["bound_s"] else "over"
+    return (f"recovery (detection -> training resumed): median {1e3 * rec['median_recovery_s']:.1f} ms "
+            f"= load {1e3 * rec['median_load_s']:.1f} ms + replay {1e3 * rec['median_replay_s']:.1f} ms "
+            f"of {steps:.0f} step(s); bound {1e3 * rec['bound_s']:.1f} ms ({verdict}; "
+            f"x{rec['median_recovery_s'] / rec['bound_s']:.3f})\n"
+            f"  load bound {1e3 * rec['load_bound_s']:.1f} ms (state {state_mb:.1f} MB at 0.9 x "
+            f"the disk's {rec['read_bandwidth_mb_s']:.0f} MB/s, O_DIRECT; at the page cache's "
+            f"{rec['cache_read_mb_s']:.0f} MB/s the whole bound is "
+            f"{1e3 * rec['cache_bound_s']:.1f} ms); replayed step {1e3 * per_step:.1f} ms vs "
+            f"{1e3 * rec['own_step_s']:.1f} ms first time (unprotected step {1e3 * rec['step_s']:.1f} ms; "
+            f"bound with it {1e3 * rec['plain_bound_s']:.1f} ms)")
+
+
+# --- campaigns and workloads --------------------------------------------------------------------
+
+def format_validation(info: Mapping) -> str:
+    """`faultlab validate`'s line for a valid campaign (:meth:`Campaign.info`)."""
+    return (f"{info['campaign']}: valid {info['format']} campaign, {info['trials']} trial(s), "
+            f"{info['faults']} fault(s) on {', '.join(info['workloads'])}")
+
+
+def workload_entries(infos: Iterable[WorkloadInfo]) -> list[dict]:
+    """Registry entries as JSON-able dicts: name, description, frameworks, defaults."""
+    return [{"name": w.name, "description": w.description, "frameworks": list(w.frameworks),
+             "defaults": w.defaults} for w in infos]
+
+
+def format_workloads(entries: Sequence[dict]) -> str:
+    """The built-in workloads (:func:`workload_entries`), two lines each, and how to add one."""
+    lines = []
+    for w in entries:
+        d = w["defaults"]
+        lines.append(f"{w['name']:12s} {w['description']}")
+        lines.append(f"{'':12s} defaults: {d['replicas']} replicas x batch {d['per_replica_batch']}, "
+                     f"width {d['width']}, input {d['input_size']}, {d['dataset']}, "
+                     f"{d['epochs']} epochs x {d['steps_per_epoch']} steps")
+    lines.append("your own: module:function returning a TorchWorkload (docs/workloads.md)")
+    return "\n".join(lines)
+
+
+def operand_rows(shapes: Mapping) -> dict[str, dict[str, list[int]]]:
+    """A backend's operand-shape table (layer -> site -> (shape, ...)) as JSON-able lists."""
+    return {layer: {(s.value if hasattr(s, "value") else s): list(shape)
+                    for s, (shape, _) in sites.items()} for layer, sites in shapes.items()}
+
+
+def format_layers(name: str, cfg: WorkloadConfig, rows: Mapping[str, Mapping]) -> str:
+    """A workload's layers (:func:`operand_rows`) with their weight, input and output shapes."""
+    return "\n".join([
+        f"{name} ({cfg.framework.value}, per-replica batch {cfg.per_replica_batch}; "
+        f"canonical layout NHWC / HWIO / (in, out))",
+        table(["layer", "weight", "in", "out"],
+              [[layer, tuple(sites.get("fwd_weight", [])), tuple(sites.get("fwd_input", [])),
+                tuple(sites.get("fwd_output", []))] for layer, sites in rows.items()])])

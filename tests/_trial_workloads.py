@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from faultlab.workloads import data as datamod
-from faultlab.backends.torch.trainer import TorchWorkload
+from faultlab.torch import TorchWorkload
 
 
 class Tripwire(nn.Module):

@@ -1,5 +1,6 @@
 """The torch corruption kernels agree with the NumPy reference bit for bit (NaN payloads
-included), for every value model, dtype, bit position and emulated layout."""
+included), for every value model, dtype, bit position and emulated layout. The properties
+every backend shares run for torch too in tests/backends/test_backend_kernels.py."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from faultlab.backends.torch.kernels import prepare
 from faultlab.injectors.reference import apply_reference, bits_to_float, convert_bits
 
 from _bitcases import (DTYPES, FLOAT_DTYPES, FLOAT_LAYOUTS, FMT, NP, UINT, cfg, dtype_layout,
-                       layouts_for, make_tensor, pick_index, specials)
+                       layouts_for, make_tensor, specials)
 
 TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
          "float64": torch.float64, "int8": torch.int8}
@@ -65,21 +66,6 @@ def check(x: np.ndarray, c: Corruption, dtype: str) -> np.ndarray:
 
 # --- bit-level models --------------------------------------------------------------------
 
-@cfg(600)
-@given(dl=dtype_layout(), data=st.data(), n=st.integers(1, 48), seed=st.integers(0, 2**32 - 1),
-       model=st.sampled_from(["flip", "stuck0", "stuck1"]))
-def test_single_bit_every_position(dl, data, n, seed, model):
-    dtype, layout = dl
-    bit = data.draw(st.integers(0, LAYOUT_BITS[layout] - 1), label="bit")
-    rng = np.random.default_rng(seed)
-    x = make_tensor(dtype, n, seed)
-    idx = pick_index(rng, n, int(rng.integers(1, n + 1)))
-    masks = np.full(idx.size, np.uint64(1) << np.uint64(bit), dtype=np.uint64)
-    c = Corruption(ValueModel.BITFLIP if model == "flip" else ValueModel.STUCK_AT, idx, layout,
-                   masks=masks, stuck=0 if model == "stuck0" else 1)
-    check(x, c, dtype)
-
-
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("layout", FLOAT_LAYOUTS + [BitLayout.INT8])
 def test_every_bit_exhaustive_on_specials(dtype, layout):
@@ -91,24 +77,6 @@ def test_every_bit_exhaustive_on_specials(dtype, layout):
             idx = np.arange(x.size, dtype=np.int64)
             masks = np.full(x.size, np.uint64(1) << np.uint64(bit), dtype=np.uint64)
             check(x, Corruption(model, idx, layout, masks=masks, stuck=bit % 2), dtype)
-
-
-@cfg(400)
-@given(dl=dtype_layout(), data=st.data(), n=st.integers(1, 48), seed=st.integers(0, 2**32 - 1),
-       mode=st.sampled_from(["random", "consecutive", "groups"]))
-def test_k_bit_random_masks(dl, data, n, seed, mode):
-    dtype, layout = dl
-    width = LAYOUT_BITS[layout]
-    k = data.draw(st.integers(1, width), label="bits")
-    count = data.draw(st.integers(1, n), label="count")
-    spec = ValueSpec(ValueModel.BITFLIP, bits=k, layout=layout)
-    shape = (n,)
-    c = resolve(spec, PositionSpec(mode, count=count, groups=3), shape, dtype,
-                np.random.default_rng([seed, 1]), np.random.default_rng([seed, 2]))
-    popcount = np.array([bin(int(m)).count("1") for m in c.masks])
-    assert (popcount == k).all()
-    assert width == 64 or (c.masks < np.uint64(1 << width)).all()
-    check(make_tensor(dtype, n, seed), c, dtype)
 
 
 @cfg(250)
@@ -147,36 +115,6 @@ def test_bitflip_twice_restores(dtype, n, seed, k):
 
 # --- value models -----------------------------------------------------------------------
 
-def _finite_for(dtype):
-    if dtype == "int8":
-        return st.floats(-300, 300, allow_nan=False)
-    return st.one_of(st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=True),
-                     st.floats(-70000, 70000), st.floats(-1e-6, 1e-6),
-                     st.sampled_from([0.0, -0.0, 2.0 ** -149, 2.0 ** -24, 2.0 ** -133,
-                                      65504.0, 65520.0, 3.4028235e38, 3.4e38 * 1.0000001,
-                                      1 + 2.0 ** -11 + 2.0 ** -40, 2.5, -3.5]))
-
-
-@cfg(400)
-@given(dtype=st.sampled_from(DTYPES), data=st.data(), n=st.integers(1, 32),
-       seed=st.integers(0, 2**32 - 1), one=st.booleans())
-def test_set(dtype, data, n, seed, one):
-    rng = np.random.default_rng(seed)
-    idx = pick_index(rng, n, int(rng.integers(1, n + 1)))
-    vals = data.draw(st.lists(_finite_for(dtype), min_size=1 if one else idx.size,
-                              max_size=1 if one else idx.size), label="values")
-    values = np.broadcast_to(np.array(vals, dtype=np.float64), idx.shape).copy()
-    c = Corruption(ValueModel.SET, idx, DTYPE_LAYOUT[dtype], values=values)
-    ref = check(make_tensor(dtype, n, seed), c, dtype)
-    # non-NaN values round exactly like torch's own float64 -> dtype conversion
-    if dtype == "int8":
-        want = torch.from_numpy(np.clip(np.rint(values), -128, 127)).to(torch.int8)
-    else:
-        want = torch.from_numpy(values).to(TORCH[dtype])
-    ok = ~np.isnan(values)
-    assert (tbits(want, dtype)[ok] == nbits(ref, dtype)[idx][ok]).all()
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_int8_rejects_non_finite(dtype):
     x = make_tensor(dtype, 8, 3)
@@ -204,30 +142,6 @@ def test_int8_rejects_non_finite(dtype):
                 apply_reference(x, c, dtype)
             with pytest.raises(SpecError):
                 prepare(c, to_torch(x, dtype))
-
-
-@cfg(300)
-@given(dl=dtype_layout(), n=st.integers(1, 48), seed=st.integers(0, 2**32 - 1),
-       model=st.sampled_from([ValueModel.RANDOM, ValueModel.ZERO, ValueModel.NAN,
-                              ValueModel.POS_INF, ValueModel.NEG_INF]))
-def test_replacement_models(dl, n, seed, model):
-    dtype, layout = dl
-    if dtype == "int8" and model not in (ValueModel.RANDOM, ValueModel.ZERO):
-        return
-    c = resolve(ValueSpec(model, layout=layout), PositionSpec("random", count=max(1, n // 2)),
-                (n,), dtype, np.random.default_rng(seed), np.random.default_rng(seed + 7))
-    ref = check(make_tensor(dtype, n, seed), c, dtype)
-    got = nbits(ref, dtype)[c.index]
-    if dtype != "int8":
-        vals = bits_to_float(got.astype(np.uint64), DTYPE_LAYOUT[dtype])
-        if model is ValueModel.ZERO:
-            assert (got == 0).all()
-        elif model is ValueModel.NAN:
-            assert np.isnan(vals).all()
-        elif model is ValueModel.POS_INF:
-            assert (vals == np.inf).all()
-        elif model is ValueModel.NEG_INF:
-            assert (vals == -np.inf).all()
 
 
 @cfg(300)
@@ -273,34 +187,6 @@ def test_copy_reads_originals_when_src_overlaps_index(dtype):
     src2 = np.array([6, 7, 5], dtype=np.int64)
     ref2 = check(x, Corruption(ValueModel.COPY, idx2, DTYPE_LAYOUT[dtype], src=src2), dtype)
     assert (nbits(ref2, dtype)[idx2] == nbits(x, dtype)[src2]).all()
-
-
-_factors = st.one_of(st.floats(allow_nan=False, allow_infinity=False),
-                     st.floats(-4, 4), st.floats(-1e-30, 1e-30),
-                     st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, 1.0000001, 3.4e38, 1e39,
-                                      2.0 ** -149, 1e-46, 65504.0, 1e300, 1 / 3]))
-
-
-@cfg(400)
-@given(dtype=st.sampled_from(DTYPES), factor=_factors, n=st.integers(1, 48),
-       seed=st.integers(0, 2**32 - 1), degrade=st.booleans())
-def test_scale_and_degrade(dtype, factor, n, seed, degrade):
-    rng = np.random.default_rng(seed)
-    idx = pick_index(rng, n, int(rng.integers(1, n + 1)))
-    model = ValueModel.DEGRADE if degrade else ValueModel.SCALE
-    c = Corruption(model, idx, DTYPE_LAYOUT[dtype], factor=factor)
-    x = make_tensor(dtype, n, seed)
-    ref = check(x, c, dtype)
-    # torch's own arithmetic gives the same values wherever no NaN is involved
-    t = to_torch(x, dtype)[torch.from_numpy(idx)]
-    with np.errstate(over="ignore"):
-        f32 = float(np.float32(factor))
-    if dtype == "int8":
-        plain = torch.round(t.float() * f32).clamp(-128, 127).to(torch.int8)
-    else:
-        plain = t * (factor if dtype == "float64" else f32)
-    ok = ~torch.isnan(plain.float()).numpy() if dtype != "int8" else np.ones(idx.size, bool)
-    assert (tbits(plain, dtype)[ok] == nbits(ref, dtype)[idx][ok]).all()
 
 
 def test_degrade_via_resolve():

@@ -118,7 +118,7 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def checkpoint_adapter(self) -> type:
         """The class that turns this framework's training objects into checkpointable arrays
-        (faultlab.checkpointing.codec's AdapterBase subclass)."""
+        (a faultlab.checkpointing.adapter.AdapterBase subclass)."""
 
     def crash_preload(self, engines: Sequence[str] = ()) -> list[str]:
         """Modules a crash-test zygote imports before it forks training children running this

@@ -24,7 +24,9 @@ campaign may kill it (:class:`Phase`); the hook never changes what is written.
 Class attributes each checkpointer class declares (read by the CLI, the crash harness and the
 hypothesis strategies, so no caller keeps per-engine knowledge of its own):
 
-* ``name``: its registry name; ``framework``: the framework it needs, or None;
+* ``name``: its registry name; ``framework``: the framework it needs installed, or None;
+* ``loop_framework``: the framework whose training loop its saves need (faultlab+cow: the
+  torch adapter's copy-on-write saves), or None when it stores any loop's arrays;
 * ``file_target``: the file it keeps inside its directory, or None for a directory of its own;
 * ``default_settings``: settings a kill campaign uses unless told otherwise;
 * ``settings_space``: ``{setting: (choices...)}`` that property-based tests draw from.
@@ -53,6 +55,13 @@ class Phase(str, enum.Enum):
     WRITING = "writing"          # data on its way to the file
     COMMITTING = "committing"    # syncs, commit record, rename, metadata
     IDLE = "idle"                # between steps, no checkpoint in flight
+
+    # a phase hook may receive these or the plain strings: both print as the value
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
 
 #: phase_hook(phase, point, step): called at every point a crash campaign may kill
@@ -107,6 +116,21 @@ class SaveFuture:
             self._observed = True
         return self._error
 
+    def join(self, timeout: float | None = None) -> bool:
+        """Block until the save has finished, durable or failed, without raising its failure
+        (nor counting it as seen); return whether it has finished."""
+        return self._event.wait(timeout)
+
+    @property
+    def observed(self) -> bool:
+        """Whether someone has been told of this save's failure (wait() raised it, or its
+        error was read, or mark_observed() was called)."""
+        return self._observed
+
+    def mark_observed(self) -> None:
+        """Count the failure as seen (its owner has reported it another way)."""
+        self._observed = True
+
     def add_done_callback(self, fn: Callable[[SaveFuture], None]) -> None:
         """Call fn(future) when the save finishes (at once if it has)."""
         with self._lock:
@@ -140,6 +164,7 @@ class Checkpointer(Protocol):
 
     name: ClassVar[str]
     framework: ClassVar[str | None]
+    loop_framework: ClassVar[str | None]
     file_target: ClassVar[str | None]
     default_settings: ClassVar[Mapping[str, Any]]
     settings_space: ClassVar[Mapping[str, tuple]]
@@ -162,8 +187,8 @@ class Checkpointer(Protocol):
 
 #: checkpointers that need no framework: name -> "module:Class"
 CORE_CHECKPOINTERS = {
-    "faultlab": "faultlab.checkpointing.baselines:EngineCheckpointer",
-    "naive": "faultlab.checkpointing.baselines:NaiveInPlace",
+    "faultlab": "faultlab.checkpointing.hooked:EngineCheckpointer",
+    "naive": "faultlab.checkpointing.naive:NaiveInPlace",
 }
 #: what `faultlab crash --engine all` and the checkpoint benchmark compare
 COMPARED = ("faultlab", "faultlab+cow", "sync", "checkfreq", "dcp-async")

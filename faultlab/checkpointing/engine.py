@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from faultlab.errors import CheckpointError
 from faultlab.checkpointing import tuning
+from faultlab.checkpointing.api import SaveFuture
+from faultlab.errors import CheckpointError
 from faultlab.checkpointing.format import (Geometry, Manifest, Record, align_up, digest, encode_header,
                      encode_manifest, encode_record, tombstone)
 from faultlab.checkpointing.layout import Layout, byte_view, check_step, encode_meta, normalize_state, plan, stage_chunk
@@ -30,58 +31,24 @@ from faultlab.checkpointing.storage import OSStorage, Storage
 _CHUNK, _FINALIZE = "chunk", "finalize"
 
 
-class SaveHandle:
-    """The future of one save: done once its commit is durable, or once it has failed."""
+class SaveHandle(SaveFuture):
+    """The future of one engine save: done once its commit is durable, or once it has failed.
+
+    A SaveFuture whose result is the save's CommitInfo; `counter` is its commit counter
+    (newer saves have larger ones). Callbacks run in a writer thread."""
 
     def __init__(self, counter: int, step: int):
-        self.counter, self.step = counter, step
-        self._event = threading.Event()
-        self._commit: CommitInfo | None = None
-        self._error: CheckpointError | None = None
-        self._observed = False
-        self._callbacks: list[Callable[[SaveHandle], None]] = []
-        self._lock = threading.Lock()
-        self.finished_at: float | None = None       # time.perf_counter() when it finished
-
-    def done(self) -> bool:
-        return self._event.is_set()
+        super().__init__(step)
+        self.counter = counter
 
     def wait(self, timeout: float | None = None) -> CommitInfo:
         """Block until durable; return its CommitInfo or raise its CheckpointError."""
-        if not self._event.wait(timeout):
-            raise TimeoutError(f"checkpoint of step {self.step} still in flight")
-        if self._error is not None:
-            self._observed = True
-            raise self._error
-        return self._commit
-
-    @property
-    def error(self) -> CheckpointError | None:
-        """The failure of a finished save (None while in flight or once committed)."""
-        if self._error is not None:
-            self._observed = True
-        return self._error
+        return super().wait(timeout)
 
     @property
     def commit(self) -> CommitInfo | None:
-        return self._commit
-
-    def add_done_callback(self, fn: Callable[[SaveHandle], None]) -> None:
-        """Call fn(handle) when the save finishes (at once if it has); runs in a writer thread."""
-        with self._lock:
-            if not self._event.is_set():
-                self._callbacks.append(fn)
-                return
-        fn(self)
-
-    def _finish(self, commit: CommitInfo | None, error: CheckpointError | None) -> None:
-        self.finished_at = time.perf_counter()      # (benchmarks: when it became durable)
-        with self._lock:
-            self._commit, self._error = commit, error
-            self._event.set()
-            callbacks, self._callbacks = self._callbacks, []
-        for fn in callbacks:
-            fn(self)
+        """The commit (None while in flight or when the save failed)."""
+        return self._result
 
     def __repr__(self) -> str:
         state = "pending" if not self.done() else ("failed" if self._error else "committed")
@@ -127,6 +94,33 @@ class CheckpointEngine:
     checkpoints never overwritten. chunk_bytes: unit of staging, hashing and writing.
     pool_bytes: staging memory (a state larger than it streams through it). writers: writer
     threads. Each of the last three may be "auto": a short probe of the storage picks it.
+
+    The call order of one save (the contract recovery and the crash campaigns rely on; for
+    one save, each step starts after the previous one, except that writers take chunks as
+    soon as step 3 queues them):
+
+    1. **admit** (in ``save()``, the caller's thread): wait for a free slot (neither one of
+       the newest ``keep`` commits nor a save in flight) and take the next commit counter;
+       the slot's old commit is no longer protected from here on.
+    2. **tombstone** (caller's thread): overwrite the slot's commit record with a tombstone,
+       unsynced, so that recovery never reads the slot's old record with its new data.
+    3. **stage** (caller's thread): copy the state, chunk by chunk, into staging buffers and
+       queue each chunk to the writers (a borrowed save queues views of the arrays instead).
+       ``save()`` returns here; the caller may change the arrays (not a borrowed save's).
+    4. **write** (writer threads, chunks in any order and concurrently): hash each chunk and
+       ``pwrite`` it at its place in the slot; its staging buffer goes back to the pool.
+    5. **verify** (a writer, once every chunk is written, under the commit lock that
+       serialises the commits of all saves): a borrowed save's ``verify()``; a message it
+       returns fails the save, nothing is committed.
+    6. **commit record**: write the manifest (chunk hashes, tensors, meta) after the data,
+       ``sync_data`` (data and manifest durable), then write the slot's checksummed commit
+       record.
+    7. **durable**: ``sync_data`` again -- the commit point; then the slot counts as
+       committed, the handle finishes with its CommitInfo and its callbacks run.
+
+    A write or sync error at any step stops the engine (every later save fails; earlier
+    commits stay intact and recoverable); a save that fails before step 7 leaves its slot
+    without a valid record.
     """
 
     borrows = True          # save(..., borrowed=True) writes arrays where they are
@@ -210,6 +204,29 @@ class CheckpointEngine:
 
     # -- public API ----------------------------------------------------------------------
 
+    @classmethod
+    def slot_bytes_for(cls, *states: Mapping[str, np.ndarray], meta: Mapping | None = None,
+                       chunk_bytes: int = tuning.DEFAULT_CHUNK_BYTES,
+                       block_size: int = 4096) -> int:
+        """The slot size the engine gives a new file for the largest of `states` (saved with
+        `meta`, in chunks of `chunk_bytes`): its data, block-aligned, plus a reserve of twice
+        the widest manifest it could need and one block. The engine sizes the slots of a file
+        it creates at the first save this way; pass more (``slot_bytes=``) for states that
+        grow later in a run."""
+        chunk_bytes = align_up(int(chunk_bytes), block_size)
+        meta = encode_meta(meta)
+        need = 0
+        for state in states:
+            layout = plan(normalize_state(state), chunk_bytes)
+            need = max(need, _slot_need(layout, _manifest_bound(layout, 2**63 - 1, meta),
+                                        block_size))
+        return need
+
+    @property
+    def staging_bytes(self) -> int:
+        """Staging memory allocated so far (bytes; the pool allocates buffers on first use)."""
+        return self._pool.allocated_bytes
+
     @property
     def settings(self) -> EngineSettings:
         return EngineSettings(self._chunk_bytes, self._pool.capacity * self._chunk_bytes,
@@ -233,7 +250,9 @@ class CheckpointEngine:
     def save(self, step: int, state: Mapping[str, np.ndarray], meta: Mapping | None = None, *,
              timeout: float | None = None, borrowed: bool = False,
              verify: Callable[[], str | None] | None = None) -> SaveHandle:
-        """Stage `state` and return once it is copied; persisting continues in the background.
+        """Stage `state` and return once it is copied; persisting continues in the background
+        (admit -> tombstone -> stage here, then write -> verify -> commit record -> durable
+        in the writers: the call order in the class docstring).
 
         Blocks while max_in_flight saves are in flight (TimeoutError after `timeout` seconds)
         and while the staging pool is full. The arrays may be modified as soon as it returns.
@@ -250,15 +269,11 @@ class CheckpointEngine:
         arrays = normalize_state(state)
         meta = encode_meta(meta)
         layout = plan(arrays, self._chunk_bytes)
-        # Sized with the widest counter and fixed-width chunk hashes: the real manifest,
-        # encoded at commit time, can only be shorter.
-        manifest_len = len(encode_manifest(_manifest(layout, 2**63 - 1, step, meta,
-                                                     [0] * len(layout.chunks))))
+        manifest_len = _manifest_bound(layout, step, meta)
         manifest_offset = align_up(layout.data_bytes, self._block_size)
         with self._create_lock:
             if self._geom is None:
-                reserve = align_up(2 * manifest_len + 4096, self._block_size)
-                self._create(manifest_offset + reserve)
+                self._create(_slot_need(layout, manifest_len, self._block_size))
         needed = manifest_offset + manifest_len
         if needed > self._geom.slot_bytes:
             raise CheckpointError(f"state of step {step} needs {needed} bytes per slot but "
@@ -287,13 +302,13 @@ class CheckpointEngine:
         with self._cond:
             pending = [j.handle for j in self._in_flight.values()]
         for h in pending:
-            h._event.wait()
+            h.join()
         with self._cond:
-            unseen = [h for h in self._failed if not h._observed]
+            unseen = [h for h in self._failed if not h.observed]
         if unseen:
             for h in unseen:
-                h._observed = True
-            raise unseen[0]._error
+                h.mark_observed()
+            raise unseen[0].error
 
     def load_latest(self, before_step: int | None = None) -> Restored:
         """The newest checkpoint in the file whose record and data verify (see recover());
@@ -337,7 +352,7 @@ class CheckpointEngine:
         if self._failure is not None:
             with self._cond:
                 for h in self._failed:       # the caller is being told now
-                    h._observed = True
+                    h.mark_observed()
             raise CheckpointError(f"checkpoint engine stopped after an earlier error "
                                   f"(reopen the file to go on): {self._failure}")
 
@@ -488,7 +503,7 @@ class CheckpointEngine:
             else:
                 self._failed.append(job.handle)
             self._cond.notify_all()
-        job.handle._finish(info, error)
+        job.handle.finish(info, error)
 
     def _commit(self, job: _SaveJob) -> CommitInfo:
         geom, st, h = self._geom, self._storage, job.handle
@@ -506,6 +521,20 @@ class CheckpointEngine:
         # after wait() has said the checkpoint is safe (PCcheck's unsynced pointer).
         st.sync_data()
         return CommitInfo(h.counter, h.step, job.slot, job.layout.data_bytes)
+
+
+def _manifest_bound(layout: Layout, step: int, meta: dict) -> int:
+    """The encoded length of a save's manifest, sized with the widest counter and fixed-width
+    chunk hashes: the real manifest, encoded at commit time, can only be shorter."""
+    return len(encode_manifest(_manifest(layout, 2**63 - 1, step, meta,
+                                         [0] * len(layout.chunks))))
+
+
+def _slot_need(layout: Layout, manifest_len: int, block_size: int) -> int:
+    """The slot size a new file gets for this layout: the data, block-aligned, then a reserve
+    of twice the manifest plus one block (the state's metadata may grow a little)."""
+    return (align_up(layout.data_bytes, block_size)
+            + align_up(2 * manifest_len + 4096, block_size))
 
 
 def _manifest(layout: Layout, counter: int, step: int, meta: dict, hashes) -> Manifest:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 
+from faultlab.checkpointing.api import Loaded
 from faultlab.errors import CheckpointError
 from faultlab.checkpointing.format import (FormatError, Geometry, Manifest, Record, decode_header, decode_manifest,
                      decode_record, digest)
@@ -33,13 +33,7 @@ class CommitInfo:
     data_bytes: int
 
 
-class _Loaded(NamedTuple):
-    step: int
-    state: dict
-    meta: dict
-
-
-class Restored(_Loaded):
+class Restored(Loaded):
     """A loaded checkpoint, unpacking as (step, state, meta); `.commit` says which commit."""
 
     commit: CommitInfo
@@ -184,6 +178,30 @@ def recover(target: str | os.PathLike | Storage, before_step: int | None = None)
     storage.open(write=False)
     try:
         return load_latest_from(storage, before_step)
+    finally:
+        storage.close()
+
+
+def load_step(target: str | os.PathLike | Storage, step: int, *,
+              what: str = "checkpoint") -> Restored:
+    """Load the commit of step `step` (the newest one if the file holds several), verified
+    against its checksums: a one-line CheckpointError naming the file when the file holds no
+    commit of that step ("no {what} of step N") or when it is damaged ("{what} of step N is
+    damaged"); never a silently wrong state. Reads only the record blocks and that commit's
+    slot. `what` names the checkpoint in those messages (a golden run: "golden checkpoint")."""
+    storage = _reader_for(target)
+    storage.open(write=False)
+    try:
+        geom = read_geometry(storage)
+        records, _ = scan_records(storage, geom)
+        match = next((r for r in records if r.step == step), None)
+        if match is None:
+            raise CheckpointError(f"{storage.name}: no {what} of step {step}")
+        try:
+            return load_commit(storage, geom, match)
+        except FormatError as e:
+            raise CheckpointError(f"{storage.name}: {what} of step {step} is damaged "
+                                  f"({e})") from None
     finally:
         storage.close()
 

@@ -95,7 +95,8 @@ class Storage(ABC):
         self.close()
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Make the entries of a directory durable (a name just created, renamed or removed)."""
     fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
@@ -150,7 +151,7 @@ class OSStorage(Storage):
                 raise CheckpointError(f"checkpoint {self.name} was created concurrently by "
                                       "another writer") from None
             os.unlink(tmp)
-            _fsync_dir(self.path.parent)     # the new directory entry must survive a crash
+            fsync_dir(self.path.parent)     # the new directory entry must survive a crash
         except BaseException as e:
             self._fd = None
             os.close(fd)

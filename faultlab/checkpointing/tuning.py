@@ -5,7 +5,7 @@ disk; see docs/checkpoint_format.md, "Measurements"): 8 MiB chunks keep the per-
 hand-offs rare while a busy training thread holds the GIL, two writers overlap hashing with
 writing, and a 256 MiB pool lets states up to that size be staged at memory speed.
 
-`python -m faultlab.checkpointing.bench [DIR]` repeats the measurements.
+`python benchmarks/engine_rates.py [DIR]` repeats the measurements.
 """
 
 from __future__ import annotations

@@ -1,1 +1,41 @@
-"""The crash-consistency harness: kill and power-loss campaigns against checkpointers."""
+"""The crash-consistency harness: kill and power-loss campaigns against checkpointers.
+
+Modules: ``points`` (where to kill), ``loops`` (what to train), ``verdicts`` (judging a
+recovery), ``zygote`` (the forking process and the training child), ``kill`` (kill campaigns),
+``power`` (power-loss campaigns on SimDisk), ``policy`` (engines and loop of a campaign) and
+``report`` (the text report). The names below are re-exported lazily, so that
+``python -m faultlab.crash.zygote`` and ``import faultlab.crash`` stay cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "points": ("KillPoint", "MAX_OCCURRENCE", "Phase", "random_kill_points"),
+    "loops": ("LoopSpec", "Sampler", "TrainingLoop", "builtin_loops", "factory_name",
+              "load_factory", "loop_framework"),
+    "verdicts": ("CrashVerdict", "Reference", "classify", "fingerprint", "load_state_npz",
+                 "same_state", "save_state_npz"),
+    "zygote": ("CrashCampaignError", "Zygote"),
+    "kill": ("EngineReport", "KillCampaign", "KillRecord", "RunResult"),
+    "power": ("POWER_LOSS_ENGINES", "power_loss_campaign", "power_loss_report"),
+    "policy": ("CampaignSetup", "campaign_setup"),
+    "report": ("format_reports",),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -19,6 +19,7 @@ from pathlib import Path
 from faultlab.backends import load_backend
 from faultlab.detectors import DetectorSuite, Verdict, default_suite
 from faultlab.detectors.signals import Signals, SignalSpec
+from faultlab.report import format_recovery  # noqa: F401 - moved to report.py; re-exported
 from faultlab.workloads.base import WorkloadConfig, default_config
 
 #: the reference training workload: the CPU-sized ResNet-18 the campaigns use
@@ -83,9 +84,10 @@ def detection_overhead(config: WorkloadConfig, steps: int = 60, block: int = 2,
     trainer.signal_spec = None
     base = _median(times["none"])
     isolated = {"none": 0.0}
-    if hasattr(trainer, "signal_cost"):
-        for v in vs[1:]:
-            isolated[v.name] = trainer.signal_cost(v.spec, v.suite)
+    for v in vs[1:]:
+        cost = trainer.signal_cost(v.spec, v.suite)
+        if cost is not None:
+            isolated[v.name] = cost
     # paired: each block against the no-detection block of the same round, which saw the
     # same machine load; the median of those ratios is the estimate least disturbed by noise
     def paired(name):
@@ -163,7 +165,7 @@ def replay_overhead(config: WorkloadConfig, steps: int = 60, checkpoint_every: i
     own_steps: list[float] = []     # the rerun variant's first executions of its steps
     for r in range(repeats):
         # three live trainers (a backend may hand out one reused trainer per configuration)
-        trainers = {n: getattr(backend, "new_trainer", backend.build_trainer)(config)
+        trainers = {n: backend.new_trainer(config)
                     for n in names}
         prots = {n: Protector(trainers[n], DetectorSuite([_Periodic(rerun_every if n == "rerun" else 10**9)]),
                               checkpoint_every, directory=tmp / f"{n}{r}") for n in names[1:]}
@@ -225,24 +227,6 @@ def replay_overhead(config: WorkloadConfig, steps: int = 60, checkpoint_every: i
     rec["plain_bound_s"] = rec["load_bound_s"] + rec["median_steps_replayed"] * step_s
     return {"workload": config.to_dict(), "rows": rows, "recovery": rec,
             "state_mb": state_bytes / 1e6, "artifact": ARTIFACT["recovery_overhead"]}
-
-
-def format_recovery(rec: dict, state_mb: float) -> str:
-    """The recovery figures of replay_overhead as two lines: the total against its bound, and
-    each part (load, replayed steps) against its own."""
-    steps = rec["median_steps_replayed"]
-    per_step = rec["median_replay_s"] / steps if steps else 0.0
-    verdict = "within" if rec["median_recovery_s"] <= rec["bound_s"] else "over"
-    return (f"recovery (detection -> training resumed): median {1e3 * rec['median_recovery_s']:.1f} ms "
-            f"= load {1e3 * rec['median_load_s']:.1f} ms + replay {1e3 * rec['median_replay_s']:.1f} ms "
-            f"of {steps:.0f} step(s); bound {1e3 * rec['bound_s']:.1f} ms ({verdict}; "
-            f"x{rec['median_recovery_s'] / rec['bound_s']:.3f})\n"
-            f"  load bound {1e3 * rec['load_bound_s']:.1f} ms (state {state_mb:.1f} MB at 0.9 x "
-            f"the disk's {rec['read_bandwidth_mb_s']:.0f} MB/s, O_DIRECT; at the page cache's "
-            f"{rec['cache_read_mb_s']:.0f} MB/s the whole bound is "
-            f"{1e3 * rec['cache_bound_s']:.1f} ms); replayed step {1e3 * per_step:.1f} ms vs "
-            f"{1e3 * rec['own_step_s']:.1f} ms first time (unprotected step {1e3 * rec['step_s']:.1f} ms; "
-            f"bound with it {1e3 * rec['plain_bound_s']:.1f} ms)")
 
 
 def disk_read_bandwidth(directory: Path, nbytes: int = 64 << 20,

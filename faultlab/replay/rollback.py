@@ -20,11 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from faultlab.backends.base import StepMetrics
+from faultlab.backends.base import StepMetrics, TrainerBase
 from faultlab.checkpointing import CheckpointEngine
 from faultlab.detectors import DetectorSuite, Verdict
 from faultlab.errors import CheckpointError, SpecError
 from faultlab.faults import DurationKind, FaultSpec
+
+
+#: a protected run's checkpoint slots hold this many times the slot the first state needs (by
+#: the engine's rule, CheckpointEngine.slot_bytes_for): optimizer state appears after the
+#: first step (Adam: two moments per parameter)
+SLOT_HEADROOM = 4
 
 
 class Policy(str, enum.Enum):
@@ -86,7 +92,7 @@ def refires_on_replay(fault: FaultSpec) -> bool:
 class Protector:
     """Runs steps under detection with periodic persistent checkpoints and rollback."""
 
-    def __init__(self, trainer, suite: DetectorSuite, checkpoint_every: int = 10,
+    def __init__(self, trainer: TrainerBase, suite: DetectorSuite, checkpoint_every: int = 10,
                  policy: Policy | str = Policy.STOP, directory: str | Path | None = None,
                  max_skips: int = 3, lr_factor: float = 0.1, max_attempts: int = 2):
         if checkpoint_every < 1:
@@ -104,9 +110,7 @@ class Protector:
         self._slot_bytes = 0
         self._snapshots: dict[int, object] = {}   # detector state at each checkpoint step
         trainer.signal_spec = suite.spec
-        prepare = getattr(trainer, "prepare_restore", None)
-        if prepare is not None:      # (TF: trace the bulk assign before, not during, a rollback)
-            prepare()
+        trainer.prepare_restore()   # (TF: trace the bulk assign before, not during, a rollback)
 
     def close(self) -> None:
         self.trainer.signal_spec = None
@@ -125,24 +129,24 @@ class Protector:
 
     def _checkpoint(self, step: int) -> None:
         state = self.trainer.get_state()
-        nbytes = sum(a.nbytes for a in state.values())
-        # data plus a generous bound on the manifest (names, shapes, chunk checksums)
-        needed = nbytes + 512 * len(state) + nbytes // 1024 + (64 << 10)
+        meta = {"step": step}
+        # the slot this state needs, by the engine's own rule
+        needed = CheckpointEngine.slot_bytes_for(state, meta=meta)
         if self.engine is None or needed > self._slot_bytes:
             # Slots are fixed at creation; optimizer state appears after the first step
-            # (Adam: two moments per parameter), so size them for the state x 4. A state
-            # that outgrows them (a replica whose copy diverged adds its own) starts a new
-            # file; the old one stays readable for rollbacks past the switch.
+            # (Adam: two moments per parameter), so size them for the state x SLOT_HEADROOM.
+            # A state that outgrows them (a replica whose copy diverged adds its own) starts
+            # a new file; the old one stays readable for rollbacks past the switch.
             if self.engine is not None:
                 self.engine.wait_all()
                 self._retired.append(self.engine)
-            self._slot_bytes = 4 * nbytes + (1 << 20)
+            self._slot_bytes = SLOT_HEADROOM * needed
             path = self.dir / f"protect-{time.monotonic_ns()}.ckpt"
             self.engine = CheckpointEngine(path, keep=2, max_in_flight=2,
                                            slot_bytes=self._slot_bytes)
         # get_state() returns arrays nobody else holds: the engine writes them as they are
         # (borrowed) instead of copying them once more into its staging pool
-        self.engine.save(step, state, {"step": step}, borrowed=True)
+        self.engine.save(step, state, meta, borrowed=True)
         self._snapshots[step] = self.suite.snapshot()
 
     def _firing(self, faults, step: int, attempt: int):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import statistics
 from typing import Sequence
 
-from faultlab.results.store import OUTCOMES, TrialResult, wilson_interval
+from faultlab.results.stats import wilson_interval
+from faultlab.results.store import OUTCOMES, TrialResult
 
 
 def coverage(results: Sequence[TrialResult]) -> dict:
@@ -51,34 +52,3 @@ def coverage(results: Sequence[TrialResult]) -> dict:
         "before_after": after,
     }
 
-
-def format_coverage(c: dict, golden_fp: dict | None = None) -> str:
-    lines = []
-    if c["coverage"] is not None:
-        lines.append(f"coverage: {c['non_masked_detected']}/{c['non_masked']} non-masked trials "
-                     f"detected ({100 * c['coverage']:.1f}%, 95% CI "
-                     f"[{100 * c['ci_low']:.1f}, {100 * c['ci_high']:.1f}])")
-    lines.append("")
-    lines.append(f"{'outcome':18s} {'trials':>6s} {'detected':>8s} {'rate %':>7s}  95% CI")
-    for row in c["by_outcome"]:
-        lines.append(f"{row['outcome']:18s} {row['trials']:6d} {row['detected']:8d} "
-                     f"{100 * row['rate']:7.1f}  [{100 * row['ci_low']:5.1f}, {100 * row['ci_high']:5.1f}]")
-    lines.append("")
-    lat = c["latency_steps"]
-    if lat["n"]:
-        lines.append(f"detection latency: median {lat['median']} step(s), max {lat['max']}")
-    if c["detected"]:
-        lines.append(f"recovered: {c['recovered']}/{c['detected']} detected trials; Masked after "
-                     f"recovery: {c['masked_after']}/{c['detected']}; steps of work lost (replayed): "
-                     f"{c['steps_lost']}; median recovery {1e3 * (c['recovery_s_median'] or 0):.0f} ms")
-    lines.append(f"false positives: {c['control_false_positives']} of {c['control_trials']} "
-                 f"fault-free control trial(s); alarms on Masked trials: {c['masked_with_alarm']}")
-    if golden_fp is not None:
-        lines.append(f"false positives on golden runs: {golden_fp['alarms']} alarm(s) in "
-                     f"{golden_fp['steps']} step(s)")
-    if c["before_after"]:
-        lines.append("")
-        lines.append("outcome before -> after detection and recovery")
-        for before, afters in c["before_after"].items():
-            lines.append(f"  {before:18s} -> " + ", ".join(f"{k} {v}" for k, v in sorted(afters.items())))
-    return "\n".join(lines)

@@ -26,17 +26,14 @@ SQLite turns NaN into NULL, and strict JSON has no NaN or Infinity. So:
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import math
 import os
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import NormalDist
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from faultlab.errors import FaultlabError
 
@@ -56,11 +53,11 @@ APPLICATION_ID = 0x464C5253
 #: seconds a writer waits for another process's lock before giving up
 BUSY_TIMEOUT_S = 60.0
 
-_FLOAT_FIELDS = ("final_train_acc", "final_test_acc", "golden_test_acc", "final_loss",
+FLOAT_FIELDS = ("final_train_acc", "final_test_acc", "golden_test_acc", "final_loss",
                  "max_acc_drop", "wall_s")
-_INT_FIELDS = ("inject_step", "first_nonfinite_step", "steps_run", "detect_step")
-_BOOL_FIELDS = ("bit_exact", "detected", "recovered")
-_JSON_FIELDS = ("faults", "metrics")
+INT_FIELDS = ("inject_step", "first_nonfinite_step", "steps_run", "detect_step")
+BOOL_FIELDS = ("bit_exact", "detected", "recovered")
+JSON_FIELDS = ("faults", "metrics")
 
 _NONFINITE_STR = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 _STR_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -116,8 +113,8 @@ class TrialResult:
         """All fields as a dict (deep copies of faults and metrics). With ``strict``, non-finite
         floats anywhere become "NaN"/"Infinity"/"-Infinity" so that the dict is strict JSON."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["faults"] = json.loads(_dumps(self.faults))
-        d["metrics"] = json.loads(_dumps(self.metrics))
+        d["faults"] = json.loads(json_dumps(self.faults))
+        d["metrics"] = json.loads(json_dumps(self.metrics))
         return _strict_json(d) if strict else d
 
     @classmethod
@@ -125,10 +122,10 @@ class TrialResult:
         """Inverse of :meth:`to_dict` (either form). Unknown keys are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
-        for k in _FLOAT_FIELDS:
+        for k in FLOAT_FIELDS:
             if isinstance(kw.get(k), str):
                 kw[k] = _STR_NONFINITE.get(kw[k], kw[k])
-        for k in _JSON_FIELDS:
+        for k in JSON_FIELDS:
             if k in kw:
                 kw[k] = _unstrict_json(kw[k])
         return cls(**kw)
@@ -170,7 +167,7 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
-def _dumps(obj: Any) -> str:
+def json_dumps(obj: Any) -> str:
     return json.dumps(obj, default=_json_default)
 
 
@@ -181,7 +178,7 @@ def _nonfinite_kind(x: float) -> str:
 # --------------------------------------------------------------------------------------------
 # the store
 
-_COLUMNS = ("campaign", "trial_id", "source", "framework", "workload", "workload_key", "faults",
+COLUMNS = ("campaign", "trial_id", "source", "framework", "workload", "workload_key", "faults",
             "outcome", "bit_exact", "inject_step", "first_nonfinite_step", "final_train_acc",
             "final_test_acc", "golden_test_acc", "final_loss", "max_acc_drop", "steps_run",
             "wall_s", "error", "metrics", "detected", "detect_step", "detector", "recovered",
@@ -250,7 +247,7 @@ class ResultStore:
         except sqlite3.Error as e:
             self.close()
             raise ResultsError(f"{self.path}: not a faultlab results database "
-                               f"({_one_line(e)})") from None
+                               f"({one_line(e)})") from None
 
     # -- setup
 
@@ -334,15 +331,15 @@ class ResultStore:
         try:
             return self.conn.execute(sql, args)
         except sqlite3.Error as e:
-            raise ResultsError(f"{self.path}: {_one_line(e)}") from None
+            raise ResultsError(f"{self.path}: {one_line(e)}") from None
 
     # -- writing
 
     def add(self, result: TrialResult) -> None:
         """Write (or replace) one trial's row; committed and durable when this returns."""
         row, nonfinite = _to_row(result)
-        cols = ", ".join(_COLUMNS)
-        marks = ", ".join("?" for _ in _COLUMNS)
+        cols = ", ".join(COLUMNS)
+        marks = ", ".join("?" for _ in COLUMNS)
         self._run(f"INSERT OR REPLACE INTO results (seq, nonfinite, {cols}) VALUES "
                   f"((SELECT coalesce(max(seq), 0) + 1 FROM results), ?, {marks})",
                   [nonfinite, *row])
@@ -360,7 +357,7 @@ class ResultStore:
 
     def results(self, campaign: str | None = None) -> list[TrialResult]:
         """Stored results (of one campaign, or all), in insertion order."""
-        sel = f"SELECT nonfinite, {', '.join(_COLUMNS)} FROM results"
+        sel = f"SELECT nonfinite, {', '.join(COLUMNS)} FROM results"
         if campaign is None:
             rows = self._run(sel + " ORDER BY seq").fetchall()
         else:
@@ -380,315 +377,45 @@ class ResultStore:
             return _from_row(r)
         except (ValueError, TypeError, KeyError) as e:
             raise ResultsError(f"{self.path}: damaged row for trial {r[2]!r}: "
-                               f"{_one_line(e)}") from None
+                               f"{one_line(e)}") from None
 
 
 def _to_row(r: TrialResult) -> tuple[list, str | None]:
     nonfinite = {}
     row = []
-    for name in _COLUMNS:
+    for name in COLUMNS:
         v = getattr(r, name)
-        if name in _FLOAT_FIELDS and v is not None:
+        if name in FLOAT_FIELDS and v is not None:
             v = float(v)
             if not math.isfinite(v):
                 nonfinite[name] = _nonfinite_kind(v)
                 v = None
-        elif name in _BOOL_FIELDS and v is not None:
+        elif name in BOOL_FIELDS and v is not None:
             v = int(bool(v))
-        elif name in _INT_FIELDS and v is not None:
+        elif name in INT_FIELDS and v is not None:
             v = int(v)
-        elif name in _JSON_FIELDS:
-            v = _dumps(v)
+        elif name in JSON_FIELDS:
+            v = json_dumps(v)
         row.append(v)
     return row, (json.dumps(nonfinite, sort_keys=True) if nonfinite else None)
 
 
 def _from_row(r: tuple) -> TrialResult:
     nonfinite = json.loads(r[0]) if r[0] else {}
-    kw = dict(zip(_COLUMNS, r[1:]))
+    kw = dict(zip(COLUMNS, r[1:]))
     for name, kind in nonfinite.items():
         kw[name] = float(kind)
-    for name in _BOOL_FIELDS:
+    for name in BOOL_FIELDS:
         if kw[name] is not None:
             kw[name] = bool(kw[name])
-    for name in _JSON_FIELDS:
+    for name in JSON_FIELDS:
         kw[name] = json.loads(kw[name])
-    for name in _FLOAT_FIELDS:
+    for name in FLOAT_FIELDS:
         if kw[name] is not None:
             kw[name] = float(kw[name])
     return TrialResult(**kw)
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
-
-# --------------------------------------------------------------------------------------------
-# exports
-
-#: columns of :func:`to_csv` / :func:`to_records`: every field but ``metrics``
-EXPORT_COLUMNS = tuple(c for c in _COLUMNS if c != "metrics")
-
-
-def to_records(results: Iterable[TrialResult], include_metrics: bool = False) -> list[dict]:
-    """Flat dicts, one per result: the columns of :data:`EXPORT_COLUMNS`, ``faults`` as JSON
-    text (and ``metrics`` as JSON text too when ``include_metrics``). Floats stay floats."""
-    out = []
-    for r in results:
-        d = {c: getattr(r, c) for c in EXPORT_COLUMNS}
-        d["faults"] = _dumps(r.faults)
-        if include_metrics:
-            d["metrics"] = _dumps(r.metrics)
-        out.append(d)
-    return out
-
-
-def _csv_cell(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, float):
-        return repr(v)            # shortest exact form; nan, inf, -inf as float() reads them
-    return str(v)
-
-
-def to_csv(results: Iterable[TrialResult], path_or_file: str | os.PathLike | io.TextIOBase) -> int:
-    """Write results as CSV (header row, then one row per result); returns the row count.
-
-    Columns are :data:`EXPORT_COLUMNS`: ``faults`` as JSON text, no metrics. None is an empty
-    cell, booleans are ``true``/``false``, floats are exact (``nan``, ``inf``, ``-inf`` for the
-    non-finite ones)."""
-    records = to_records(results)
-
-    def write(f) -> None:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(EXPORT_COLUMNS)
-        for d in records:
-            w.writerow([_csv_cell(d[c]) for c in EXPORT_COLUMNS])
-
-    if isinstance(path_or_file, (str, os.PathLike)):
-        p = Path(path_or_file)
-        try:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            with open(p, "w", newline="", encoding="utf-8") as f:
-                write(f)
-        except OSError as e:
-            raise FaultlabError(f"{p}: cannot write CSV: {e.strerror or e}") from None
-    else:
-        write(path_or_file)
-    return len(records)
-
-
-def _need(module: str, purpose: str):
-    import importlib
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        top = module.split(".")[0]
-        raise FaultlabError(f"{purpose} needs the optional package '{top}', which is not "
-                            f"installed (pip install {top})") from None
-
-
-def to_pandas(results: Iterable[TrialResult], include_metrics: bool = False):
-    """A pandas DataFrame of :func:`to_records`; integer and boolean columns that may be
-    missing use pandas' nullable dtypes. Needs pandas."""
-    pd = _need("pandas", "exporting to pandas")
-    df = pd.DataFrame.from_records(to_records(results, include_metrics),
-                                   columns=list(EXPORT_COLUMNS)
-                                   + (["metrics"] if include_metrics else []))
-    for c in _INT_FIELDS:
-        df[c] = df[c].astype("Int64")
-    for c in _BOOL_FIELDS:
-        df[c] = df[c].astype("boolean")
-    for c in _FLOAT_FIELDS:
-        df[c] = df[c].astype("float64")
-    return df
-
-
-def to_parquet(results: Iterable[TrialResult], path: str | os.PathLike,
-               include_metrics: bool = False) -> int:
-    """Write :func:`to_records` as a Parquet file with an explicit schema; returns the row
-    count. Needs pyarrow."""
-    pa = _need("pyarrow", "exporting to Parquet")
-    pq = _need("pyarrow.parquet", "exporting to Parquet")
-    records = to_records(results, include_metrics)
-    types = {c: pa.string() for c in EXPORT_COLUMNS}
-    types.update({c: pa.int64() for c in _INT_FIELDS})
-    types.update({c: pa.bool_() for c in _BOOL_FIELDS})
-    types.update({c: pa.float64() for c in _FLOAT_FIELDS})
-    cols = list(EXPORT_COLUMNS) + (["metrics"] if include_metrics else [])
-    schema = pa.schema([(c, types.get(c, pa.string())) for c in cols])
-    table = pa.Table.from_pylist(records, schema=schema)
-    p = Path(path)
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, str(p))
-    except OSError as e:
-        raise FaultlabError(f"{p}: cannot write Parquet: {_one_line(e)}") from None
-    return len(records)
-
-
-# --------------------------------------------------------------------------------------------
-# statistics
-
-def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion k/n at the given two-sided confidence.
-
-    ``center = (p + z^2/(2n)) / (1 + z^2/n)``, ``half = z*sqrt(p(1-p)/n + z^2/(4n^2)) /
-    (1 + z^2/n)``, z the standard normal quantile of ``1 - (1-confidence)/2``. n = 0 gives
-    (0.0, 1.0)."""
-    if isinstance(k, bool) or isinstance(n, bool) or int(k) != k or int(n) != n:
-        raise ValueError(f"k and n must be integers, got k={k!r}, n={n!r}")
-    k, n = int(k), int(n)
-    if n < 0 or not 0 <= k <= n:
-        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    if n == 0:
-        return 0.0, 1.0
-    z = NormalDist().inv_cdf(1 - (1 - confidence) / 2)
-    z2 = z * z
-    # computed from the side of the smaller count and mirrored, so that the interval of
-    # n-k is exactly the mirror image of the interval of k
-    if k > n - k:
-        lo, hi = wilson_interval(n - k, n, confidence)
-        return 1.0 - hi, 1.0 - lo
-    p = k / n
-    denom = 1 + z2 / n
-    center = (p + z2 / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    lo = 0.0 if k == 0 else min(p, max(0.0, center - half))
-    hi = max(p, min(1.0, center + half))
-    return lo, hi
-
-
-@dataclass(frozen=True)
-class OutcomeRow:
-    """One line of a summary: how many trials had ``outcome``, the rate and its Wilson CI.
-    The last row of :func:`summarize` is the total (``outcome == TOTAL``)."""
-
-    outcome: str
-    count: int
-    rate: float
-    ci_low: float
-    ci_high: float
-    confidence: float = 0.95
-
-    @property
-    def is_total(self) -> bool:
-        return self.outcome == TOTAL
-
-
-def summarize(results: Iterable[TrialResult], confidence: float = 0.95) -> list[OutcomeRow]:
-    """Count per outcome (only outcomes that occur, in :data:`OUTCOMES` order) with rates and
-    Wilson intervals, then a total row (rate 1, interval (1, 1); 0 and (0, 0) when empty)."""
-    counts = dict.fromkeys(OUTCOMES, 0)
-    n = 0
-    for r in results:
-        counts[r.outcome] += 1
-        n += 1
-    rows = []
-    for o in OUTCOMES:
-        k = counts[o]
-        if k:
-            lo, hi = wilson_interval(k, n, confidence)
-            rows.append(OutcomeRow(o, k, k / n, lo, hi, confidence))
-    t = 1.0 if n else 0.0
-    rows.append(OutcomeRow(TOTAL, n, t, t, t, confidence))
-    return rows
-
-
-def _ascii(s: Any) -> str:
-    return str(s).encode("ascii", "backslashreplace").decode("ascii")
-
-
-def _clip(s: str, width: int) -> str:
-    return s if len(s) <= width else s[: max(0, width - 3)] + "..."
-
-
-def _table(header: Sequence[str], rows: list[Sequence[str]], right: set[int]) -> str:
-    cells = [[_ascii(c) for c in row] for row in [header, *rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-
-    def line(r):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
-
-
-def format_summary(rows: Sequence[OutcomeRow]) -> str:
-    """A fixed-width ASCII table: outcome, count, rate %, CI (the total row below a rule)."""
-    conf = rows[0].confidence if rows else 0.95
-    ci_name = f"{conf * 100:g}% CI"
-    body, total = [], None
-    for r in rows:
-        cells = [r.outcome, str(r.count), f"{r.rate * 100:.1f}",
-                 f"[{r.ci_low * 100:5.1f}, {r.ci_high * 100:5.1f}]"]
-        if r.is_total:
-            cells[3] = ""
-            total = cells
-        else:
-            body.append(cells)
-    text = _table(["outcome", "count", "rate %", ci_name], body + ([total] if total else []),
-                  right={1, 2})
-    if total is not None:       # a rule above the total row
-        lines = text.split("\n")
-        lines.insert(len(lines) - 1, lines[1])
-        text = "\n".join(lines)
-    return text
-
-
-def describe_fault(f: dict) -> str:
-    """Short description of one fault dict: ``layer/site[.tensor] model``, e.g.
-    ``conv1/fwd_output bitflip`` or ``dense/param.bias zero``."""
-    where = f"{f.get('layer') or '*'}/{f.get('site', '?')}"
-    if f.get("tensor"):
-        where += f".{f['tensor']}"
-    model = f.get("value")
-    if model == "bitflip" and f.get("bit") is not None:
-        model = f"bitflip:{f['bit']}"
-    return f"{where} {model}" if model else where
-
-
-def describe_faults(faults: Sequence[dict]) -> str:
-    if not faults:
-        return "(control)"
-    text = describe_fault(faults[0])
-    return text + (f" +{len(faults) - 1} more" if len(faults) > 1 else "")
-
-
-def _acc(x: float | None) -> str:
-    if x is None:
-        return "-"
-    if not math.isfinite(x):
-        return _nonfinite_kind(x)
-    return f"{x:.4f}"
-
-
-def format_results(results: Sequence[TrialResult], fault_width: int = 60) -> str:
-    """A per-trial ASCII table: trial id, fault (layer/site and value model), injection step,
-    outcome, final test accuracy / golden, and ``=`` when the trial was bit-exact with the
-    golden run. A detection column appears when any result has detection data."""
-    results = list(results)
-    with_det = any(r.detected is not None for r in results)
-    header = ["trial", "fault", "step", "outcome", "test acc / golden", "exact"]
-    if with_det:
-        header.append("detected")
-    rows = []
-    for r in results:
-        row = [r.trial_id, _clip(describe_faults(r.faults), fault_width),
-               "-" if r.inject_step is None else str(r.inject_step), r.outcome,
-               f"{_acc(r.final_test_acc)} / {_acc(r.golden_test_acc)}",
-               "=" if r.bit_exact else ""]
-        if with_det:
-            if r.detected is None:
-                row.append("-")
-            elif r.detected:
-                row.append(f"step {r.detect_step}" if r.detect_step is not None else "yes")
-            else:
-                row.append("no")
-        rows.append(row)
-    return _table(header, rows, right={2})

@@ -25,11 +25,7 @@ import numpy as np
 
 from faultlab import __version__
 from faultlab.checkpointing.engine import CheckpointEngine
-from faultlab.checkpointing.format import FormatError, Manifest, align_up, encode_manifest
-from faultlab.checkpointing.layout import normalize_state, plan
-from faultlab.checkpointing.recovery import load_commit, read_geometry, scan_records
-from faultlab.checkpointing.storage import OSStorage
-from faultlab.checkpointing.tuning import DEFAULT_CHUNK_BYTES
+from faultlab.checkpointing.recovery import load_step
 from faultlab.errors import CheckpointError
 from faultlab.workloads.base import WorkloadConfig
 
@@ -45,38 +41,9 @@ def golden_dir(config: WorkloadConfig, threads: int) -> Path:
     return cache_root() / "golden" / f"{config.framework.value}-{config.workload.replace(':', '_')}-{config.key()}-t{threads}"
 
 
-def slot_bytes_for(*states: dict[str, np.ndarray], margin: float = 0.25) -> int:
-    """Slot size for the largest of `states` (as the engine sizes slots: data, then a
-    manifest reserve), plus `margin` for states that grow a little later in the run."""
-    need = 0
-    for state in states:
-        layout = plan(normalize_state(state), DEFAULT_CHUNK_BYTES)
-        manifest = encode_manifest(Manifest(2**63 - 1, 2**63 - 1, layout.chunk_bytes,
-                                            layout.data_bytes, (0,) * len(layout.chunks),
-                                            layout.tensors, {}))
-        need = max(need, align_up(layout.data_bytes, 4096)
-                   + align_up(2 * len(manifest) + 4096, 4096))
-    return align_up(int(need * (1 + margin)), 4096)
-
-
-def load_checkpoint(path: Path, step: int) -> dict[str, np.ndarray]:
-    """The state a golden run saved after `step` steps, verified against its checksums; a
-    one-line CheckpointError if it is missing or damaged (never a silently wrong state)."""
-    storage = OSStorage(path)
-    storage.open(write=False)
-    try:
-        geom = read_geometry(storage)
-        records, _ = scan_records(storage, geom)
-        match = next((r for r in records if r.step == step), None)
-        if match is None:
-            raise CheckpointError(f"{path}: no golden checkpoint of step {step}")
-        try:
-            return load_commit(storage, geom, match).state
-        except FormatError as e:
-            raise CheckpointError(f"{path}: golden checkpoint of step {step} is damaged "
-                                  f"({e})") from None
-    finally:
-        storage.close()
+#: slot headroom over the engine's size for the states seen when the file is made (the
+#: engine's rule, CheckpointEngine.slot_bytes_for), for states that grow a little later
+SLOT_MARGIN = 0.25
 
 
 @dataclass
@@ -100,8 +67,10 @@ class GoldenRun:
         return self.checkpoints[i]
 
     def state(self, step: int) -> dict[str, np.ndarray]:
-        """The checkpointed state after `step` steps (a step in `checkpoints`)."""
-        return load_checkpoint(self.directory / CHECKPOINT_FILE, step)
+        """The checkpointed state after `step` steps (a step in `checkpoints`), verified
+        against its checksums; a one-line CheckpointError if it is missing or damaged (never a
+        silently wrong state)."""
+        return load_step(self.directory / CHECKPOINT_FILE, step, what="golden checkpoint").state
 
     def eval_after(self, steps: int) -> tuple[float, float] | None:
         return self.evals.get(steps)
@@ -154,7 +123,8 @@ def record(trainer, config: WorkloadConfig, directory: Path, progress=None) -> G
                     engine = CheckpointEngine(
                         tmp / CHECKPOINT_FILE, max_in_flight=2,
                         keep=len(range(0, config.total_steps, every)),
-                        slot_bytes=slot_bytes_for(first[1], trainer.get_state()))
+                        slot_bytes=int((1 + SLOT_MARGIN) * CheckpointEngine.slot_bytes_for(
+                            first[1], trainer.get_state())))
                     engine.save(*first, borrowed=True)
                     first = None
                 run.loss.append(m.loss)

@@ -14,7 +14,7 @@ from typing import Callable
 
 from faultlab.runner import golden as goldenmod
 from faultlab.backends import load_backend
-from faultlab.backends.base import Backend, check_fault
+from faultlab.backends.base import Backend, TrainerBase, check_fault
 from faultlab.errors import SpecError
 from faultlab.outcomes import OutcomeRules, classify
 from faultlab.results.store import TrialResult
@@ -142,7 +142,7 @@ class Session:
         result.wall_s = time.perf_counter() - t0
         return result
 
-    def _protected(self, trial, gold, trainer, start, ckpt, end, result) -> None:
+    def _protected(self, trial, gold, trainer: TrainerBase, start, ckpt, end, result) -> None:
         """Run the trial again under detection and recovery; fill the detection fields."""
         from faultlab.detectors.signals import Signals
         from faultlab.replay import Protector

@@ -1,33 +1,56 @@
 """Property-based crash-recovery testing for your own training loops.
 
-* `faultlab.testing.strategies`: hypothesis strategies for kill points, kill plans and engine
-  settings.
-* `crash_lab`: a session-scoped pytest fixture (the `faultlab` pytest plugin, installed with
-  the package) whose `run(make_loop, kills=..., engine=..., settings=...)` SIGKILLs a real
-  training process at each kill point, restarts it from the recovered checkpoint, and returns
-  a RunResult (`assert_ok()`: no torn, mixed or lost-committed checkpoint, final state
-  bit-identical to an uninterrupted run).
+* `faultlab.testing.strategies`: hypothesis strategies for kill points, kill plans, engine
+  settings and fault specs.
+* `crash_lab`: a session-scoped pytest fixture (the `faultlab.testing.plugin` pytest plugin,
+  installed with the package) whose `run(make_loop, kills=..., engine=..., settings=...)`
+  SIGKILLs a real training process at each kill point, restarts it from the recovered
+  checkpoint, and returns a RunResult (`assert_ok()`: no torn, mixed or lost-committed
+  checkpoint, final state bit-identical to an uninterrupted run).
 * `TrainingLoop`: what `make_loop()` returns -- step(k), capture(step), restore(state, meta);
   `TorchCheckpointAdapter` does capture / restore for torch.
 
-A worked example: examples/test_my_training_crash.py; the guide: docs/checkpointing.md.
+Every name is imported on first use, so that importing this package (as pytest does for the
+plugin) imports neither torch nor the crash harness. A worked example:
+examples/test_my_training_crash.py; the guide: docs/checkpointing.md.
 """
 
-from faultlab.backends.torch.adapter import Resume, TorchCheckpointAdapter
-from faultlab.crash.harness import (KillPoint, KillRecord, Phase, RunResult, TrainingLoop,
-                                   Verdict)
+from __future__ import annotations
+
+import importlib
+
+#: name -> (module, attribute)
+_EXPORTS = {
+    "KillPoint": ("faultlab.crash.points", "KillPoint"),
+    "KillRecord": ("faultlab.crash.kill", "KillRecord"),
+    "RunResult": ("faultlab.crash.kill", "RunResult"),
+    "Phase": ("faultlab.checkpointing.api", "Phase"),
+    "TrainingLoop": ("faultlab.crash.loops", "TrainingLoop"),
+    "CrashVerdict": ("faultlab.crash.verdicts", "CrashVerdict"),
+    "Verdict": ("faultlab.crash.verdicts", "CrashVerdict"),     # the name users know
+    "Resume": ("faultlab.backends.torch.adapter", "Resume"),
+    "TorchCheckpointAdapter": ("faultlab.backends.torch.adapter", "TorchCheckpointAdapter"),
+    # the plugin, so that pytest (which registers it from the entry point) imports it first
+    # and can rewrite it; the strategies, so that an environment without hypothesis can
+    # load the plugin
+    "CrashLab": ("faultlab.testing.plugin", "CrashLab"),
+    "crash_lab": ("faultlab.testing.plugin", "crash_lab"),
+    "strategies": ("faultlab.testing.strategies", None),
+}
+
+__all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    # Imported on first use only: the pytest plugin, so that pytest (which registers it from
-    # the entry point) imports it first and can rewrite it; the strategies, so that loading
-    # the plugin in an environment without hypothesis costs nothing and breaks nothing.
-    import importlib
-    if name in ("CrashLab", "crash_lab"):
-        return getattr(importlib.import_module(".plugin", __name__), name)
-    if name == "strategies":
-        return importlib.import_module(".strategies", __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def __getattr__(name: str):
+    try:
+        module, attr = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    mod = importlib.import_module(module)
+    value = mod if attr is None else getattr(mod, attr)
+    globals()[name] = value
+    return value
 
-__all__ = ["CrashLab", "KillPoint", "KillRecord", "Phase", "Resume", "RunResult",
-           "TorchCheckpointAdapter", "TrainingLoop", "Verdict", "crash_lab", "strategies"]
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

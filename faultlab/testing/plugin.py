@@ -1,7 +1,7 @@
 """The pytest plugin: a `crash_lab` fixture that kills and resumes your training loop.
 
-Installed with faultlab (entry point `pytest11: faultlab = faultlab.testing.plugin`), so the
-fixture is available in every test session:
+Installed with faultlab (entry point ``pytest11: "faultlab.testing.plugin" =
+"faultlab.testing.plugin"``), so the fixture is available in every test session:
 
     def make_loop():                      # module level: forked training processes import it
         return MyLoop()                   # step(k), capture(step), restore(state, meta)
@@ -13,17 +13,22 @@ fixture is available in every test session:
 `crash_lab` is session-scoped (hypothesis-friendly): the training code is imported once per
 loop factory into a zygote process, and the uninterrupted reference run of each (factory,
 steps, every) is recorded once. See docs/checkpointing.md.
+
+Every pytest session in an environment with faultlab installed loads this module, so it
+imports nothing but pytest at load time: the crash harness (and through it numpy, the
+checkpoint engine and the frameworks) is imported when a test first uses the fixture.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from faultlab.crash.harness import (KillCampaign, KillPoint, LoopSpec, RunResult, Zygote,
-                                   factory_name)
+if TYPE_CHECKING:
+    from faultlab.crash import KillCampaign, KillPoint, RunResult, Zygote
 
 
 class CrashLab:
@@ -38,14 +43,17 @@ class CrashLab:
     def campaign(self, loop: str | Callable, *, steps: int = 12, every: int = 1,
                  preload: Sequence[str] = ()) -> KillCampaign:
         """The KillCampaign of a loop factory (a module-level function or "module:function")."""
+        from faultlab.checkpointing.api import checkpointer_names
+        from faultlab.crash import KillCampaign, LoopSpec, Zygote, factory_name
         factory = factory_name(loop)
         key = (factory, steps, every)
         if key not in self._campaigns:
             zygote = self._zygotes.get(factory)
             if zygote is None:
+                # any engine may run on it later: the loop's backend preloads what each needs
                 zygote = Zygote(factory, self.workdir / f"zygote{len(self._zygotes)}",
                                 threads=self.threads, timeout=self.timeout,
-                                preload=["torch.distributed.checkpoint", *preload])
+                                preload=preload, engines=checkpointer_names())
                 self._zygotes[factory] = zygote
             self._campaigns[key] = KillCampaign(
                 LoopSpec(factory, steps, every),
@@ -58,6 +66,7 @@ class CrashLab:
         """Run the loop `steps` steps under `engine`, SIGKILLing it at each kill point in turn
         (a restart per kill), then to the end; every recovery is classified and the final
         state compared bit for bit with an uninterrupted run. Call `.assert_ok()` on it."""
+        from faultlab.crash import KillPoint
         points = [k if isinstance(k, KillPoint) else KillPoint(**k) for k in kills]
         return self.campaign(loop, steps=steps, every=every).run(engine, points,
                                                                   settings=settings)

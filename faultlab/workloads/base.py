@@ -12,8 +12,9 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from faultlab.backends import names as framework_names
 from faultlab.errors import SpecError
-from faultlab.faults import Framework, _enum
+from faultlab.faults import Framework, parse_enum
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class WorkloadConfig:
     options: tuple[tuple[str, str], ...] = ()   # extra settings of a user workload
 
     def __post_init__(self):
-        object.__setattr__(self, "framework", _enum(Framework, self.framework, "framework"))
+        object.__setattr__(self, "framework", parse_enum(Framework, self.framework, "framework"))
         for name in ("replicas", "per_replica_batch", "width", "input_size", "steps_per_epoch",
                      "epochs", "eval_samples"):
             v = getattr(self, name)
@@ -85,7 +86,7 @@ class WorkloadInfo:
     name: str
     description: str
     defaults: dict = field(default_factory=dict)
-    frameworks: tuple[str, ...] = ("torch", "tf")
+    frameworks: tuple[str, ...] = tuple(framework_names())   # every registered framework
 
 
 #: Built-in workloads. ResNet-18's defaults are the ISCA'23 artifact's full size.

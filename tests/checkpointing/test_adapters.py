@@ -21,9 +21,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from faultlab.checkpointing import CheckpointEngine, recover
+from faultlab.backends import load_backend
 from faultlab.backends.torch.adapter import (Resume, TorchCheckpointAdapter, TrainerAdapter,
-                                             _decode, _Encoder, adapter_for, array_to_tensor,
-                                             tensor_to_array)
+                                             array_to_tensor, tensor_to_array)
+from faultlab.checkpointing.codec import Encoder, decode
 from faultlab.errors import CheckpointError, FaultlabError
 
 torch.set_num_threads(1)
@@ -311,15 +312,15 @@ def same_value(a, b) -> bool:
 @settings(max_examples=200, deadline=None)
 @given(value=values)
 def test_nested_values_round_trip_through_json_and_arrays(value):
-    enc = _Encoder(lambda path, v: (v, {"__ndarray__": path}))
+    enc = Encoder(lambda path, v: (v, {"__ndarray__": path}))
     tree = enc.encode({"v": value}, "x")
     text = json.dumps(tree, allow_nan=False)
-    back = _decode(json.loads(text), enc.arrays, lambda arr, ref: arr)
+    back = decode(json.loads(text), enc.arrays, lambda arr, ref: arr)
     assert same_value(back["v"], value)
 
 
 def test_values_that_cannot_be_checkpointed_are_one_line_errors():
-    enc = _Encoder(lambda path, v: (v, {"__ndarray__": path}))
+    enc = Encoder(lambda path, v: (v, {"__ndarray__": path}))
     with pytest.raises(CheckpointError, match="a set is not"):
         enc.encode({"a": {1, 2}}, "opt")
 
@@ -357,9 +358,9 @@ def test_resume_without_a_checkpoint_starts_fresh(tmp_path):
 
 
 def test_adapters_are_found_by_framework_and_unknown_ones_are_one_line_errors():
-    assert adapter_for("torch") is TorchCheckpointAdapter      # "tf": tests/tf
-    with pytest.raises(FaultlabError, match="no checkpoint adapter"):
-        adapter_for("jax")
+    assert load_backend("torch").checkpoint_adapter() is TorchCheckpointAdapter  # "tf": tests/tf
+    with pytest.raises(FaultlabError, match="unknown framework 'jax'"):
+        load_backend("jax").checkpoint_adapter()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

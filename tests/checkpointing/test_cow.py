@@ -209,7 +209,7 @@ def test_a_write_through_an_alias_waits_for_the_save():
 
 
 def test_cow_needs_a_checkpointer_that_borrows(tmp_path):
-    from faultlab.checkpointing.baselines import open_checkpointer
+    from faultlab.checkpointing.api import open_checkpointer
     model, opt, step = make_run("adam", 8, 1e-2, 0)
     step(0)
     adapter = TorchCheckpointAdapter(model, opt)

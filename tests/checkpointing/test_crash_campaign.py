@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from faultlab import cli
-from faultlab.checkpointing.baselines import COMPARED
-from faultlab.crash.harness import (KillPoint, Phase, Reference, Verdict, classify,
-                                          fingerprint, power_loss_campaign)
+from faultlab.checkpointing.api import COMPARED, Phase
+from faultlab.crash import (CrashVerdict, KillPoint, Reference, classify, fingerprint,
+                            power_loss_campaign)
 from faultlab.errors import CheckpointError
 from faultlab.testing import strategies as fst
 from faultlab.testing.plugin import crash_lab  # noqa: F401  (the plugin's fixture)
@@ -69,7 +69,8 @@ def test_the_campaign_catches_a_checkpointer_that_tears(crash_lab):
     leaves a checkpoint that claims the new step over old or half-written arrays."""
     plan = [KillPoint(Phase.WRITING, 3), KillPoint(Phase.WRITING, 7)]
     result = crash_lab.run("mlp", kills=plan, engine="naive", steps=10)
-    assert {k.verdict for k in result.kills} & {Verdict.TORN.value, Verdict.MIXED.value}
+    assert {k.verdict for k in result.kills} & {CrashVerdict.TORN.value,
+                                                 CrashVerdict.MIXED.value}
     assert not result.ok
     with pytest.raises(AssertionError, match="torn|mixed"):
         result.assert_ok()
@@ -102,15 +103,17 @@ def _states():
 def test_classify_tells_exact_mixed_torn_lost_and_nothing():
     a, b = _states()
     ref = Reference({1: fingerprint(a, {"s": 1}), 2: fingerprint(b, {"s": 2})})
-    assert classify((2, b, {"s": 2}), ref, 1)[0] is Verdict.EXACT
-    assert classify((2, b, {"s": 2}), ref, None)[0] is Verdict.EXACT
-    assert classify((1, a, {"s": 1}), ref, 2)[0] is Verdict.LOST         # older than committed
-    assert classify((2, {"w": b["w"], "b": a["b"]}, {"s": 2}), ref, 1)[0] is Verdict.MIXED
+    assert classify((2, b, {"s": 2}), ref, 1)[0] is CrashVerdict.EXACT
+    assert classify((2, b, {"s": 2}), ref, None)[0] is CrashVerdict.EXACT
+    assert classify((1, a, {"s": 1}), ref, 2)[0] is CrashVerdict.LOST   # older than committed
+    assert classify((2, {"w": b["w"], "b": a["b"]}, {"s": 2}), ref, 1)[0] \
+        is CrashVerdict.MIXED
     torn = {"w": np.concatenate([a["w"][:2], b["w"][2:]]), "b": b["b"]}
-    assert classify((2, torn, {"s": 2}), ref, 1)[0] is Verdict.TORN
-    assert classify((2, {"w": b["w"]}, {"s": 2}), ref, 1)[0] is Verdict.TORN   # array missing
-    assert classify(CheckpointError("no committed checkpoint"), ref, None)[0] is Verdict.NONE
-    assert classify(CheckpointError("damaged"), ref, 1)[0] is Verdict.LOST
+    assert classify((2, torn, {"s": 2}), ref, 1)[0] is CrashVerdict.TORN
+    assert classify((2, {"w": b["w"]}, {"s": 2}), ref, 1)[0] is CrashVerdict.TORN  # array missing
+    assert classify(CheckpointError("no committed checkpoint"), ref, None)[0] \
+        is CrashVerdict.NONE
+    assert classify(CheckpointError("damaged"), ref, 1)[0] is CrashVerdict.LOST
 
 
 # -- the command line --------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import random
 
 import keras
@@ -19,13 +20,14 @@ from hypothesis import strategies as st
 
 from faultlab import cli
 from faultlab.checkpointing import CheckpointEngine, recover
-from faultlab.checkpointing import baselines
-from faultlab.backends.torch.adapter import adapter_for
-from faultlab.checkpointing.baselines import open_checkpointer, recover_checkpoint, target_path
-from faultlab.crash.harness import KillPoint, Phase, keras_loop, same_state
+from faultlab.backends import load_backend
+from faultlab.backends.tf.loops import keras_loop
+from faultlab.checkpointing.api import Phase, open_checkpointer, recover_checkpoint, target_path
+from faultlab.crash.points import KillPoint
+from faultlab.crash.verdicts import same_state
 from faultlab.backends.tf.adapter import TFCheckpointAdapter, _global_generator
 from faultlab.errors import CheckpointError
-from faultlab.backends.tf.injector import _components
+from faultlab.backends.tf.variables import components as _components
 from faultlab.testing.plugin import crash_lab  # noqa: F401  (the plugin's fixture)
 from faultlab.backends.tf.trainer import select_strategy
 
@@ -86,7 +88,7 @@ def every_copy(model) -> list[bytes]:
 # -- the adapter ---------------------------------------------------------------------------------
 
 def test_adapter_for_tf_is_the_tensorflow_adapter():
-    assert adapter_for("tf") is TFCheckpointAdapter
+    assert load_backend("tf").checkpoint_adapter() is TFCheckpointAdapter
 
 
 @pytest.fixture(scope="module")
@@ -330,7 +332,7 @@ def test_an_fsync_failure_is_one_line_and_keeps_earlier_checkpoints(tmp_path, na
     def failing(fd):
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr(baselines.os, "fsync", failing)
+    monkeypatch.setattr(os, "fsync", failing)
     with pytest.raises(CheckpointError) as e:
         ckpt.save(2, state_for(2)).wait()
         ckpt.wait_all()

@@ -1,6 +1,7 @@
 """The TensorFlow corruption kernels agree with the NumPy reference bit for bit (NaN payloads,
 subnormals and every emulated layout included), in both kernel modes, and the same fault on
-the same tensor gives the same values in TensorFlow, torch and NumPy."""
+the same tensor gives the same values in TensorFlow, torch and NumPy. The properties every
+backend shares run for TF too in tests/backends/test_backend_kernels.py."""
 
 from __future__ import annotations
 
@@ -36,20 +37,6 @@ def check(x: np.ndarray, c: Corruption, dtype: str, static: bool = False) -> np.
 
 # --- bit-level models --------------------------------------------------------------------------
 
-@cfg(150)
-@given(dl=dtype_layout(), data=st.data(), n=st.integers(1, 40), seed=st.integers(0, 2**32 - 1),
-       model=st.sampled_from(["flip", "stuck0", "stuck1"]))
-def test_single_bit_every_position(dl, data, n, seed, model):
-    dtype, layout = dl
-    bit = data.draw(st.integers(0, LAYOUT_BITS[layout] - 1), label="bit")
-    rng = np.random.default_rng(seed)
-    idx = pick_index(rng, n, int(rng.integers(1, n + 1)))
-    masks = np.full(idx.size, np.uint64(1) << np.uint64(bit), dtype=np.uint64)
-    c = Corruption(ValueModel.BITFLIP if model == "flip" else ValueModel.STUCK_AT, idx, layout,
-                   masks=masks, stuck=0 if model == "stuck0" else 1)
-    check(make_tensor(dtype, n, seed), c, dtype)
-
-
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("layout", FLOAT_LAYOUTS + [BitLayout.INT8])
 def test_every_bit_on_every_special_value(dtype, layout):
@@ -64,56 +51,7 @@ def test_every_bit_on_every_special_value(dtype, layout):
             check(x, Corruption(model, idx, layout, masks=masks, stuck=bit % 2), dtype)
 
 
-@cfg(100)
-@given(dl=dtype_layout(), data=st.data(), n=st.integers(1, 40), seed=st.integers(0, 2**32 - 1),
-       mode=st.sampled_from(["random", "consecutive", "groups"]))
-def test_k_bit_random_masks(dl, data, n, seed, mode):
-    dtype, layout = dl
-    k = data.draw(st.integers(1, LAYOUT_BITS[layout]), label="bits")
-    count = data.draw(st.integers(1, n), label="count")
-    c = resolve(ValueSpec(ValueModel.BITFLIP, bits=k, layout=layout),
-                PositionSpec(mode, count=count, groups=3), (n,), dtype,
-                np.random.default_rng([seed, 1]), np.random.default_rng([seed, 2]))
-    check(make_tensor(dtype, n, seed), c, dtype)
-
-
 # --- value models ------------------------------------------------------------------------------
-
-def _values_for(dtype):
-    if dtype == "int8":
-        return st.floats(-300, 300, allow_nan=False)
-    return st.one_of(st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=True),
-                     st.floats(-70000, 70000), st.floats(-1e-6, 1e-6),
-                     st.sampled_from([0.0, -0.0, 2.0 ** -149, 2.0 ** -24, 2.0 ** -133,
-                                      65504.0, 65520.0, 3.4028235e38, 3.4e38 * 1.0000001,
-                                      1 + 2.0 ** -11 + 2.0 ** -40, 2.5, -3.5, 2.87e24]))
-
-
-@cfg(120)
-@given(dtype=st.sampled_from(DTYPES), data=st.data(), n=st.integers(1, 32),
-       seed=st.integers(0, 2**32 - 1), one=st.booleans())
-def test_set(dtype, data, n, seed, one):
-    rng = np.random.default_rng(seed)
-    idx = pick_index(rng, n, int(rng.integers(1, n + 1)))
-    vals = data.draw(st.lists(_values_for(dtype), min_size=1 if one else idx.size,
-                              max_size=1 if one else idx.size), label="values")
-    values = np.broadcast_to(np.array(vals, dtype=np.float64), idx.shape).copy()
-    check(make_tensor(dtype, n, seed), Corruption(ValueModel.SET, idx, DTYPE_LAYOUT[dtype],
-                                                  values=values), dtype)
-
-
-@cfg(100)
-@given(dl=dtype_layout(), n=st.integers(1, 40), seed=st.integers(0, 2**32 - 1),
-       model=st.sampled_from([ValueModel.RANDOM, ValueModel.ZERO, ValueModel.NAN,
-                              ValueModel.POS_INF, ValueModel.NEG_INF]))
-def test_replacement_models(dl, n, seed, model):
-    dtype, layout = dl
-    if dtype == "int8" and model not in (ValueModel.RANDOM, ValueModel.ZERO):
-        return
-    c = resolve(ValueSpec(model, layout=layout), PositionSpec("random", count=max(1, n // 2)),
-                (n,), dtype, np.random.default_rng(seed), np.random.default_rng(seed + 7))
-    check(make_tensor(dtype, n, seed), c, dtype)
-
 
 @cfg(80)
 @given(dtype=st.sampled_from(DTYPES), n=st.integers(2, 40), seed=st.integers(0, 2**32 - 1))
@@ -123,25 +61,6 @@ def test_copy_reads_the_original_values(dtype, n, seed):
     x = make_tensor(dtype, n, seed)
     ref = check(x, c, dtype)
     assert (np_bits(ref, dtype)[c.index] == np_bits(x, dtype)[c.src]).all()
-
-
-_factors = st.one_of(st.floats(allow_nan=False, allow_infinity=False),
-                     st.floats(-4, 4), st.floats(-1e-30, 1e-30),
-                     st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, 1.0000001, 3.4e38, 1e39,
-                                      2.0 ** -149, 1e-46, 65504.0, 1e300, 1e-310, 1 / 3]))
-
-
-@cfg(200)
-@given(dtype=st.sampled_from(DTYPES), factor=_factors, n=st.integers(1, 40),
-       seed=st.integers(0, 2**32 - 1), degrade=st.booleans())
-def test_scale_and_degrade(dtype, factor, n, seed, degrade):
-    """Products that are subnormal, overflow, or involve subnormals: TF flushes denormals in
-    its own float arithmetic, the kernel must not."""
-    rng = np.random.default_rng(seed)
-    idx = pick_index(rng, n, int(rng.integers(1, n + 1)))
-    c = Corruption(ValueModel.DEGRADE if degrade else ValueModel.SCALE, idx,
-                   DTYPE_LAYOUT[dtype], factor=factor)
-    check(make_tensor(dtype, n, seed), c, dtype)
 
 
 @cfg(150)

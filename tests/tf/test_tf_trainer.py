@@ -13,9 +13,6 @@ import tensorflow as tf
 
 from faultlab.errors import FaultlabError
 from faultlab.faults import Duration, FaultSpec, PositionSpec, Site, ValueSpec
-from faultlab.outcomes import IMMEDIATE, MASKED
-from faultlab.runner import Session
-from faultlab.trials import Trial
 from faultlab.workloads.base import default_config
 from faultlab.backends.tf import BACKEND
 from faultlab.backends.tf.trainer import TFTrainer, select_strategy
@@ -168,20 +165,6 @@ def test_permanent_fault_keeps_hitting_and_disarms_afterwards(mlp):
         assert hit[0] == clean[0] and hit[1] != clean[1]
     finally:
         mlp.set_state(start)
-
-
-def test_fault_free_trial_reproduces_the_golden_run_bit_for_bit(tmp_path, monkeypatch):
-    monkeypatch.setenv("FAULTLAB_CACHE", str(tmp_path))
-    session = Session(threads=1)
-    gold = session.golden(MLP)
-    control = session.run_trial(Trial("control", MLP, (), horizon=None))
-    assert control.outcome == MASKED and control.bit_exact
-    assert control.metrics["loss"] == gold.loss
-    nan = session.run_trial(Trial("nan", MLP, (fault(Site.FWD_OUTPUT, "dense_2", 0, (1, 1), 5,
-                                                        model="nan"),)))
-    assert nan.outcome == IMMEDIATE and nan.first_nonfinite_step == 5
-    again = session.run_trial(Trial("control2", MLP, (), horizon=None))
-    assert again.bit_exact
 
 
 def test_a_reused_trainer_equals_a_fresh_one():

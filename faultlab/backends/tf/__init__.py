@@ -23,9 +23,9 @@ class TFBackend(Backend):
     initial weights are a function of the seed, the optimizer state starts at zero)."""
 
     name = "tf"
-    checkpointers = {"tf-sync": "faultlab.checkpointing.baselines:TFCheckpoint",
-                     "tf-async": "faultlab.checkpointing.baselines:TFAsyncCheckpoint"}
-    crash_loops = {"keras-mlp": "faultlab.crash.harness:keras_loop"}
+    checkpointers = {"tf-sync": "faultlab.backends.tf.checkpointers:TFCheckpoint",
+                     "tf-async": "faultlab.backends.tf.checkpointers:TFAsyncCheckpoint"}
+    crash_loops = {"keras-mlp": "faultlab.backends.tf.loops:keras_loop"}
 
     def __init__(self):
         self._last: tuple | None = None

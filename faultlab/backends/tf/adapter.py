@@ -33,16 +33,18 @@ from typing import Any
 
 import numpy as np
 
-from faultlab.backends.tf.runtime import tf  # noqa: I001  (before keras: see tfruntime)
+from faultlab.backends.tf.runtime import tf  # noqa: I001  (before keras: see runtime.py)
 import keras  # noqa: E402
 
 from faultlab.errors import CheckpointError
 from faultlab.backends.tf.variables import cached
 from faultlab.backends.tf.variables import components as _components
-from faultlab.backends.torch.adapter import (ADAPTER_FORMAT, AdapterBase, Resume, _check_meta, _check_names, _decode,
-                       _Encoder, _named, _set_generator_state, capture_generators,
-                       capture_python_numpy_rng, check_adapter_meta, restore_python_numpy_rng)
-from faultlab.backends.torch.adapter import _generator_state as _any_generator_state
+from faultlab.checkpointing.adapter import (ADAPTER_FORMAT, AdapterBase, Resume,
+                                            check_adapter_meta, check_meta_json, check_names,
+                                            named)
+from faultlab.checkpointing.codec import (Encoder, capture_generators, capture_python_numpy_rng,
+                                          decode, generator_state, restore_python_numpy_rng,
+                                          set_generator_state)
 
 GLOBAL_GENERATOR = "rng/tf_global"
 
@@ -79,10 +81,10 @@ def _tf_generator_var(gen):
 
 
 def _generator_state(gen) -> tuple[np.ndarray | None, Any]:
-    """(array, JSON) state of a TF / Keras generator, or of one the torch adapter knows."""
+    """(array, JSON) state of a TF / Keras generator, or of one the codec knows."""
     var = _tf_generator_var(gen)
     if var is None:
-        return _any_generator_state(gen)
+        return generator_state(gen)
     info = {"kind": "tf", "alg": int(gen.algorithm)} if isinstance(gen, tf.random.Generator) \
         else {"kind": "keras"}
     return _read(var)[0], info
@@ -101,8 +103,8 @@ class TFCheckpointAdapter(AdapterBase):
 
     def __init__(self, model=None, optimizer=None, *, data=None,
                  generators: Mapping[str, Any] | None = None, rng: bool = True):
-        self.models = _named(model, "model")
-        self.optimizers = _named(optimizer, "optimizer")
+        self.models = named(model, "model")
+        self.optimizers = named(optimizer, "optimizer")
         self.data = data
         self.generators = dict(generators or {})
         self.rng = rng
@@ -126,7 +128,7 @@ class TFCheckpointAdapter(AdapterBase):
                 extra: Mapping | None = None) -> tuple[dict[str, np.ndarray], dict]:
         """The state after `step` steps as (arrays, JSON meta). Variables are read-only views
         of snapshots: training may go on while a checkpointer copies or writes them."""
-        enc = _Encoder(lambda path, v: (np.array(v), {"__ndarray__": path}))
+        enc = Encoder(lambda path, v: (np.array(v), {"__ndarray__": path}))
         arrays: dict[str, np.ndarray] = {}
         groups: dict[str, list[str]] = {name: [] for name in (*self.models, *self.optimizers)}
         views: dict[str, str] = {}
@@ -156,7 +158,7 @@ class TFCheckpointAdapter(AdapterBase):
                 rng_meta["tf_global"] = int(gen.algorithm)
             meta["rng"] = rng_meta
         meta["generators"] = capture_generators(self.generators, arrays, _generator_state)
-        _check_meta(meta)
+        check_meta_json(meta)
         return arrays, meta
 
     # -- restore ----------------------------------------------------------------------------
@@ -167,7 +169,7 @@ class TFCheckpointAdapter(AdapterBase):
         check_adapter_meta(meta, "tf")
         try:
             saved = meta["variables"]
-            _check_names(saved, {**self.models, **self.optimizers}, "model/optimizer")
+            check_names(saved, {**self.models, **self.optimizers}, "model/optimizer")
             missing = sorted(n for n in self._required_arrays(meta) if n not in state)
             if missing:
                 raise CheckpointError(f"checkpoint lacks {len(missing)} array(s) its metadata "
@@ -177,16 +179,16 @@ class TFCheckpointAdapter(AdapterBase):
             live, values = self._check_fit(state, meta, saved, saved)
             gen_values = self._check_generators(state, meta)
 
-            def decode(tree):
-                return _decode(tree, state, lambda arr, ref: arr)
+            def unpack(tree):
+                return decode(tree, state, lambda arr, ref: arr)
 
-            position = decode(meta.get("data_position"))
-            extra = decode(meta.get("extra", {}))
+            position = unpack(meta.get("data_position"))
+            extra = unpack(meta.get("extra", {}))
             data_state = None
             if self.data is not None:
                 if "data_state" not in meta:
                     raise CheckpointError("checkpoint holds no data loader state")
-                data_state = decode(meta["data_state"])
+                data_state = unpack(meta["data_state"])
         except KeyError as e:
             raise CheckpointError(f"checkpoint is incomplete: missing {e}") from None
         # everything fits: change state from here on
@@ -198,7 +200,7 @@ class TFCheckpointAdapter(AdapterBase):
                 copy.assign(value)
         for name, gen in self.generators.items():
             if _tf_generator_var(gen) is None:
-                _set_generator_state(gen, state.get(f"generator/{name}"),
+                set_generator_state(gen, state.get(f"generator/{name}"),
                                      meta["generators"][name])
         if data_state is not None:
             self.data.load_state_dict(data_state)

@@ -1,6 +1,9 @@
 """TensorFlow injectors: Keras layer instrumentation, custom-gradient identity points and
 gradient / state corruption, armed through variables and keyed on the replica.
 
+(Over 600 lines on purpose: one job, the graph-side instrumentation, whose parts -- the points,
+the operand table, ABFT, arming -- share the arming variables' layout and split badly.)
+
 How it fits together:
 
 * :func:`instrument` replaces the ``call`` of every injectable layer of a Keras model (a layer
@@ -37,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from faultlab.backends.tf.runtime import tf

@@ -88,7 +88,7 @@ def fault(site: str, layer: str, *, step: int = 0, replica: int = 0, value: str 
 def faults_from_campaign(path: str, trial: str | None = None) -> list[FaultSpec]:
     """The faults of one trial of a campaign file (either format; the first trial by
     default). Steps are global steps of the campaign's workload configuration."""
-    from faultlab.campaigns.files import load_campaign
+    from faultlab.campaigns import load_campaign
     camp = load_campaign(path)
     for t in camp.trials:
         if trial is None or t.trial_id == trial:

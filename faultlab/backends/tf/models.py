@@ -1,4 +1,4 @@
-"""Built-in Keras 3 models with exactly the torch models' layer names (see torch_models.py):
+"""Built-in Keras 3 models with exactly the torch models' layer names (see backends/torch/models.py):
 the ISCA'23 artifact's ResNet-18, an MLP, a small causal transformer LM.
 
 Every model is a flat functional model of standard Keras layers (Conv2D with 'same' padding,
@@ -153,7 +153,7 @@ def _conv(filters: int, kernel: int, stride: int, name: str):
 
 def resnet18(width: int = 64, classes: int = 10, size: int = 32, channels: int = 3,
              dropout: float = 0.1) -> keras.Model:
-    """The artifact's ResNet-18 (reference/isca_ae/README.md), torch_models.ResNet18's names."""
+    """The artifact's ResNet-18 (reference/isca_ae/README.md), the torch ResNet18's names."""
     salt = iter(range(1, 1000))
     relu = keras.layers.ReLU
     inp = keras.Input((size, size, channels), name="image")
@@ -190,7 +190,7 @@ def mlp(size: int = 8, width: int = 64, classes: int = 10, channels: int = 1) ->
 
 def transformer(vocab: int, d: int = 64, seq: int = 32, blocks: int = 2,
                 heads: int = 4) -> keras.Model:
-    """2-block causal LM with torch_models.TransformerLM's layer names."""
+    """2-block causal LM with the torch TransformerLM's layer names."""
     inp = keras.Input((seq,), dtype="int64", name="tokens")
     x = keras.layers.Embedding(vocab, d, name="embed")(inp)
     x = PositionEmbedding(seq, name="pos")(x)

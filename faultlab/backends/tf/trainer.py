@@ -12,7 +12,7 @@ Strategies (``$FAULTLAB_TF_STRATEGY``: auto | mirrored | one_device | tpu):
   at least R, else over R logical CPU devices;
 * mirrored / one_device / tpu force one.
 
-Training semantics (the torch backend's, see torch_trainer.py): each global batch is split
+Training semantics (the torch backend's, see backends/torch/trainer.py): each global batch is split
 into R shards, replica r runs forward and backward on its shard (BatchNorm statistics of its
 own shard), its mean loss is scaled by 1/R and the gradients are summed by the all-reduce,
 then one Adam step follows on every replica's copy. BatchNorm moving statistics are the mean
@@ -33,14 +33,13 @@ transfer); one step function per distinct set of signals, and none of it without
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import numpy as np  # noqa: E402
 
-from faultlab.backends.tf.runtime import configure_runtime, quiet_native_stderr, tf  # noqa: E402
+from faultlab.backends.tf.runtime import configure_runtime, tf  # noqa: E402
 
 from faultlab.errors import FaultlabError, SpecError  # noqa: E402
 
@@ -49,87 +48,24 @@ configure_runtime()   # before TF initialises; once per process (see runtime.py)
 
 import keras  # noqa: E402
 
-from faultlab.backends.base import EvalMetrics, StepMetrics  # noqa: E402
+from faultlab.backends.base import EvalMetrics, StepMetrics, TrainerBase  # noqa: E402
 from faultlab.faults import FaultSpec  # noqa: E402
 from faultlab.backends.tf.injector import TFInjector, operand_table  # noqa: E402
 from faultlab.workloads import data as datamod  # noqa: E402
-from faultlab.backends.tf import models as tf_models
+from faultlab.backends.tf import models as tf_models  # noqa: E402
+from faultlab.backends.tf.optimizer import FaultlabAdam  # noqa: E402
+from faultlab.backends.tf.strategy import select_strategy  # noqa: E402
 from faultlab.workloads.base import WorkloadConfig, is_user_workload, load_user_workload, lr_schedule  # noqa: E402
 
 __all__ = ["TFWorkload", "TFTrainer", "build_workload", "operand_shapes", "select_strategy",
            "FaultlabAdam"]
 
 
-# --- strategies ----------------------------------------------------------------------------------
-
-def _tpu_strategy():
-    """TPUStrategy on the TPU named by the environment (untested here: no TPU on CI)."""
-    try:
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
-    except (ValueError, RuntimeError, tf.errors.OpError) as e:
-        raise FaultlabError(f"no TPU available ({type(e).__name__}: {e})") from None
-    return tf.distribute.TPUStrategy(resolver)
-
-
-def select_strategy(replicas: int, kind: str | None = None):
-    """A tf.distribute strategy with `replicas` replicas (see the module docstring)."""
-    kind = (kind or os.environ.get("FAULTLAB_TF_STRATEGY", "auto")).strip().lower() or "auto"
-    if kind not in ("auto", "mirrored", "one_device", "tpu"):
-        raise FaultlabError(f"FAULTLAB_TF_STRATEGY must be auto, mirrored, one_device or tpu, "
-                            f"got {kind!r}")
-    if kind == "tpu" or (kind == "auto" and (os.environ.get("TPU_NAME")
-                                             or os.environ.get("COLAB_TPU_ADDR"))):
-        strategy = _tpu_strategy()
-        if strategy.num_replicas_in_sync != replicas:
-            raise FaultlabError(f"the TPU has {strategy.num_replicas_in_sync} replicas, the "
-                                f"workload asks for {replicas}")
-        return strategy
-    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
-    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
-    if kind == "one_device" or (kind == "auto" and replicas == 1):
-        if replicas != 1:
-            raise FaultlabError(f"one_device strategy runs 1 replica, the workload asks for "
-                                f"{replicas}")
-        return tf.distribute.OneDeviceStrategy(gpus[0] if gpus else cpus[0])
-    devices = gpus[:replicas] if len(gpus) >= replicas else cpus[:replicas]
-    if len(devices) < replicas:
-        raise FaultlabError(f"{replicas} replicas need {replicas} devices but this process has "
-                            f"{len(cpus)} logical CPU devices: set FAULTLAB_TF_CPU_DEVICES="
-                            f"{replicas} before starting faultlab")
-    cross = (tf.distribute.ReductionToOneDevice(reduce_to_device=cpus[0])
-             if devices[0] in cpus else None)
-    return tf.distribute.MirroredStrategy(devices, cross_device_ops=cross)
-
-
-# --- optimizer -----------------------------------------------------------------------------------
-
-class FaultlabAdam(keras.optimizers.Adam):
-    """Keras Adam whose update is TF's fused ResourceApplyAdam kernel (see module docstring):
-    one op per variable and replica instead of a dozen, which also makes tracing faster."""
-
-    def update_step(self, gradient, variable, learning_rate):
-        dt = variable.dtype
-        i = self._get_variable_index(variable)
-        m, v = self._momentums[i], self._velocities[i]
-        t = tf.cast(self.iterations + 1, dt)
-        b1, b2 = tf.cast(self.beta_1, dt), tf.cast(self.beta_2, dt)
-        tf.raw_ops.ResourceApplyAdam(
-            var=variable.handle, m=_handle(m), v=_handle(v), beta1_power=tf.pow(b1, t),
-            beta2_power=tf.pow(b2, t), lr=tf.cast(learning_rate, dt), beta1=b1, beta2=b2,
-            epsilon=tf.cast(self.epsilon, dt), grad=tf.cast(gradient, dt), use_locking=False)
-
-
-def _handle(v):
-    return (v.value if isinstance(v, keras.Variable) else v).handle
-
-
 # --- workloads -----------------------------------------------------------------------------------
 
 @dataclass
 class TFWorkload:
-    """What a TF workload function returns (the TF twin of torch_trainer.TorchWorkload).
+    """What a TF workload function returns (the TF twin of faultlab.torch.TorchWorkload).
 
     build: makes the Keras model (called under the strategy's scope, after seeding Keras with
     the configuration's seed); data: the dataset (NumPy arrays; images NHWC in [0, 1]);
@@ -177,7 +113,7 @@ def _seed_keras(seed: int) -> None:
 
 # --- the trainer ---------------------------------------------------------------------------------
 
-class TFTrainer:
+class TFTrainer(TrainerBase):
     """A training session of one workload configuration (see the module docstring)."""
 
     def __init__(self, config: WorkloadConfig, strategy=None, probe: bool = False,

@@ -18,13 +18,13 @@ from faultlab.workloads.base import WorkloadConfig
 class TorchBackend(Backend):
     name = "torch"
     checkpointers = {
-        "faultlab+cow": "faultlab.checkpointing.baselines:CowEngineCheckpointer",
-        "sync": "faultlab.checkpointing.baselines:SyncSave",
-        "checkfreq": "faultlab.checkpointing.baselines:CheckFreqStyle",
-        "dcp-async": "faultlab.checkpointing.baselines:TorchDCPAsync",
+        "faultlab+cow": "faultlab.backends.torch.checkpointers:CowEngineCheckpointer",
+        "sync": "faultlab.backends.torch.checkpointers:SyncSave",
+        "checkfreq": "faultlab.backends.torch.checkpointers:CheckFreqStyle",
+        "dcp-async": "faultlab.backends.torch.checkpointers:TorchDCPAsync",
     }
-    crash_loops = {"mlp": "faultlab.crash.harness:mlp_loop",
-                   "rng-mlp": "faultlab.crash.harness:rng_loop"}
+    crash_loops = {"mlp": "faultlab.backends.torch.loops:mlp_loop",
+                   "rng-mlp": "faultlab.backends.torch.loops:rng_loop"}
 
     def build_trainer(self, config: WorkloadConfig) -> TrainerBase:
         from faultlab.backends.torch.trainer import TorchTrainer
@@ -44,10 +44,17 @@ class TorchBackend(Backend):
         return TorchCheckpointAdapter
 
     def crash_preload(self, engines=()) -> list[str]:
-        # torch is fork-safe before its thread pools start: children of the zygote share it
-        mods = ["torch", "faultlab.backends.torch.trainer", "faultlab.backends.torch.adapter"]
+        # torch is fork-safe before its thread pools start: children of the zygote share it;
+        # the loops module fixes the thread pools (prepare_zygote) right after its import
+        mods = ["torch", "faultlab.backends.torch.loops", "faultlab.backends.torch.trainer",
+                "faultlab.backends.torch.adapter"]
         if "dcp-async" in engines:
             mods.append("torch.distributed.checkpoint")
+        for name in engines:                 # this framework's checkpointers, imported once
+            if name in self.checkpointers:
+                module = self.checkpointers[name].partition(":")[0]
+                if module not in mods:
+                    mods.append(module)
         return mods
 
 

@@ -1,7 +1,7 @@
-"""Framework adapters: a training session's whole state <-> {name: numpy array} + JSON meta.
+"""The torch checkpoint adapter: a training session's whole state <-> {name: numpy array} + JSON meta.
 
-The checkpoint engine and the baselines store only flat NumPy states (no framework import).
-An adapter turns a framework's training session into such a state and back, exactly:
+The checkpointers store only flat NumPy states; this adapter turns a torch training session
+into such a state and back, exactly:
 
     adapter = TorchCheckpointAdapter(model, optimizer, scaler=scaler, data=sampler)
     state, meta = adapter.capture(step, data_position=pos)      # arrays + JSON meta
@@ -24,303 +24,55 @@ returns). `save(..., overlap=True)` hides even that copy behind the next forward
 as CheckFreq does: the optimizer waits (a step pre-hook) only if staging has not finished by
 the time it would change the parameters.
 
-TensorFlow: `adapter_for("tf")` is `tf_adapter.TFCheckpointAdapter` (Keras 3 variables,
-optimizer variables, tf.random.Generator / Keras SeedGenerator states, the global generators,
-data position and step), with the same interface.
+The interface and its call order (capture / save / wait_staged / close / resume) are
+faultlab.checkpointing.adapter's; nested values are encoded by faultlab.checkpointing.codec,
+with the torch types (tensors, dtypes, devices, torch.Generator) registered by this module.
+TensorFlow's adapter (faultlab.backends.tf.adapter) has the same interface.
 """
 
 from __future__ import annotations
 
-import importlib
-import json
-import math
 import queue
-import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
 import numpy as np
+import torch
 
-from faultlab.errors import CheckpointError, FaultlabError
+from faultlab.backends.torch.cow import CowGuard, storage_ptr
+from faultlab.checkpointing.adapter import (ADAPTER_FORMAT, AdapterBase, Resume,
+                                            check_adapter_meta, check_meta_json, check_names,
+                                            named)
+from faultlab.checkpointing.api import SaveFuture
+from faultlab.checkpointing.codec import (Encoder, capture_generators,
+                                          capture_python_numpy_rng, decode,
+                                          register_array_type, register_generator,
+                                          register_value_type, restore_python_numpy_rng,
+                                          set_generator_state, writable)
+from faultlab.errors import CheckpointError
 
-ADAPTER_FORMAT = 1
-
-# -- the framework-independent interface -----------------------------------------------------
-
-
-class Resume(NamedTuple):
-    """What a restore hands back to the training loop: where to go on from."""
-
-    step: int
-    data_position: Any
-    extra: dict
-
-
-class CheckpointAdapter(Protocol):
-    """A framework's training session as a flat state (the interface every adapter has)."""
-
-    def capture(self, step: int, *, data_position: Any = None,
-                extra: Mapping | None = None) -> tuple[dict[str, np.ndarray], dict]:
-        """The session's state after `step` steps, as (arrays, JSON meta)."""
-
-    def restore(self, state: Mapping[str, np.ndarray], meta: Mapping) -> Resume:
-        """Put a captured state back, bit for bit; return where training goes on."""
+__all__ = ["OverlapHandle", "Resume", "TorchCheckpointAdapter", "TrainerAdapter",
+           "array_to_tensor", "tensor_to_array"]
 
 
-class AdapterBase:
-    """What every adapter derives from its capture() / restore(): save() and resume()."""
+# -- the torch types of the value codec --------------------------------------------------------
 
-    #: capture() returns snapshots that training never changes (TF's copy-on-write
-    #: variables): a checkpointer that can write borrowed arrays gets them uncopied
-    immutable_capture = False
-
-    def save(self, checkpointer, step: int, *, data_position: Any = None,
-             extra: Mapping | None = None):
-        """capture() and checkpointer.save(); returns the checkpointer's handle."""
-        state, meta = self.capture(step, data_position=data_position, extra=extra)
-        if self.immutable_capture and getattr(checkpointer, "borrows", False):
-            return checkpointer.save(step, state, meta, borrowed=True)
-        return checkpointer.save(step, state, meta)
-
-    def resume(self, loader: Callable[[], Any]) -> Resume | None:
-        """Restore from `loader()` (e.g. `lambda: recover(path)`), returning None when there
-        is no checkpoint yet (a loader raising CheckpointError "no checkpoint file"/"no
-        committed checkpoint" is treated as none; any other error propagates)."""
-        try:
-            restored = loader()
-        except CheckpointError as e:
-            if str(e).startswith(("no checkpoint file", "no committed checkpoint")):
-                return None
-            raise
-        if restored is None:
-            return None
-        _, state, meta = restored
-        return self.restore(state, meta)
-
-
-def check_adapter_meta(meta, framework: str) -> None:
-    """One-line CheckpointError unless `meta` is an adapter state of `framework`."""
-    if not isinstance(meta, Mapping) or meta.get("faultlab_adapter") is None:
-        raise CheckpointError("checkpoint was not written by a faultlab adapter "
-                              "(no adapter metadata)")
-    if meta["faultlab_adapter"] != ADAPTER_FORMAT or meta.get("framework") != framework:
-        raise CheckpointError(f"checkpoint holds a {meta.get('framework')} adapter state "
-                              f"of format {meta['faultlab_adapter']}, not {framework} format "
-                              f"{ADAPTER_FORMAT}")
-
-
-_ADAPTERS: dict[str, str] = {
-    "torch": "faultlab.backends.torch.adapter:TorchCheckpointAdapter",
-    "tf": "faultlab.backends.tf.adapter:TFCheckpointAdapter",
-}
-
-
-def register_adapter(framework: str, target: str) -> None:
-    """Make `adapter_for(framework)` return the class named `module:attribute`."""
-    _ADAPTERS[framework] = target
-
-
-def adapter_for(framework: str) -> type:
-    """The adapter class of a framework ("torch", "tf"); one-line FaultlabError if missing."""
-    target = _ADAPTERS.get(framework)
-    if target is None:
-        raise FaultlabError(f"no checkpoint adapter for framework {framework!r} "
-                            f"(known: {', '.join(sorted(_ADAPTERS))})")
-    module, _, attr = target.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except ModuleNotFoundError as e:
-        raise FaultlabError(f"checkpoint adapter for {framework} needs {e.name}: "
-                            f"pip install 'faultlab[{framework}]'") from None
-
-
-# -- encoding Python values as JSON plus arrays ----------------------------------------------
-
-_TAGS = ("__tensor__", "__ndarray__", "__tuple__", "__float__", "__dict__", "__bytes__",
-         "__dtype__", "__device__")
-
-
-class _Encoder:
-    """Turns nested Python values into JSON, moving every tensor / array into `arrays`.
-
-    Tagged JSON keeps what plain JSON would lose: tuples, non-finite floats, non-string dict
-    keys, bytes, torch dtypes and devices. Tensors become arrays named by their path.
-    """
-
-    def __init__(self, to_array: Callable[[str, Any], tuple[np.ndarray, dict]]):
-        self.arrays: dict[str, np.ndarray] = {}
-        self._to_array = to_array
-
-    def encode(self, value, path: str):
-        if value is None or isinstance(value, (bool, str)):
-            return value
-        if isinstance(value, int) and not isinstance(value, bool):
-            return int(value)
-        if isinstance(value, float):
-            return value if math.isfinite(value) else {"__float__": repr(value)}
-        if isinstance(value, np.ndarray) or _is_tensor(value):
-            if path in self.arrays:
-                raise CheckpointError(f"two values would be stored as {path!r}")
-            arr, ref = self._to_array(path, value)
-            self.arrays[path] = arr
-            return ref
-        if isinstance(value, np.generic):
-            if path in self.arrays:
-                raise CheckpointError(f"two values would be stored as {path!r}")
-            self.arrays[path] = np.asarray(value)
-            return {"__ndarray__": path, "scalar": True}
-        if isinstance(value, tuple):
-            return {"__tuple__": [self.encode(v, f"{path}/{i}") for i, v in enumerate(value)]}
-        if isinstance(value, list):
-            return [self.encode(v, f"{path}/{i}") for i, v in enumerate(value)]
-        if isinstance(value, Mapping):
-            plain = all(isinstance(k, str) and k not in _TAGS for k in value)
-            if plain:
-                return {k: self.encode(v, f"{path}/{k}") for k, v in value.items()}
-            return {"__dict__": [[self.encode(k, f"{path}/key{i}"),
-                                  self.encode(v, f"{path}/{_key_name(k, i)}")]
-                                 for i, (k, v) in enumerate(value.items())]}
-        if isinstance(value, (bytes, bytearray)):
-            return {"__bytes__": bytes(value).hex()}
-        torch = _torch_or_none()
-        if torch is not None and isinstance(value, torch.dtype):
-            return {"__dtype__": str(value).removeprefix("torch.")}
-        if torch is not None and isinstance(value, torch.device):
-            return {"__device__": str(value)}
-        raise CheckpointError(f"cannot checkpoint {path!r}: a {type(value).__name__} is not a "
-                              "tensor, array, number, string, list, tuple or dict")
-
-
-def _key_name(key, i: int) -> str:
-    return str(key) if isinstance(key, (int, str)) else f"item{i}"
-
-
-def _decode(value, arrays: Mapping[str, np.ndarray], from_array: Callable[[np.ndarray, dict], Any]):
-    if isinstance(value, list):
-        return [_decode(v, arrays, from_array) for v in value]
-    if not isinstance(value, dict):
-        return value
-    if "__tensor__" in value or "__ndarray__" in value:
-        name = value.get("__tensor__", value.get("__ndarray__"))
-        if name not in arrays:
-            raise CheckpointError(f"checkpoint lacks array {name!r} that its metadata names")
-        arr = arrays[name]
-        if "__ndarray__" in value:
-            return arr[()] if value.get("scalar") else _writable(arr)
-        return from_array(arr, value)
-    if "__tuple__" in value:
-        return tuple(_decode(v, arrays, from_array) for v in value["__tuple__"])
-    if "__float__" in value:
-        return float(value["__float__"])
-    if "__dict__" in value:
-        return {_decode(k, arrays, from_array): _decode(v, arrays, from_array)
-                for k, v in value["__dict__"]}
-    if "__bytes__" in value:
-        return bytes.fromhex(value["__bytes__"])
-    if "__dtype__" in value:
-        return getattr(_torch(), value["__dtype__"])
-    if "__device__" in value:
-        return _torch().device(value["__device__"])
-    return {k: _decode(v, arrays, from_array) for k, v in value.items()}
-
-
-def _writable(arr: np.ndarray) -> np.ndarray:
-    return arr if arr.flags.writeable else np.array(arr)
-
-
-# -- global random number generators (framework-free parts) ----------------------------------
-
-def capture_python_numpy_rng() -> tuple[dict[str, np.ndarray], dict]:
-    """Python's and NumPy's global generators, exactly (Mersenne Twister words and all)."""
-    version, words, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    arrays = {"rng/python": np.array(words, dtype=np.uint32),
-              "rng/numpy/keys": np.array(keys, dtype=np.uint32),
-              "rng/numpy/cached_gaussian": np.array(cached, dtype=np.float64)}
-    meta = {"python": {"version": version, "gauss_next": gauss},
-            "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss)}}
-    return arrays, meta
-
-
-def restore_python_numpy_rng(state: Mapping[str, np.ndarray], meta: Mapping) -> None:
-    py, npm = meta["python"], meta["numpy"]
-    random.setstate((py["version"], tuple(int(w) for w in state["rng/python"]),
-                     py["gauss_next"]))
-    np.random.set_state((npm["kind"], np.array(state["rng/numpy/keys"], dtype=np.uint32),
-                         npm["pos"], npm["has_gauss"],
-                         float(state["rng/numpy/cached_gaussian"])))
-
-
-def _generator_state(gen) -> tuple[np.ndarray | None, Any]:
-    """(array, JSON) state of an extra generator: torch.Generator, numpy Generator / RandomState
-    or random.Random."""
-    torch = _torch_or_none()
-    if torch is not None and isinstance(gen, torch.Generator):
-        return gen.get_state().numpy().copy(), {"kind": "torch", "device": str(gen.device)}
-    if isinstance(gen, np.random.Generator):
-        return None, {"kind": "numpy", "state": gen.bit_generator.state}
-    if isinstance(gen, np.random.RandomState):
-        kind, keys, pos, has_gauss, cached = gen.get_state(legacy=True)
-        return np.array(keys, dtype=np.uint32), {"kind": "randomstate", "pos": int(pos),
-                                                 "has_gauss": int(has_gauss),
-                                                 "cached": float(cached).hex()}
-    if isinstance(gen, random.Random):
-        version, words, gauss = gen.getstate()
-        return np.array(words, dtype=np.uint32), {"kind": "python", "version": version,
-                                                  "gauss_next": gauss}
-    raise CheckpointError(f"cannot checkpoint a generator of type {type(gen).__name__}")
-
-
-def capture_generators(generators: Mapping[str, Any], arrays: dict,
-                       state_of: Callable = _generator_state) -> dict:
-    """Add the named generators' array states to `arrays` (as `generator/NAME`); return their
-    JSON states. state_of(gen) -> (array or None, JSON)."""
-    out = {}
-    for name, gen in generators.items():
-        arr, info = state_of(gen)
-        if arr is not None:
-            arrays[f"generator/{name}"] = arr
-        out[name] = info
-    return out
+def _generator_state(gen) -> tuple[np.ndarray, dict]:
+    return gen.get_state().numpy().copy(), {"kind": "torch", "device": str(gen.device)}
 
 
 def _set_generator_state(gen, arr: np.ndarray | None, info: Mapping) -> None:
-    kind = info["kind"]
-    if kind == "torch":
-        gen.set_state(_torch().from_numpy(np.array(arr, dtype=np.uint8)))
-    elif kind == "numpy":
-        gen.bit_generator.state = info["state"]
-    elif kind == "randomstate":
-        gen.set_state(("MT19937", np.array(arr, dtype=np.uint32), info["pos"],
-                       info["has_gauss"], float.fromhex(info["cached"])))
-    elif kind == "python":
-        gen.setstate((info["version"], tuple(int(w) for w in arr), info["gauss_next"]))
-    else:
-        raise CheckpointError(f"unknown generator kind {kind!r} in checkpoint")
+    gen.set_state(torch.from_numpy(np.array(arr, dtype=np.uint8)))
 
 
-# -- torch --------------------------------------------------------------------------------------
-
-def _torch_or_none():
-    import sys
-    return sys.modules.get("torch")
-
-
-def _torch():
-    try:
-        import torch
-    except ImportError:
-        raise FaultlabError("the torch checkpoint adapter needs torch: "
-                            "pip install 'faultlab[torch]'") from None
-    return torch
-
-
-def _is_tensor(value) -> bool:
-    torch = _torch_or_none()
-    return torch is not None and isinstance(value, torch.Tensor)
+register_array_type(torch.Tensor)
+register_value_type(torch.dtype, "__dtype__", lambda v: str(v).removeprefix("torch."),
+                    lambda s: getattr(torch, s))
+register_value_type(torch.device, "__device__", str, torch.device)
+register_generator(torch.Generator, "torch", _generator_state, _set_generator_state)
 
 
 # torch dtypes NumPy has no type for travel as unsigned integers of the same width.
@@ -342,7 +94,6 @@ class _Stager:
         The buffer is valid only after `synchronize()`: all copies of one capture are
         enqueued first so that they pipeline, then waited for once.
         """
-        torch = _torch()
         buf = self._buffers.get(name)
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
             buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
@@ -354,7 +105,6 @@ class _Stager:
     def record(self) -> list:
         """Mark the end of this capture's copies on each device's current stream (call in
         the thread that enqueued them: current streams are per thread)."""
-        torch = _torch()
         events = []
         for device in self.devices:
             if device.type == "cuda":
@@ -377,7 +127,6 @@ class _Stager:
 def tensor_to_array(t, name: str = "", stager: _Stager | None = None, copy: bool = False):
     """A torch tensor as (numpy array, JSON ref). CPU tensors are viewed, not copied (unless
     copy=True); device tensors go through `stager`'s pinned buffers (or a blocking copy)."""
-    torch = _torch()
     t = t.detach()
     if t.layout != torch.strided:
         raise CheckpointError(f"cannot checkpoint {name!r}: {t.layout} tensors are not "
@@ -410,8 +159,7 @@ def tensor_to_array(t, name: str = "", stager: _Stager | None = None, copy: bool
 
 def array_to_tensor(arr: np.ndarray, ref: Mapping | None = None, device=None):
     """The inverse of tensor_to_array (a CPU tensor unless `device` is given)."""
-    torch = _torch()
-    arr = _writable(np.asarray(arr))
+    arr = writable(np.asarray(arr))
     if not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))
     t = torch.from_numpy(arr)
@@ -423,46 +171,63 @@ def array_to_tensor(arr: np.ndarray, ref: Mapping | None = None, device=None):
     return t
 
 
-class OverlapHandle:
+class OverlapHandle(SaveFuture):
     """The future of a `save(..., overlap=True)`: staging runs behind the next forward and
-    backward pass; wait() waits for staging and then for the checkpoint to be durable."""
+    backward pass; wait() waits for staging and then for the checkpoint to be durable.
+
+    A SaveFuture wrapping the checkpointer's own (`inner`, once staging has handed the state
+    over): it finishes when the inner future does, or when staging fails; wait() and error
+    report the inner future's outcome (or the staging failure) as it does."""
 
     def __init__(self, step: int):
-        self.step = step
+        super().__init__(step)
         self._staged = threading.Event()
-        self._inner = None
-        self._error: BaseException | None = None
+        self._inner: SaveFuture | None = None
+        self._stage_error: BaseException | None = None
 
     def staged(self) -> bool:
         return self._staged.is_set()
 
     def wait_staged(self) -> None:
         self._staged.wait()
-        if self._error is not None:
-            raise self._error
+        if self._stage_error is not None:
+            raise self._stage_error
 
     def wait(self, timeout: float | None = None):
         self.wait_staged()
         return self._inner.wait(timeout)
 
     def done(self) -> bool:
-        return self._staged.is_set() and (self._error is not None or self._inner.done())
+        return self._staged.is_set() and (self._stage_error is not None or self._inner.done())
 
     @property
-    def inner(self):
-        """The checkpointer's own handle (None until staging has finished)."""
+    def inner(self) -> SaveFuture | None:
+        """The checkpointer's own future (None until staging has finished)."""
         return self._inner
-
-    def add_done_callback(self, fn) -> None:
-        self.wait_staged()
-        self._inner.add_done_callback(lambda _h: fn(self))
 
     @property
     def error(self):
-        if self._error is not None:
-            return self._error
+        if self._stage_error is not None:
+            return self._stage_error
         return None if self._inner is None else self._inner.error
 
+    def handed_over(self, inner: SaveFuture) -> None:
+        """Staging is done: the checkpointer's save returned `inner` (called by the stager)."""
+        self._inner = inner
+        self._staged.set()
+        # the outcome stays the inner future's (reading it here would count its failure as
+        # seen); this future only finishes with it, running its own callbacks
+        inner.add_done_callback(lambda _f: self.finish())
+
+    def staging_failed(self, error: BaseException) -> None:
+        """Staging raised `error` (re-raised by wait_staged() and wait())."""
+        self._stage_error = error
+        self._staged.set()
+        self.finish(error=error)
+
+    def __repr__(self) -> str:
+        state = "pending" if not self.done() else ("failed" if self.error else "durable")
+        return f"<OverlapHandle step={self.step} {state}>"
 
 class TorchCheckpointAdapter(AdapterBase):
     """A torch training session's complete state as a flat checkpoint (see module docstring).
@@ -485,10 +250,9 @@ class TorchCheckpointAdapter(AdapterBase):
     def __init__(self, model=None, optimizer=None, scaler=None, *, scheduler=None, data=None,
                  generators: Mapping[str, Any] | None = None, rng: bool = True,
                  cow_min_bytes: int | None = None, cow_policy: str = "auto"):
-        self._torch = _torch()
-        self.models = _named(model, "model")
-        self.optimizers = _named(optimizer, "optimizer")
-        self.schedulers = _named(scheduler, "scheduler")
+        self.models = named(model, "model")
+        self.optimizers = named(optimizer, "optimizer")
+        self.schedulers = named(scheduler, "scheduler")
         self.scaler = scaler
         self.data = data
         self.generators = dict(generators or {})
@@ -501,8 +265,6 @@ class TorchCheckpointAdapter(AdapterBase):
         self._hooks = [h for opt in self.optimizers.values()
                        for h in (opt.register_step_pre_hook(self._before_optimizer_step),
                                  opt.register_step_post_hook(self._after_optimizer_step))]
-        from faultlab.backends.torch.cow import CowGuard, storage_ptr
-        self._storage_ptr = storage_ptr
         self._cow = CowGuard() if cow_min_bytes is None else CowGuard(cow_min_bytes)
         self.cow_policy = cow_policy
         self._step_kind = "plain"
@@ -532,7 +294,6 @@ class TorchCheckpointAdapter(AdapterBase):
         same, and the parameters and optimizer state tensors that copy-on-write can guard are
         appended to it and stay views; the others are copied (as are device tensors, into
         fresh host memory: the reused pinned buffers would change under a borrowed save)."""
-        torch = self._torch
         step = int(step)
         stager = self._stager if freeze is None else None
         overlap = overlap or freeze is not None
@@ -547,7 +308,7 @@ class TorchCheckpointAdapter(AdapterBase):
             if isinstance(value, np.ndarray):
                 return (value.copy() if c else value), {"__ndarray__": path}
             if freeze is not None and not c:
-                owner = owners.get(self._storage_ptr(value)) if value.device.type == "cpu" else None
+                owner = owners.get(storage_ptr(value)) if value.device.type == "cpu" else None
                 if owner is not None and owner.shape == value.shape and owner.stride() == value.stride() \
                         and self._cow.eligible(owner):
                     freeze.append(owner)
@@ -555,7 +316,7 @@ class TorchCheckpointAdapter(AdapterBase):
                     c = True
             return tensor_to_array(value, path, stager, copy=c)
 
-        enc = _Encoder(to_array)
+        enc = Encoder(to_array)
         meta: dict = {"faultlab_adapter": ADAPTER_FORMAT, "framework": "torch", "step": step}
         models = {}
         for name, m in self.models.items():
@@ -567,7 +328,7 @@ class TorchCheckpointAdapter(AdapterBase):
                 params = {id(p) for p in m.parameters()}
                 sd = {k: (v.detach() if id(v) in params else
                           v.detach().clone() if v.device.type == "cpu" else v.detach())
-                      if _is_tensor(v) else v for k, v in sd.items()}
+                      if isinstance(v, torch.Tensor) else v for k, v in sd.items()}
             models[name] = enc.encode(dict(sd), f"{name}")
         meta["models"] = models
         meta["optimizers"] = {name: enc.encode(opt.state_dict(), name)
@@ -591,7 +352,7 @@ class TorchCheckpointAdapter(AdapterBase):
                 rng_meta["cuda_devices"] = torch.cuda.device_count()
             meta["rng"] = rng_meta
         meta["generators"] = capture_generators(self.generators, arrays)
-        _check_meta(meta)
+        check_meta_json(meta)
         return arrays, meta
 
     def _cow_owners(self) -> dict:
@@ -599,12 +360,12 @@ class TorchCheckpointAdapter(AdapterBase):
         owners = {}
         for m in self.models.values():
             for p in m.parameters():
-                owners[self._storage_ptr(p)] = p
+                owners[storage_ptr(p)] = p
         for opt in self.optimizers.values():
             for st in opt.state.values():
                 for v in st.values():
-                    if _is_tensor(v):
-                        owners[self._storage_ptr(v)] = v
+                    if isinstance(v, torch.Tensor):
+                        owners[storage_ptr(v)] = v
         return owners
 
     def save(self, checkpointer, step: int, *, data_position: Any = None,
@@ -671,11 +432,11 @@ class TorchCheckpointAdapter(AdapterBase):
             handle, events, checkpointer, step, state, meta = self._jobs.get()
             try:
                 self._stager.synchronize(events)
-                handle._inner = checkpointer.save(step, state, meta)
+                inner = checkpointer.save(step, state, meta)
             except BaseException as e:            # surfaced by wait_staged() / wait()
-                handle._error = e
-            finally:
-                handle._staged.set()
+                handle.staging_failed(e)
+            else:
+                handle.handed_over(inner)
 
     def wait_staged(self) -> None:
         """Block until an overlapped save has finished staging (re-raises its failure)."""
@@ -727,6 +488,15 @@ class TorchCheckpointAdapter(AdapterBase):
             raise CheckpointError(f"cow_policy must be auto, redirect or copy, not {value!r}")
         self._cow.policy = value
 
+    def cow_tensors(self) -> list:
+        """The parameters and optimizer-state tensors a cow save freezes (not copies)."""
+        return [t for t in self._cow_owners().values() if self._cow.eligible(t)]
+
+    def cow_freeze(self, tensors: list):
+        """Freeze `tensors` as an unwritten cow save does (the next optimizer steps update
+        them copy-on-write); returns the snapshot, whose release() ends it (measurements)."""
+        return self._cow.freeze(tensors)
+
     @property
     def cow_stats(self) -> dict:
         """Copy-on-write counters: updates redirected out of place (recycled: into a buffer
@@ -757,7 +527,6 @@ class TorchCheckpointAdapter(AdapterBase):
 
     def restore(self, state: Mapping[str, np.ndarray], meta: Mapping) -> Resume:
         """Load a captured state into the model, optimizer, scaler, data and generators."""
-        torch = self._torch
         self.wait_staged()
         check_adapter_meta(meta, "torch")
 
@@ -769,14 +538,14 @@ class TorchCheckpointAdapter(AdapterBase):
         def from_array(arr, ref):
             return array_to_tensor(arr, ref)
 
-        def decode(tree):
-            return _decode(tree, state, from_array)
+        def unpack(tree):
+            return decode(tree, state, from_array)
 
         try:
-            _check_names(meta["models"], self.models, "model")
-            _check_names(meta["optimizers"], self.optimizers, "optimizer")
+            check_names(meta["models"], self.models, "model")
+            check_names(meta["optimizers"], self.optimizers, "optimizer")
             for name, m in self.models.items():
-                sd = decode(meta["models"][name])
+                sd = unpack(meta["models"][name])
                 try:
                     m.load_state_dict(sd, strict=True)
                 except (RuntimeError, ValueError) as e:
@@ -784,21 +553,21 @@ class TorchCheckpointAdapter(AdapterBase):
                                           f"{_one_line(e)}") from None
             for name, opt in self.optimizers.items():
                 try:
-                    opt.load_state_dict(decode(meta["optimizers"][name]))
+                    opt.load_state_dict(unpack(meta["optimizers"][name]))
                 except (RuntimeError, ValueError, KeyError) as e:
                     raise CheckpointError(f"checkpoint does not fit {name}: "
                                           f"{_one_line(e)}") from None
-            _check_names(meta.get("schedulers", {}), self.schedulers, "scheduler")
+            check_names(meta.get("schedulers", {}), self.schedulers, "scheduler")
             for name, sch in self.schedulers.items():
-                sch.load_state_dict(decode(meta["schedulers"][name]))
+                sch.load_state_dict(unpack(meta["schedulers"][name]))
             if self.scaler is not None:
                 if "scaler" not in meta:
                     raise CheckpointError("checkpoint holds no GradScaler state")
-                self.scaler.load_state_dict(decode(meta["scaler"]))
+                self.scaler.load_state_dict(unpack(meta["scaler"]))
             if self.data is not None:
                 if "data_state" not in meta:
                     raise CheckpointError("checkpoint holds no data loader state")
-                self.data.load_state_dict(decode(meta["data_state"]))
+                self.data.load_state_dict(unpack(meta["data_state"]))
             if self.rng:
                 if "rng" not in meta:
                     raise CheckpointError("checkpoint holds no random generator states")
@@ -814,9 +583,9 @@ class TorchCheckpointAdapter(AdapterBase):
                 info = meta.get("generators", {}).get(name)
                 if info is None:
                     raise CheckpointError(f"checkpoint holds no state of generator {name!r}")
-                _set_generator_state(gen, state.get(f"generator/{name}"), info)
-            position = decode(meta.get("data_position"))
-            extra = decode(meta.get("extra", {}))
+                set_generator_state(gen, state.get(f"generator/{name}"), info)
+            position = unpack(meta.get("data_position"))
+            extra = unpack(meta.get("extra", {}))
         except KeyError as e:
             raise CheckpointError(f"checkpoint is incomplete: missing {e}") from None
         return Resume(int(meta["step"]), position, extra)
@@ -848,34 +617,13 @@ def _required_arrays(meta: Mapping) -> set[str]:
     return names
 
 
-def _named(obj, kind: str) -> dict:
-    if obj is None:
-        return {}
-    if isinstance(obj, Mapping):
-        return {f"{kind}/{k}": v for k, v in obj.items()}
-    return {kind: obj}
-
-
-def _check_names(saved: Mapping, live: Mapping, kind: str) -> None:
-    if set(saved) != set(live):
-        raise CheckpointError(f"checkpoint holds {kind}s {sorted(saved)} but the adapter has "
-                              f"{sorted(live)}")
-
-
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
-def _check_meta(meta: dict) -> None:
-    try:
-        json.dumps(meta, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"adapter metadata is not JSON-serialisable: {e}") from None
-
-
 @dataclass
 class TrainerAdapter:
-    """A faultlab TorchTrainer (workloads/torch_trainer.py) behind the adapter interface:
+    """A faultlab TorchTrainer (backends/torch/trainer.py) behind the adapter interface:
     model and optimizer of the trainer plus the global generators; data position = step."""
 
     trainer: Any

@@ -12,7 +12,6 @@ is computed.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -21,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from faultlab.backends.base import EvalMetrics, StepMetrics
+from faultlab.backends.base import EvalMetrics, StepMetrics, TrainerBase
 from faultlab.errors import SpecError
 from faultlab.faults import FaultSpec, Site
 from faultlab.backends.torch.injector import TorchInjector, act_perm, canonical_shape, dtype_name, weight_perm
@@ -97,7 +96,7 @@ def _view(v) -> torch.Tensor:
     return torch.from_numpy(a if a.flags.writeable else a.copy())
 
 
-class TorchTrainer:
+class TorchTrainer(TrainerBase):
     """A training session of one workload configuration (see the module docstring)."""
 
     def __init__(self, config: WorkloadConfig):

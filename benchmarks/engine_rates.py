@@ -1,6 +1,7 @@
+#!/usr/bin/env python
 """Measurements behind the engine's defaults: checksum speed and persist throughput vs dd.
 
-    python -m faultlab.checkpointing.bench [DIR] [--mib 512] [--reps 3]
+    python benchmarks/engine_rates.py [DIR] [--mib 512] [--reps 3] [--busy]
 
 Each repetition first flushes the page cache's dirty data (os.sync) so that runs do not pay
 for each other's write-back, then times `dd ... conv=fdatasync` and the engine on the same
@@ -18,12 +19,15 @@ import subprocess
 import threading
 import time
 import zlib
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from faultlab.checkpointing.engine import CheckpointEngine
-from faultlab.checkpointing.format import digest
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from faultlab.checkpointing.engine import CheckpointEngine  # noqa: E402
+from faultlab.checkpointing.format import digest  # noqa: E402
 
 MiB = 1 << 20
 
