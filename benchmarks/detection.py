@@ -24,7 +24,8 @@ from faultlab.detectors import default_suite  # noqa: E402
 from faultlab.detectors.signals import Signals  # noqa: E402
 from faultlab.backends import load_backend  # noqa: E402
 from faultlab.replay.overhead import (REFERENCE, detection_overhead, false_positives,  # noqa: E402
-                               format_recovery, replay_overhead)
+                                      replay_overhead)
+from faultlab.report import format_recovery  # noqa: E402
 from faultlab.runner import Session  # noqa: E402
 from faultlab.workloads.base import default_config  # noqa: E402
 

@@ -9,24 +9,17 @@ are re-exported here; importing ``faultlab`` imports neither a framework nor Num
 
 from __future__ import annotations
 
-import importlib
+from faultlab.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-_NAMES = {n: "faultlab.faults" for n in (
+_EXPORTS = {n: "faultlab.faults" for n in (
     "FaultSpec", "ValueSpec", "PositionSpec", "Duration", "Site", "ValueModel", "BitLayout",
     "PositionMode", "DurationKind", "Framework")}
-_NAMES.update({"FaultlabError": "faultlab.errors", "SpecError": "faultlab.errors",
-               "CheckpointError": "faultlab.errors", "load_campaign": "faultlab.campaigns",
-               "WorkloadConfig": "faultlab.workloads.base",
-               "default_config": "faultlab.workloads.base"})
+_EXPORTS.update({"FaultlabError": "faultlab.errors", "SpecError": "faultlab.errors",
+                 "CheckpointError": "faultlab.errors", "load_campaign": "faultlab.campaigns",
+                 "WorkloadConfig": "faultlab.workloads.base",
+                 "default_config": "faultlab.workloads.base"})
 
-__all__ = ["__version__", *sorted(_NAMES)]
-
-
-def __getattr__(name: str):
-    if name not in _NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_NAMES[name]), name)
-    globals()[name] = value
-    return value
+__all__ = ["__version__", *sorted(_EXPORTS)]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

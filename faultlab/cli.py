@@ -259,10 +259,6 @@ def _say(msg: str, quiet: bool = False) -> None:
 
 # --- commands ------------------------------------------------------------------------------------
 
-def _default_threads(workers: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
-
-
 def cmd_validate(a) -> int:
     """`faultlab validate`: parse a campaign and check its trials against their workloads."""
     from faultlab.campaigns import load_campaign
@@ -292,12 +288,6 @@ def cmd_workloads(a) -> int:
     return 0
 
 
-def _results_path(a, campaign_path: str) -> Path:
-    if a.results:
-        return Path(a.results)
-    return Path("faultlab-results") / (Path(campaign_path).stem + ".sqlite")
-
-
 def _stop_after() -> int | None:
     """FAULTLAB_STOP_AFTER=N: a test hook that simulates Ctrl-C once N results of this run are
     stored (tests/test_cli.py uses it to check that an interrupted campaign resumes and loses
@@ -311,57 +301,31 @@ def _stop_after() -> int | None:
 
 
 def _run_campaign(a, detect=None):
-    """Parse, validate, run what is not done yet, store as each trial ends; the results."""
+    """Run the campaign of `a` (faultlab run / detect --campaign) with a progress bar."""
     from faultlab.campaigns import load_campaign
     from faultlab.outcomes import OutcomeRules
-    from faultlab.results import ResultStore
-    from faultlab.runner.pool import LocalPool
-    from faultlab.runner.session import validate_trials
+    from faultlab.runner.campaign import default_results_path, run_campaign
 
-    if a.workers < 1:
-        raise FaultlabError("--workers must be at least 1")
     rules = OutcomeRules.from_pairs(getattr(a, "rule", []))
     stop_after = _stop_after()
     camp = load_campaign(a.campaign, a.framework)
-    validate_trials(camp.trials)
-    threads = getattr(a, "threads", 0) or _default_threads(a.workers)
-    # a protected run is a different experiment: its results are kept under their own id
-    campaign_id = camp.digest + ("+detect" if detect is not None else "")
-    store = ResultStore(_results_path(a, camp.path))
-    with store:
-        if getattr(a, "fresh", False):
-            store.clear(campaign_id)
-        done = store.done(campaign_id)
-        todo = [t for t in camp.trials if t.trial_id not in done]
-        quiet = a.json
-        if done:
-            _say(f"resuming: {len(done)} of {len(camp.trials)} trial(s) already done "
-                 f"in {store.path}", quiet)
-        if todo:
-            with LocalPool(min(a.workers, len(todo)), threads, rules,
-                           getattr(a, "timeout", 3600.0), detect) as pool:
-                configs = {t.workload.key(): t.workload for t in todo}
-                _say(f"golden run: {len(configs)} configuration(s) "
-                     f"({', '.join(sorted({c.workload for c in configs.values()}))}), "
-                     f"cached after the first time", quiet)
-                pool.golden(configs.values())
-                bar = Progress(len(todo), "trials", enabled=not quiet)
-                bar.update(note="running")
+    bar = None
 
-                stored = 0
+    def on_start(n):
+        nonlocal bar
+        bar = Progress(n, "trials", enabled=not a.json)
+        bar.update(note="running")
 
-                def on_result(res):
-                    nonlocal stored
-                    store.add(res)
-                    bar.update(res.outcome if detect is None else
-                               f"{res.outcome}->{res.outcome_after}")
-                    stored += 1
-                    if stop_after is not None and stored >= stop_after:
-                        # test hook (FAULTLAB_STOP_AFTER): simulate Ctrl-C after N stored results
-                        raise KeyboardInterrupt
-                pool.trials(todo, campaign_id, on_result)
-        results = store.results(campaign_id)
-    return camp, campaign_id, store.path, results
+    def on_result(res):
+        bar.update(res.outcome if detect is None else f"{res.outcome}->{res.outcome_after}")
+        if stop_after is not None and bar.done >= stop_after:
+            raise KeyboardInterrupt   # test hook (FAULTLAB_STOP_AFTER): Ctrl-C after N results
+    run = run_campaign(camp, a.results or default_results_path(camp.path), workers=a.workers,
+                       threads=getattr(a, "threads", 0), rules=rules,
+                       timeout=getattr(a, "timeout", 3600.0), detect=detect,
+                       fresh=getattr(a, "fresh", False), say=lambda m: _say(m, a.json),
+                       on_start=on_start, on_result=on_result)
+    return run.campaign, run.campaign_id, run.results_path, run.results
 
 
 def cmd_run(a) -> int:
@@ -421,17 +385,11 @@ def cmd_detect(a) -> int:
         detect = _detect_options(a)
         camp, cid, db, results = _run_campaign(a, detect)
         from faultlab.results.coverage import coverage
-        from faultlab.runner.golden import golden_dir, load as load_golden
+        from faultlab.runner.campaign import default_threads
+        from faultlab.runner.golden import cached_signals
         cov = coverage(results)
-        fps = None
-        threads = _default_threads(a.workers)
-        sigs = []
-        for cfg in {t.workload.key(): t.workload for t in camp.trials}.values():
-            g = load_golden(cfg, golden_dir(cfg, threads))
-            if g is not None:
-                sigs += g.signals
-        if sigs:
-            fps = false_positives(sigs, list(detect.detectors))
+        sigs = cached_signals((t.workload for t in camp.trials), default_threads(a.workers))
+        fps = false_positives(sigs, list(detect.detectors)) if sigs else None
         if a.json:
             print(json.dumps({"campaign": camp.path, "results_db": str(db), "coverage": cov,
                               "golden_false_positives": fps}, default=str))

@@ -1,21 +1,19 @@
 """faultlab.keras: faults in your own Keras model and custom training loop (public API).
 
 The implementation lives in the TensorFlow backend (``faultlab/backends/tf/keras_api.py``,
-whose docstring shows a whole loop); this is its stable public path. Importing it does not
-start TensorFlow: ``Injector`` is imported on first use.
+whose docstring shows a whole loop); this is its stable public path. Names are imported on
+first use, and TensorFlow only with ``Injector`` and ``TFWorkload`` (what a ``module:function``
+TF user workload returns).
 """
 
-from faultlab.backends.tf import keras_api as _impl
-from faultlab.backends.tf.keras_api import (configure_cpu_devices, cpu_devices, fault,
-                                            faults_from_campaign, layer_names, operand_table)
+from __future__ import annotations
 
-__all__ = ["Injector", "TFWorkload", "fault", "faults_from_campaign", "configure_cpu_devices", "cpu_devices",
-           "operand_table", "layer_names"]
+from faultlab.lazy import lazy_exports
 
+_EXPORTS = {n: "faultlab.backends.tf.keras_api" for n in (
+    "Injector", "fault", "faults_from_campaign", "configure_cpu_devices", "cpu_devices",
+    "operand_table", "layer_names")}
+_EXPORTS["TFWorkload"] = "faultlab.backends.tf.trainer"
 
-def __getattr__(name):
-    # imported when first asked for: these import TensorFlow
-    if name == "TFWorkload":     # what a `module:function` TF user workload returns
-        from faultlab.backends.tf.trainer import TFWorkload
-        return TFWorkload
-    return getattr(_impl, name)   # Injector
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -10,25 +10,14 @@ Names are imported on first use, so ``import faultlab.torch`` does not import to
 
 from __future__ import annotations
 
-import importlib
+from faultlab.lazy import lazy_exports
 
-_NAMES = {
+_EXPORTS = {
     "TorchWorkload": "faultlab.backends.torch.trainer",
     "TorchTrainer": "faultlab.backends.torch.trainer",
     "TorchInjector": "faultlab.backends.torch.injector",
     "TorchCheckpointAdapter": "faultlab.backends.torch.adapter",
 }
 
-__all__ = sorted(_NAMES)
-
-
-def __getattr__(name: str):
-    if name not in _NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_NAMES[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_NAMES))
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

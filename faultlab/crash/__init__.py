@@ -9,7 +9,7 @@ recovery), ``zygote`` (the forking process and the training child), ``kill`` (ki
 
 from __future__ import annotations
 
-import importlib
+from faultlab.lazy import lazy_exports
 
 _EXPORTS = {
     "points": ("KillPoint", "MAX_OCCURRENCE", "Phase", "random_kill_points"),
@@ -23,19 +23,7 @@ _EXPORTS = {
     "policy": ("CampaignSetup", "campaign_setup"),
     "report": ("format_reports",),
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)
+__getattr__, __dir__ = lazy_exports(__name__, {name: f"{__name__}.{module}"
+                                               for module, names in _EXPORTS.items()
+                                               for name in names})

@@ -19,7 +19,6 @@ from pathlib import Path
 from faultlab.backends import load_backend
 from faultlab.detectors import DetectorSuite, Verdict, default_suite
 from faultlab.detectors.signals import Signals, SignalSpec
-from faultlab.report import format_recovery  # noqa: F401 - moved to report.py; re-exported
 from faultlab.workloads.base import WorkloadConfig, default_config
 
 #: the reference training workload: the CPU-sized ResNet-18 the campaigns use

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,3 +169,14 @@ def load(config: WorkloadConfig, directory: Path) -> GoldenRun | None:
     return GoldenRun(config, d["loss"], d["acc"],
                      {int(k): tuple(v) for k, v in d["evals"].items()}, d["checkpoints"],
                      directory, d.get("wall_s", 0.0), d.get("signals", []))
+
+
+def cached_signals(configs: Iterable[WorkloadConfig], threads: int) -> list[dict]:
+    """The per-step detector signals of the cached golden runs of `configs` (those recorded
+    with `threads` threads); configurations without a cached run contribute nothing."""
+    signals: list[dict] = []
+    for cfg in {c.key(): c for c in configs}.values():
+        run = load(cfg, golden_dir(cfg, threads))
+        if run is not None:
+            signals += run.signals
+    return signals

@@ -17,7 +17,7 @@ examples/test_my_training_crash.py; the guide: docs/checkpointing.md.
 
 from __future__ import annotations
 
-import importlib
+from faultlab.lazy import lazy_exports
 
 #: name -> (module, attribute)
 _EXPORTS = {
@@ -28,7 +28,7 @@ _EXPORTS = {
     "TrainingLoop": ("faultlab.crash.loops", "TrainingLoop"),
     "CrashVerdict": ("faultlab.crash.verdicts", "CrashVerdict"),
     "Verdict": ("faultlab.crash.verdicts", "CrashVerdict"),     # the name users know
-    "Resume": ("faultlab.backends.torch.adapter", "Resume"),
+    "Resume": ("faultlab.checkpointing.adapter", "Resume"),
     "TorchCheckpointAdapter": ("faultlab.backends.torch.adapter", "TorchCheckpointAdapter"),
     # the plugin, so that pytest (which registers it from the entry point) imports it first
     # and can rewrite it; the strategies, so that an environment without hypothesis can
@@ -39,18 +39,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    try:
-        module, attr = _EXPORTS[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    mod = importlib.import_module(module)
-    value = mod if attr is None else getattr(mod, attr)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

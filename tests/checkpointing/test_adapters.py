@@ -22,8 +22,8 @@ from hypothesis.extra import numpy as hnp
 
 from faultlab.checkpointing import CheckpointEngine, recover
 from faultlab.backends import load_backend
-from faultlab.backends.torch.adapter import (Resume, TorchCheckpointAdapter, TrainerAdapter,
-                                             array_to_tensor, tensor_to_array)
+from faultlab.backends.torch.adapter import Resume, TorchCheckpointAdapter, TrainerAdapter
+from faultlab.backends.torch.staging import array_to_tensor, tensor_to_array
 from faultlab.checkpointing.codec import Encoder, decode
 from faultlab.errors import CheckpointError, FaultlabError
 

@@ -1,0 +1,81 @@
+"""Running a whole campaign: validate its trials, skip those the results store already holds,
+record the golden runs, run the rest in a worker pool and store each result as it ends."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from faultlab.campaigns import Campaign
+from faultlab.errors import FaultlabError
+from faultlab.outcomes import OutcomeRules
+from faultlab.results import ResultStore, TrialResult
+from faultlab.runner.pool import LocalPool
+from faultlab.runner.session import DetectOptions, validate_trials
+
+
+def default_threads(workers: int) -> int:
+    """Intra-op threads per worker: the machine's cores shared among the workers."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def default_results_path(campaign_path: str | os.PathLike) -> Path:
+    return Path("faultlab-results") / (Path(campaign_path).stem + ".sqlite")
+
+
+def campaign_id(campaign: Campaign, detect: DetectOptions | None) -> str:
+    """The id a campaign's results are stored under: a protected run is a different
+    experiment, so its results are kept under their own id."""
+    return campaign.digest + ("+detect" if detect is not None else "")
+
+
+@dataclass
+class CampaignRun:
+    campaign: Campaign
+    campaign_id: str
+    results_path: Path
+    results: list[TrialResult]
+
+
+def run_campaign(campaign: Campaign, results_path: str | os.PathLike, *, workers: int = 1,
+                 threads: int = 0, rules: OutcomeRules | None = None, timeout: float = 3600.0,
+                 detect: DetectOptions | None = None, fresh: bool = False,
+                 say: Callable[[str], None] = lambda msg: None,
+                 on_start: Callable[[int], None] = lambda n: None,
+                 on_result: Callable[[TrialResult], None] = lambda r: None) -> CampaignRun:
+    """Run what is not done yet of `campaign` (all of it with `fresh`), storing each result in
+    `results_path` when its trial ends, so an interrupted run resumes losing nothing. `say`
+    gets progress lines, `on_start` the number of trials to run, `on_result` each result
+    after it is stored (an exception it raises stops the campaign)."""
+    if workers < 1:
+        raise FaultlabError("--workers must be at least 1")
+    validate_trials(campaign.trials)
+    threads = threads or default_threads(workers)
+    cid = campaign_id(campaign, detect)
+    store = ResultStore(results_path)
+    with store:
+        if fresh:
+            store.clear(cid)
+        done = store.done(cid)
+        todo = [t for t in campaign.trials if t.trial_id not in done]
+        if done:
+            say(f"resuming: {len(done)} of {len(campaign.trials)} trial(s) already done "
+                f"in {store.path}")
+        if todo:
+            with LocalPool(min(workers, len(todo)), threads, rules or OutcomeRules(), timeout,
+                           detect) as pool:
+                configs = {t.workload.key(): t.workload for t in todo}
+                say(f"golden run: {len(configs)} configuration(s) "
+                    f"({', '.join(sorted({c.workload for c in configs.values()}))}), "
+                    f"cached after the first time")
+                pool.golden(configs.values())
+                on_start(len(todo))
+
+                def stored(res: TrialResult) -> None:
+                    store.add(res)
+                    on_result(res)
+                pool.trials(todo, cid, stored)
+        results = store.results(cid)
+    return CampaignRun(campaign, cid, store.path, results)
