@@ -3,7 +3,7 @@ framework. Everything else imports with torch, TensorFlow and Keras absent, and 
 backend package is free: its modules import the framework when they are first used.
 
 Three checks: every module outside the backend folders imports in a process where the
-frameworks are blocked (``sys.modules[name] = None``, the trick tests/test_results.py uses for
+frameworks are blocked (``sys.modules[name] = None``, the trick tests/core/test_results.py uses for
 pandas); no file outside them has an import statement of a framework at any level (an
 ``ast`` walk, so function-local imports count too) or names TensorFlow's runtime module;
 importing a backend package leaves its framework unimported."""

@@ -46,7 +46,7 @@ def bits(t, dtype: str) -> np.ndarray:
 
 def kernel_outputs(x: np.ndarray, c, dtype: str) -> dict[str, np.ndarray]:
     """The bits the TF kernel gives for corruption `c` on `x` (it must leave its input
-    alone). The fixed-size (XLA) mode is cross-checked in tests/tf/test_tf_kernels.py."""
+    alone). The fixed-size (XLA) mode is cross-checked in tests/tf/test_kernels.py."""
     t = to_tf(x, dtype)
     out = bits(K.apply(t, K.prepare(c, dtype)), dtype)
     assert (bits(t, dtype) == _ubits(x)).all(), "apply modified its input"

@@ -44,9 +44,9 @@ def load_helper(path: Path, name: str):
 
 @pytest.fixture(scope="session")
 def bitcases():
-    """tests/_bitcases.py: the framework-free kernel inputs (dtypes, special values, tensors,
+    """tests/helpers/_bitcases.py: the framework-free kernel inputs (dtypes, special values, tensors,
     hypothesis settings)."""
-    return load_helper(HERE.parent / "_bitcases.py", "faultlab_tests_bitcases")
+    return load_helper(HERE.parent / "helpers" / "_bitcases.py", "faultlab_tests_bitcases")
 
 
 @pytest.fixture(scope="session", params=backends.names())

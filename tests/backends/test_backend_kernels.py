@@ -5,7 +5,7 @@ Each property runs once per installed backend, with that backend's number of hyp
 examples (``EXAMPLES`` in its adapter): the properties are built inside the test, from the
 ``backend`` and ``bitcases`` fixtures. Framework-only kernel tests (torch autograd, TF's
 fixed-size mode, layout cross-checks against a framework's own casts) stay in
-tests/test_kernels.py and tests/tf/test_tf_kernels.py."""
+tests/torch/test_kernels.py and tests/tf/test_kernels.py."""
 
 from __future__ import annotations
 

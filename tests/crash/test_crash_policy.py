@@ -22,6 +22,7 @@ from faultlab.errors import FaultlabError
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.framework("torch")
 def test_the_default_campaign_is_the_engine_on_the_first_framework_s_first_loop():
     setup = campaign_setup()
     assert setup.engines == ("faultlab",) and setup.framework is None
@@ -56,6 +57,7 @@ def test_array_baselines_take_any_loop_and_mixed_engines_the_default_one():
     (["nope"], None, "unknown engine 'nope'"),
     (["faultlab"], "nomodule", "not module:function"),
 ])
+@pytest.mark.framework("torch")
 def test_bad_combinations_are_one_line_errors(engines, workload, message):
     with pytest.raises(FaultlabError, match=message) as e:
         campaign_setup(engines, workload)
@@ -96,6 +98,7 @@ def test_a_tf_loop_s_zygote_imports_no_framework():
     assert got == {"torch": False, "tensorflow": False, "torch.distributed.checkpoint": False}
 
 
+@pytest.mark.framework("torch")
 def test_a_torch_loop_s_zygote_preloads_torch_and_dcp_only_for_dcp_async():
     got = _zygote_modules("faultlab.backends.torch.loops:mlp_loop", "faultlab,sync")
     assert got["torch"] and not got["tensorflow"] and not got["torch.distributed.checkpoint"]

@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -38,6 +40,7 @@ def test_the_testing_package_re_exports_lazily():
     assert loaded["faultlab.crash"] and not loaded["torch"] and not loaded["tensorflow"]
 
 
+@pytest.mark.framework("torch")
 def test_every_public_name_of_faultlab_testing_resolves():
     import faultlab.testing as ft
     for name in ft.__all__:

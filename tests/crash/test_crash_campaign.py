@@ -24,6 +24,9 @@ from faultlab.errors import CheckpointError
 from faultlab.testing import strategies as fst
 from faultlab.testing.plugin import crash_lab  # noqa: F401  (the plugin's fixture)
 
+#: every campaign here trains one of the torch backend's crash loops
+pytestmark = pytest.mark.framework("torch")
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

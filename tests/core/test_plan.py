@@ -32,6 +32,7 @@ def test_bad_margin_is_a_spec_error():
         sample_size(100, margin=0)
 
 
+@pytest.mark.framework("torch")
 def test_plan_is_seeded_valid_and_round_trips_through_the_columnar_format():
     a = plan(CFG, 25, seed=3, horizon=5)
     assert [t.faults for t in a] == [t.faults for t in plan(CFG, 25, seed=3, horizon=5)]

@@ -1,5 +1,5 @@
 """TensorFlow helpers of the TF kernel tests: NumPy <-> TF bit patterns (the framework-free
-inputs are in tests/_bitcases.py)."""
+inputs are in tests/helpers/_bitcases.py)."""
 
 from __future__ import annotations
 

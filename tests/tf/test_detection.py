@@ -22,7 +22,7 @@ from faultlab.trials import Trial
 from faultlab.workloads.base import default_config
 from faultlab.backends.tf import BACKEND
 
-from test_tf_cli import HEADER, REPO, TINY, _env, _finish, _start
+from _clihelpers import HEADER, REPO, TINY, env_for as _env, finish as _finish, start as _start
 
 MLP = default_config("mlp", replicas=3, per_replica_batch=8, width=16, input_size=8,
                      dataset="digits", steps_per_epoch=5, epochs=3, seed=1, lr=1e-2,

@@ -1,6 +1,6 @@
 """Framework-free inputs shared by the kernel tests (the conformance suite,
 tests/backends/test_backend_kernels.py, which loads this file through its `bitcases` fixture;
-torch only: tests/test_kernels.py; TensorFlow only: tests/tf/test_tf_kernels.py): dtypes,
+torch only: tests/torch/test_kernels.py; TensorFlow only: tests/tf/test_kernels.py): dtypes,
 tensors full of special values, hypothesis settings."""
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ from faultlab.runner import Session
 from faultlab.trials import Trial
 from faultlab.workloads.base import default_config
 
+#: tests/helpers: the `_trial_workloads` user workloads (importable in worker processes too)
+HELPERS = __import__("pathlib").Path(__file__).resolve().parents[1] / "helpers"
+
 CFG = default_config("mlp", replicas=2, per_replica_batch=16, width=32, input_size=8,
                      dataset="digits", steps_per_epoch=10, epochs=6, seed=0, lr=1e-2)
 PERM = Duration("permanent")
@@ -33,18 +36,21 @@ def outcome(session, *faults):
     return session.run_trial(Trial("t", CFG, tuple(faults)))
 
 
+@pytest.mark.framework("torch")
 def test_fault_free_trial_is_bit_exact_masked(session):
     r = outcome(session)
     assert r.outcome == "Masked" and r.bit_exact
     assert r.metrics["loss"] == r.metrics["golden_loss"]
 
 
+@pytest.mark.framework("torch")
 def test_nan_in_a_forward_output_is_immediate(session):
     r = outcome(session, F(Site.FWD_OUTPUT, "dense_2", ValueSpec("nan"),
                            PositionSpec("explicit", indices=((3, 5),)), 25, replica=1))
     assert r.outcome == "ImmediateINFsNaNs" and r.first_nonfinite_step == 25
 
 
+@pytest.mark.framework("torch")
 def test_weights_amplified_each_step_overflow_within_a_few_steps_short_term(session):
     r = outcome(session, F(Site.PARAM, "dense_1", ValueSpec("scale", factor=1e4),
                            PositionSpec("random", count=64), 25, PERM))
@@ -52,18 +58,21 @@ def test_weights_amplified_each_step_overflow_within_a_few_steps_short_term(sess
     assert 1 < r.first_nonfinite_step - 25 <= 20
 
 
+@pytest.mark.framework("torch")
 def test_slowly_amplified_weights_overflow_late_latent(session):
     r = outcome(session, F(Site.PARAM, "dense_1", ValueSpec("scale", factor=8.0),
                            PositionSpec("random", count=64), 10, PERM))
     assert r.outcome == "LatentINFsNaNs" and r.first_nonfinite_step - 10 > 20
 
 
+@pytest.mark.framework("torch")
 def test_dead_output_layer_is_a_sharp_degrade(session):
     r = outcome(session, F(Site.PARAM, "dense_3", ValueSpec("zero"),
                            PositionSpec("random", count=320), 25, PERM))
     assert r.outcome == "SharpDegrade"
 
 
+@pytest.mark.framework("torch")
 def test_sharp_drop_then_further_loss_is_sharp_slow_degrade(session):
     # the same units dead in every replica's copy of the weights (each replica holds its own)
     r = outcome(session, *[F(Site.PARAM, "dense_3", ValueSpec("zero"), PositionSpec("random", count=n),
@@ -72,12 +81,14 @@ def test_sharp_drop_then_further_loss_is_sharp_slow_degrade(session):
     assert r.outcome == "SharpSlowDegrade"
 
 
+@pytest.mark.framework("torch")
 def test_slowly_degrading_unit_is_a_slow_degrade(session):
     r = outcome(session, F(Site.FWD_OUTPUT, "dense_2", ValueSpec("degrade", ramp=0.5),
                            PositionSpec("random", count=200), 20, PERM, replica=1))
     assert r.outcome == "SlowDegrade"
 
 
+@pytest.mark.framework("torch")
 def test_late_weight_loss_shows_only_in_test_accuracy(session):
     r = outcome(session, F(Site.PARAM, "dense_2", ValueSpec("zero"),
                            PositionSpec("random", count=500), 59))
@@ -85,6 +96,7 @@ def test_late_weight_loss_shows_only_in_test_accuracy(session):
     assert r.golden_test_acc - r.final_test_acc > 0.02
 
 
+@pytest.mark.framework("torch")
 def test_low_mantissa_bitflip_is_masked(session):
     r = outcome(session, F(Site.PARAM, "dense_2", ValueSpec("bitflip", bit=3),
                            PositionSpec("explicit", indices=((1, 1),)), 30))
@@ -95,13 +107,14 @@ def test_low_mantissa_bitflip_is_masked(session):
 def pool(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("FAULTLAB_CACHE", str(tmp_path_factory.mktemp("cache_pool")))
-    mp.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
-    mp.setenv("PYTHONPATH", str(__import__("pathlib").Path(__file__).parent))
+    mp.syspath_prepend(str(HELPERS))
+    mp.setenv("PYTHONPATH", str(HELPERS))
     with LocalPool(workers=1, threads=1, timeout=60) as p:
         yield p
     mp.undo()
 
 
+@pytest.mark.framework("torch")
 def test_a_fault_that_kills_the_process_is_a_crash_and_the_campaign_goes_on(pool):
     cfg = default_config("_trial_workloads:tripwire", replicas=2, per_replica_batch=8, width=16,
                          input_size=8, dataset="digits", steps_per_epoch=5, epochs=2, lr=1e-2)
@@ -115,9 +128,10 @@ def test_a_fault_that_kills_the_process_is_a_crash_and_the_campaign_goes_on(pool
     assert by["ok"].outcome == "Masked" and by["ok"].bit_exact
 
 
+@pytest.mark.framework("torch")
 def test_a_fault_that_blocks_forever_is_a_hang(tmp_path, monkeypatch):
     monkeypatch.setenv("FAULTLAB_CACHE", str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", str(__import__("pathlib").Path(__file__).parent))
+    monkeypatch.setenv("PYTHONPATH", str(HELPERS))
     cfg = default_config("_trial_workloads:tripwire", replicas=2, per_replica_batch=8, width=16,
                          input_size=8, dataset="digits", steps_per_epoch=5, epochs=2, lr=1e-2)
     block = F(Site.FWD_INPUT, "trip", ValueSpec("set", values=(-12345.0,)),

@@ -13,12 +13,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-TIMEOUT = 600
+from _clihelpers import HEADER, REPO, TINY, env_for as _env, finish as _finish, start as _start
 
-HEADER = ("trial,framework,workload,replicas,per_replica_batch,width,input_size,dataset,"
-          "steps_per_epoch,epochs,site,layer,tensor,replica,epoch,step,value,values,positions")
-TINY = "mlp,2,8,16,8,digits,5,4"
 # the pool hands trials out in file order, the first to the worker that recorded the golden
 # run: the control trial, second, runs in a fresh worker process
 CAMPAIGN = f"""{HEADER}
@@ -28,23 +24,6 @@ param,tf,{TINY},param,dense_2,bias,1,2,0,set,100.0,3
 bwd,tf,{TINY},bwd_input,dense_2,,1,1,3,set,1e30,1/2
 """
 EXPECTED = {"control": "Masked", "nan": "ImmediateINFsNaNs"}
-
-
-def _env(cache: Path) -> dict:
-    env = dict(os.environ, FAULTLAB_CACHE=str(cache))
-    env.pop("FAULTLAB_STOP_AFTER", None)
-    return env
-
-
-def _start(args, cwd, env, script=None):
-    cmd = [sys.executable, script] if script else [sys.executable, "-m", "faultlab.cli"]
-    return subprocess.Popen(cmd + [str(a) for a in args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def _finish(p):
-    out, err = p.communicate(timeout=TIMEOUT)
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
 def test_run_on_tensorflow_with_two_workers_and_the_keras_example(tmp_path, faultlab_cache):

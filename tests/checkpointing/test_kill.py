@@ -19,7 +19,7 @@ from faultlab.checkpointing import CheckpointEngine, recover
 from faultlab.errors import CheckpointError
 
 HERE = Path(__file__).parent
-ROOT = HERE.parents[1]
+ROOT = HERE.parents[1]   # the repository
 
 
 def child_env() -> dict:
@@ -30,7 +30,7 @@ def child_env() -> dict:
 
 def kill_after(path: Path, k: int) -> tuple[int, list[tuple[int, int]]]:
     """Run a child, SIGKILL it after its k-th commit message; return (resumed-from, commits)."""
-    child = subprocess.Popen([sys.executable, str(HERE / "ckpt_kill_child.py"), str(path)],
+    child = subprocess.Popen([sys.executable, str(HERE.parent / "helpers" / "ckpt_kill_child.py"), str(path)],
                              stdout=subprocess.PIPE, env=child_env())
     try:
         ready = child.stdout.readline().split()

@@ -15,11 +15,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from faultlab.checkpointing.api import (COMPARED, Checkpointer, checkpointer_names,
-                                        open_checkpointer, recover_checkpoint, target_path)
+from faultlab import backends
+from faultlab.checkpointing.api import (COMPARED, Checkpointer, checkpointer_framework,
+                                        checkpointer_names, open_checkpointer,
+                                        recover_checkpoint, target_path)
 from faultlab.errors import CheckpointError, FaultlabError
 
-ALL = list(COMPARED) + ["naive"]
+#: the compared checkpointers and the negative control whose framework is installed (the
+#: framework-free ones everywhere; the torch baselines where torch is)
+ALL = [n for n in list(COMPARED) + ["naive"]
+       if checkpointer_framework(n) is None or backends.installed(checkpointer_framework(n))]
+TORCH = pytest.mark.framework("torch")
 SMALL = {"faultlab": {"chunk_bytes": 4096, "pool_bytes": 16384},
          "faultlab+cow": {"chunk_bytes": 4096, "pool_bytes": 16384}}
 
@@ -52,6 +58,7 @@ def test_saves_round_trip_and_the_newest_is_recovered(tmp_path, name):
     assert_same_state(state, state_for(3))
 
 
+@TORCH
 @pytest.mark.parametrize("name", ["sync", "checkfreq", "dcp-async"])
 def test_baselines_keep_the_newest_keep_checkpoints(tmp_path, name):
     ckpt = open_(name, tmp_path, keep=2)
@@ -63,7 +70,7 @@ def test_baselines_keep_the_newest_keep_checkpoints(tmp_path, name):
     assert len(kept) == 2 and kept[-1].startswith("step-000000000004")
 
 
-@pytest.mark.parametrize("name", COMPARED)
+@pytest.mark.parametrize("name", [n for n in COMPARED if n in ALL])
 def test_handles_report_durability_and_in_flight_drains(tmp_path, name):
     ckpt = open_(name, tmp_path)
     done = []
@@ -133,6 +140,7 @@ def corrupt(path, at: int = 200):
     path.write_bytes(bytes(data))
 
 
+@TORCH
 @pytest.mark.parametrize("name", ["sync", "checkfreq"])
 def test_a_damaged_newest_file_falls_back_to_the_one_before(tmp_path, name):
     ckpt = open_(name, tmp_path, keep=2)
@@ -151,6 +159,7 @@ def test_a_damaged_newest_file_falls_back_to_the_one_before(tmp_path, name):
     assert "\n" not in str(e.value) and "no valid checkpoint" in str(e.value)
 
 
+@TORCH
 def test_a_dcp_checkpoint_without_its_metadata_is_not_committed(tmp_path):
     ckpt = open_("dcp-async", tmp_path, keep=3)
     for step in (1, 2):
@@ -165,6 +174,7 @@ def test_a_dcp_checkpoint_without_its_metadata_is_not_committed(tmp_path):
     assert "\n" not in str(e.value)
 
 
+@TORCH
 @pytest.mark.parametrize("name", ["sync", "checkfreq"])
 def test_a_foreign_file_is_refused_not_loaded(tmp_path, name):
     import torch
@@ -176,6 +186,7 @@ def test_a_foreign_file_is_refused_not_loaded(tmp_path, name):
     assert "not a faultlab baseline checkpoint" in str(e.value) and "\n" not in str(e.value)
 
 
+@TORCH
 def test_a_pickle_in_a_torch_file_is_never_executed(tmp_path):
     import torch
     d = target_path("sync", tmp_path)
@@ -200,6 +211,7 @@ def test_nothing_to_recover_is_a_one_line_error_for_every_engine(tmp_path):
 
 # -- I/O errors -----------------------------------------------------------------------------
 
+@TORCH
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
 def test_a_sync_save_that_hits_an_io_error_fails_clearly_and_keeps_earlier_ones(
         tmp_path, monkeypatch, err):
@@ -222,6 +234,7 @@ def test_a_sync_save_that_hits_an_io_error_fails_clearly_and_keeps_earlier_ones(
     assert_same_state(state, state_for(1))
 
 
+@TORCH
 def test_a_checkfreq_persist_that_fails_stops_the_checkpointer(tmp_path, monkeypatch):
     ckpt = open_("checkfreq", tmp_path)
     ckpt.save(1, state_for(1)).wait()
@@ -241,6 +254,7 @@ def test_a_checkfreq_persist_that_fails_stops_the_checkpointer(tmp_path, monkeyp
 
 # -- the registry ------------------------------------------------------------------------------
 
+@TORCH
 def test_unknown_engines_are_one_line_errors_and_tensorflow_ones_are_registered(tmp_path):
     with pytest.raises(FaultlabError, match="unknown checkpoint engine 'nope'"):
         open_checkpointer("nope", tmp_path)

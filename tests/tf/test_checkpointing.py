@@ -400,10 +400,8 @@ def test_a_borrowed_save_keeps_its_step_while_training_updates_the_variables(mir
     """The TF adapter hands the engine its snapshots uncopied (a borrowed save); with the
     engine's writers held at a gate, two more training steps update every variable: the
     checkpoint still holds the step it was taken at, bit for bit."""
-    import sys
     import threading
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).parents[1] / "checkpointing"))
+
     from ckpt_helpers import HookedDisk, assert_same_state
     gate = threading.Event()
 

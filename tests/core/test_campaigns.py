@@ -26,7 +26,7 @@ def write(tmp_path: Path, text: str | bytes, name: str = "c.csv") -> Path:
     return p
 
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REF_DIRS = [Path("/work/shared/reference/isca_ae/injections"),
             ROOT / "shared" / "reference" / "isca_ae" / "injections"]
 # byte-exact copies of the artifact's files, used where the reference folder is not present
