@@ -2,8 +2,8 @@
 
 The implementation lives in the TensorFlow backend (``faultlab/backends/tf/keras_api.py``,
 whose docstring shows a whole loop); this is its stable public path. Names are imported on
-first use, and TensorFlow only with ``Injector`` and ``TFWorkload`` (what a ``module:function``
-TF user workload returns).
+first use, and TensorFlow only with ``Injector``, ``TFWorkload`` (what a ``module:function``
+TF user workload returns) and ``TFCheckpointAdapter`` (Keras state <-> the checkpoint engine).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ _EXPORTS = {n: "faultlab.backends.tf.keras_api" for n in (
     "Injector", "fault", "faults_from_campaign", "configure_cpu_devices", "cpu_devices",
     "operand_table", "layer_names")}
 _EXPORTS["TFWorkload"] = "faultlab.backends.tf.trainer"
+_EXPORTS["TFCheckpointAdapter"] = "faultlab.backends.tf.adapter"
 
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

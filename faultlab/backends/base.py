@@ -125,6 +125,10 @@ class Backend(abc.ABC):
         framework's loops with `engines` (fork-safe imports only). Default: none."""
         return []
 
+    def prepare_fork(self, threads: int) -> None:
+        """Called in a crash-test zygote after the preloads, before it forks: whatever the
+        framework needs so that forked children work (thread pools). Default: nothing."""
+
 
 def check_fault(table: OperandTable, fault: FaultSpec, config: WorkloadConfig) -> None:
     """Raise SpecError when a fault names a missing layer, an unsupported site or a position

@@ -3,8 +3,8 @@ run) and the training process itself. Entry point: ``python -m faultlab.crash.zy
 
 What the zygote imports before it forks is chosen by the loop's backend
 (``Backend.crash_preload(engines)``; a user's loop: the backends whose framework its module
-imported). A preloaded module that defines ``prepare_zygote(threads)`` has it called right
-after its import, before any training work (torch fixes its thread pools there).
+imported), and then ``Backend.prepare_fork(threads)`` runs before any fork (torch fixes its
+thread pools there).
 """
 
 from __future__ import annotations
@@ -151,26 +151,19 @@ def _record_reference(loop, spec: LoopSpec, out: Path, chan: _Channel) -> int:
 
 # -- the zygote --------------------------------------------------------------------------------
 
-class _Preloader:
-    """Imports modules once each, calling a module's prepare_zygote(threads) after import."""
-
-    def __init__(self, threads: int):
-        self.threads = threads
-        self.done: set[str] = set()
-
-    def __call__(self, modules: Sequence[str]) -> None:
-        for name in modules:
-            if name in self.done:
-                continue
-            self.done.add(name)
-            module = importlib.import_module(name)
-            prepare = getattr(module, "prepare_zygote", None)
-            if callable(prepare):
-                prepare(self.threads)
+def _preload(modules: Sequence[str], done: set[str]) -> None:
+    for name in modules:
+        if name not in done:
+            importlib.import_module(name)
+            done.add(name)
 
 
-def _backend_preload(framework: str, engines: Sequence[str]) -> list[str]:
-    return list(backend_module(framework).BACKEND.crash_preload(tuple(engines)))
+def _prepare_backend(framework: str, engines: Sequence[str], threads: int,
+                     done: set[str]) -> None:
+    """Preload what a framework's backend asks for, then let it prepare for fork()."""
+    backend = backend_module(framework).BACKEND
+    _preload(backend.crash_preload(tuple(engines)), done)
+    backend.prepare_fork(threads)
 
 
 def zygote_main(argv: list[str]) -> int:
@@ -178,11 +171,11 @@ def zygote_main(argv: list[str]) -> int:
     factory, fd, threads = argv[0], int(argv[1]), int(argv[2])
     preload = [m for m in (argv[3] if len(argv) > 3 else "").split(",") if m]
     engines = [e for e in (argv[4] if len(argv) > 4 else "").split(",") if e]
-    load = _Preloader(threads)
+    done: set[str] = set()
     framework = loop_framework(factory)
     if framework is not None:
-        load(_backend_preload(framework, engines))
-    load(preload)
+        _prepare_backend(framework, engines, threads, done)
+    _preload(preload, done)
     for name in engines:                     # framework-free checkpointers: imported once here
         if checkpointer_framework(name) is None:
             checkpointer_class(name)
@@ -190,7 +183,7 @@ def zygote_main(argv: list[str]) -> int:
     if framework is None:                    # a user's loop: the frameworks its module imported
         for fw in framework_names():
             if entry(fw).package in sys.modules:
-                load(_backend_preload(fw, engines))
+                _prepare_backend(fw, engines, threads, done)
     if getattr(make, "fork_safe", True):
         make()                               # warm caches (datasets, lazy imports)
     os.write(fd, f"0 ready {os.getpid()}\n".encode())

@@ -43,9 +43,17 @@ class TorchBackend(Backend):
         from faultlab.backends.torch.adapter import TorchCheckpointAdapter
         return TorchCheckpointAdapter
 
+    def prepare_fork(self, threads: int) -> None:
+        # forked children must not inherit a started OpenMP pool (it is not fork-safe)
+        import torch
+        torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:
+            pass            # a user's loop module did parallel torch work when imported
+
     def crash_preload(self, engines=()) -> list[str]:
-        # torch is fork-safe before its thread pools start: children of the zygote share it;
-        # the loops module fixes the thread pools (prepare_zygote) right after its import
+        # torch is fork-safe before its thread pools start: children of the zygote share it
         mods = ["torch", "faultlab.backends.torch.loops", "faultlab.backends.torch.trainer",
                 "faultlab.backends.torch.adapter"]
         if "dcp-async" in engines:

@@ -1,5 +1,4 @@
-"""Built-in crash-test training loops on torch (``faultlab crash --workload mlp / rng-mlp``),
-and the zygote setup a torch loop needs before its processes fork."""
+"""Built-in crash-test training loops on torch (``faultlab crash --workload mlp / rng-mlp``)."""
 
 from __future__ import annotations
 
@@ -12,16 +11,6 @@ from faultlab.backends.torch.adapter import TorchCheckpointAdapter
 from faultlab.backends.torch.trainer import TorchTrainer
 from faultlab.crash.loops import Sampler
 from faultlab.workloads.base import default_config
-
-
-def prepare_zygote(threads: int) -> None:
-    """Called by a crash zygote right after importing this module, before any torch work:
-    forked children must not inherit a thread pool (OpenMP is not fork-safe)."""
-    torch.set_num_threads(threads)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:
-        pass                # a user's loop module did parallel torch work when imported
 
 
 class TrainerLoop:
