@@ -8,45 +8,28 @@ skipped, with the pip command that installs it as the reason (shown by ``-ra``).
 
 What differs between frameworks (how to run a kernel on a NumPy array, how to build an
 instrumented two-replica network, a small training session for the adapter) lives in one
-small module per framework beside this file, ``_<name>_backend.py``, with the same names in
+small module per framework in tests/helpers, ``_<name>_backend.py``, with the same names in
 each; the ``backend`` fixture is that module. Adding a framework to the registry makes this
-suite ask for its module. The modules are loaded by path, so the suite works under every
-pytest import mode (``prepend`` and ``importlib``) without ``sys.path`` changes.
+suite ask for its module.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import importlib
 from pathlib import Path
 
 import pytest
 
 from faultlab import backends
 
-HERE = Path(__file__).resolve().parent
-
-
-def load_helper(path: Path, name: str):
-    """Import the test helper module at `path` as `name` (once per session)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module        # dataclasses and pickling look modules up by name
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
+HELPERS = Path(__file__).resolve().parents[1] / "helpers"
 
 
 @pytest.fixture(scope="session")
 def bitcases():
     """tests/helpers/_bitcases.py: the framework-free kernel inputs (dtypes, special values, tensors,
     hypothesis settings)."""
-    return load_helper(HERE.parent / "helpers" / "_bitcases.py", "faultlab_tests_bitcases")
+    return importlib.import_module("_bitcases")
 
 
 @pytest.fixture(scope="session", params=backends.names())
@@ -57,10 +40,9 @@ def backend(request):
     if not backends.installed(name):
         e = backends.entry(name)
         pytest.skip(f"{e.package} not installed: pip install '{e.extra}'")
-    path = HERE / f"_{name}_backend.py"
-    if not path.exists():
+    if not (HELPERS / f"_{name}_backend.py").exists():
         pytest.fail(f"framework {name!r} is registered but has no conformance adapter: "
-                    f"write {path.relative_to(HERE.parent.parent)} (see _torch_backend.py)")
-    module = load_helper(path, f"faultlab_tests_{name}_backend")
+                    f"write tests/helpers/_{name}_backend.py (see _torch_backend.py)")
+    module = importlib.import_module(f"_{name}_backend")
     assert module.BACKEND is backends.load_backend(name)
     return module

@@ -7,102 +7,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
-import keras
 
 from faultlab.errors import SpecError
-from faultlab.faults import Duration, FaultSpec, PositionSpec, Site, ValueSpec
-from faultlab.backends.tf.injector import TFInjector, dilate
-from faultlab.keras import cpu_devices
-from faultlab.backends.tf.models import OnePassBatchNorm
+from faultlab.faults import FaultSpec, PositionSpec, Site, ValueSpec
+from _injector_checks import assert_replica_untouched, fault, same
+from _tf_backend import InjectorHarness
 
-R, B = 2, 3
+from faultlab.backends.tf.injector import dilate
 
-
-def _model():
-    inp = keras.Input((8, 8, 2))
-    c1 = keras.layers.Conv2D(4, 3, 2, padding="same", use_bias=False, name="conv")(inp)
-    a1 = keras.layers.ReLU()(OnePassBatchNorm(name="bn")(c1))
-    c2 = keras.layers.Conv2D(4, 3, 1, padding="same", name="conv2")(a1)
-    logits = keras.layers.Dense(5, name="dense")(keras.layers.Flatten()(c2))
-    return keras.Model(inp, [c1, a1, c2, logits])
-
-
-class Harness:
-    """A 2-replica MirroredStrategy step that returns each replica's activations, gradients
-    (after weight-gradient faults) and input gradient."""
-
-    def __init__(self):
-        self.strategy = tf.distribute.MirroredStrategy(cpu_devices(R))
-        keras.utils.set_random_seed(3)
-        with self.strategy.scope():
-            self.model = _model()
-        self.inj = TFInjector(self.model, self.strategy, None,
-                              tf.TensorSpec((B, 8, 8, 2), tf.float32))
-        self.tvars = self.model.trainable_variables
-        rng = np.random.default_rng(0)
-        self.x = rng.normal(size=(R * B, 8, 8, 2)).astype(np.float32)
-        self.y = rng.integers(0, 5, size=R * B)
-        model, inj, tvars = self.model, self.inj, self.tvars
-
-        def replica_fn(x, y):
-            with inj.replica():
-                with tf.GradientTape() as tape:
-                    tape.watch(x)
-                    c1, a1, c2, logits = model(x, training=True)
-                    loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-                        labels=y, logits=logits))
-                grads = tape.gradient(loss, list(tvars) + [x])
-                gv = inj.corrupt_gradients(grads[:-1], tvars)
-            return c1, a1, c2, logits, gv, grads[-1]
-
-        @tf.function(autograph=False)
-        def step(x, y):
-            return self.strategy.run(replica_fn, args=(x, y))
-        self.step = step
-
-    def _dist(self, a):
-        return self.strategy.experimental_distribute_values_from_function(
-            lambda ctx: tf.constant(a[ctx.replica_id_in_sync_group * B:
-                                      (ctx.replica_id_in_sync_group + 1) * B]))
-
-    def run(self, faults=(), step=0):
-        self.inj.arm(faults, step)
-        out = self.step(self._dist(self.x), self._dist(self.y))
-        self.inj.disarm()
-        local = [self.strategy.experimental_local_results(o) for o in out[:4]]
-        grads = [self.strategy.experimental_local_results(g) for g in out[4]]
-        dx = self.strategy.experimental_local_results(out[5])
-        names = [v.path for v in self.tvars]
-        res = []
-        for r in range(R):
-            res.append({"c1": local[0][r].numpy(), "a1": local[1][r].numpy(),
-                        "c2": local[2][r].numpy(), "logits": local[3][r].numpy(),
-                        "g": {n: g[r].numpy() for n, g in zip(names, grads)},
-                        "dx": dx[r].numpy()})
-        return res
+R, B = InjectorHarness.R, InjectorHarness.B
 
 
 @pytest.fixture(scope="module")
 def h():
-    return Harness()
-
-
-def fault(site, layer, pos, value=1e3, replica=1, tensor=None, model="set", **kw):
-    vs = ValueSpec(model, values=(value,), **kw) if model == "set" else ValueSpec(model, **kw)
-    return FaultSpec(site=site, layer=layer, value=vs,
-                     positions=PositionSpec("explicit", indices=(pos,)), replica=replica,
-                     tensor=tensor, step=0)
-
-
-def same(a, b) -> bool:
-    return np.asarray(a).tobytes() == np.asarray(b).tobytes()
-
-
-def assert_replica_untouched(clean, hit, r):
-    for k in ("c1", "a1", "c2", "logits", "dx"):
-        assert same(clean[r][k], hit[r][k]), f"replica {r}: {k} changed"
-    for n in clean[r]["g"]:
-        assert same(clean[r]["g"][n], hit[r]["g"][n]), f"replica {r}: gradient {n} changed"
+    return InjectorHarness(batchnorm=True)   # with BatchNorm: its statistics are per replica
 
 
 def test_idle_points_change_nothing_and_runs_repeat_bit_for_bit(h):

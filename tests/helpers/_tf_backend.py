@@ -16,6 +16,7 @@ from faultlab.backends import load_backend
 from faultlab.backends.tf import kernels as K
 from faultlab.backends.tf.injector import TFInjector
 from faultlab.backends.tf.keras_api import cpu_devices
+from faultlab.backends.tf.models import OnePassBatchNorm
 
 NAME = "tf"
 BACKEND = load_backend(NAME)
@@ -61,11 +62,12 @@ native_scale = None
 
 # --- an instrumented two-replica network ------------------------------------------------------
 
-def _model():
-    """conv (3x3, stride 2, 'same', no bias) -> ReLU -> conv2 (3x3, 'same') -> dense."""
+def _model(batchnorm: bool = False):
+    """conv (3x3, stride 2, 'same', no bias) -> [BatchNorm] -> ReLU -> conv2 (3x3, 'same') ->
+    dense."""
     inp = keras.Input((8, 8, 2))
     c1 = keras.layers.Conv2D(4, 3, 2, padding="same", use_bias=False, name="conv")(inp)
-    a1 = keras.layers.ReLU()(c1)
+    a1 = keras.layers.ReLU()(OnePassBatchNorm(name="bn")(c1) if batchnorm else c1)
     c2 = keras.layers.Conv2D(4, 3, 1, padding="same", name="conv2")(a1)
     logits = keras.layers.Dense(5, name="dense")(keras.layers.Flatten()(c2))
     return keras.Model(inp, [c1, a1, c2, logits])
@@ -77,11 +79,11 @@ class InjectorHarness:
 
     R, B = 2, 3
 
-    def __init__(self):
+    def __init__(self, batchnorm: bool = False):
         self.strategy = tf.distribute.MirroredStrategy(cpu_devices(self.R))
         keras.utils.set_random_seed(3)
         with self.strategy.scope():
-            self.model = _model()
+            self.model = _model(batchnorm)
         self.inj = TFInjector(self.model, self.strategy, None,
                               tf.TensorSpec((self.B, 8, 8, 2), tf.float32))
         self.tvars = self.model.trainable_variables
