@@ -81,20 +81,22 @@ _layer_names = st.from_regex(r"\A[A-Za-z0-9_][A-Za-z0-9_.\[\]-]{0,15}\Z")
 
 
 @st.composite
-def _value_and_positions(draw) -> tuple[ValueSpec, PositionSpec]:
+def _value_and_positions(draw, max_index: int = 63, max_count: int = 8, max_groups: int = 4,
+                         set_values: st.SearchStrategy[float] = _finite
+                         ) -> tuple[ValueSpec, PositionSpec]:
     model = draw(st.sampled_from(list(ValueModel)))
     layout = draw(st.sampled_from(list(BitLayout)))
     width = LAYOUT_BITS.get(layout, 64)
     mode = draw(st.sampled_from(list(PositionMode)))
     if mode is PositionMode.EXPLICIT:
         rank = draw(st.integers(1, 4))
-        indices = tuple(draw(st.lists(st.tuples(*[st.integers(0, 63)] * rank), min_size=1,
-                                      max_size=4, unique=True)))
+        indices = tuple(draw(st.lists(st.tuples(*[st.integers(0, max_index)] * rank),
+                                      min_size=1, max_size=4, unique=True)))
         positions = PositionSpec(mode, indices=indices)
         hit = len(indices)
     else:
-        count = draw(st.integers(1, 8))
-        groups = draw(st.integers(1, 4)) if mode is PositionMode.GROUPS else 1
+        count = draw(st.integers(1, max_count))
+        groups = draw(st.integers(1, max_groups)) if mode is PositionMode.GROUPS else 1
         positions = PositionSpec(mode, count=count, groups=groups)
         hit = None if mode is PositionMode.GROUPS else count
     kw: dict = {"layout": layout}
@@ -110,7 +112,7 @@ def _value_and_positions(draw) -> tuple[ValueSpec, PositionSpec]:
         kw["ramp"] = draw(_finite.filter(lambda x: x != 0))
     if model is ValueModel.SET:            # one replacement, or one per element hit
         n = draw(st.sampled_from([1] if hit is None or hit == 1 else [1, hit]))
-        kw["values"] = tuple(draw(st.lists(_finite, min_size=n, max_size=n)))
+        kw["values"] = tuple(draw(st.lists(set_values, min_size=n, max_size=n)))
     return ValueSpec(model, **kw), positions
 
 
@@ -127,16 +129,20 @@ def durations() -> st.SearchStrategy[Duration]:
 @st.composite
 def fault_specs(draw, sites: Sequence[Site | str] | None = None,
                 layers: Sequence[str] | None = None, max_replica: int = 0,
-                max_step: int = 1000) -> FaultSpec:
+                max_step: int = 1000, *, max_index: int = 63, max_count: int = 8,
+                max_groups: int = 4,
+                set_values: st.SearchStrategy[float] = _finite) -> FaultSpec:
     """A valid FaultSpec: a site, a value model with its parameters, positions, a duration,
     a replica (0..max_replica), a first step (0..max_step) and a seed. Every spec drawn can be
     written to and read back from a columnar campaign file (a SET has one replacement or one
     per element hit). `layers`: names to draw from (default: arbitrary valid layer names);
-    whether a layer exists in a workload is the workload's check, not the spec's."""
+    whether a layer exists in a workload is the workload's check, not the spec's.
+    max_index / max_count / max_groups bound explicit indices, counts and groups of positions;
+    set_values draws SET replacements (default finite; a parser test may pass st.floats())."""
     site = draw(st.sampled_from([Site(s) for s in (sites or list(Site))]))
     layer = draw(st.sampled_from(list(layers)) if layers else _layer_names)
     tensor = draw(st.sampled_from(_TENSORS[site])) if site in _TENSORS else None
-    value, positions = draw(_value_and_positions())
+    value, positions = draw(_value_and_positions(max_index, max_count, max_groups, set_values))
     return FaultSpec(site, value, positions, layer=layer, tensor=tensor,
                      replica=draw(st.integers(0, max_replica)),
                      step=draw(st.integers(0, max_step)), duration=draw(durations()),

@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from faultlab.campaigns import (COLUMNS, ISCA_KEYS, Campaign, detect_format, format_columnar,
                                 load_campaign, parse_campaign, parse_columnar, parse_isca)
 from faultlab.errors import CampaignError
-from faultlab.faults import (BitLayout, Duration, DurationKind, FaultSpec, PositionMode,
-                             PositionSpec, Site, ValueModel, ValueSpec)
+from faultlab.faults import (BitLayout, Duration, DurationKind, PositionMode, PositionSpec, Site,
+                             ValueModel, ValueSpec)
+from faultlab.testing.strategies import fault_specs
 from faultlab.trials import Trial
 from faultlab.workloads.base import default_config
 
@@ -560,7 +561,7 @@ def test_the_valid_bases_of_the_mutations_parse():
     assert _outcome((COLUMNAR + "t,mlp,4,10,5,opt_state,fc1,2,1,1,zero,,1/2\n").encode())
 
 
-LAYERS = st.sampled_from(["fc1", "fc2", "conv1", "blocks.0.attn", "basicblock_2_basic_0_conv2"])
+LAYER_NAMES = ["fc1", "fc2", "conv1", "blocks.0.attn", "basicblock_2_basic_0_conv2"]
 
 
 @st.composite
@@ -576,50 +577,12 @@ def workloads(draw):
     return cfg.replace(**kw)
 
 
-@st.composite
-def faults(draw, cfg):
-    site = draw(st.sampled_from(list(Site)))
-    tensor = {Site.PARAM: ["weight", "bias", None], Site.OPT_STATE: ["m", "v", None],
-              Site.HOST_STATE: ["weight", "m", None]}.get(site, [None])
-    model = draw(st.sampled_from(list(ValueModel)))
-    layout = draw(st.sampled_from(list(BitLayout)))
-    width = {BitLayout.FP32: 32, BitLayout.FP16: 16, BitLayout.BF16: 16, BitLayout.FP64: 64,
-             BitLayout.INT8: 8}.get(layout, 64)
-    kw: dict = {"layout": layout}
-    if model in (ValueModel.BITFLIP, ValueModel.STUCK_AT) and draw(st.booleans()):
-        kw["bit"] = draw(st.integers(0, width - 1))
-    elif model is ValueModel.BITFLIP:
-        kw["bits"] = draw(st.integers(1, width))
-    if model is ValueModel.STUCK_AT:
-        kw["stuck"] = draw(st.integers(0, 1))
-    if model is ValueModel.SCALE:
-        kw["factor"] = draw(st.floats(allow_nan=False, allow_infinity=False))
-    if model is ValueModel.DEGRADE:
-        kw["ramp"] = draw(st.floats(allow_nan=False, allow_infinity=False).filter(bool))
-    mode = draw(st.sampled_from(list(PositionMode)))
-    count = draw(st.integers(1, 64))
-    if mode is PositionMode.EXPLICIT:
-        dims = draw(st.integers(1, 4))
-        idx = draw(st.lists(st.tuples(*[st.integers(0, 2**31 - 1)] * dims), min_size=1,
-                            max_size=4, unique=True))
-        pos = PositionSpec(mode, indices=tuple(idx))
-        n = len(idx)
-    else:
-        pos = PositionSpec(mode, count=count, groups=draw(st.integers(1, 9))
-                           if mode is PositionMode.GROUPS else 1)
-        n = 1 if mode is PositionMode.GROUPS else count
-    if model is ValueModel.SET:
-        k = draw(st.sampled_from([1, n]))
-        kw["values"] = tuple(draw(st.lists(st.floats(), min_size=k, max_size=k)))
-    kind = draw(st.sampled_from(list(DurationKind)))
-    dur = Duration(kind, steps=draw(st.integers(1, 99)) if kind is DurationKind.STEPS else 1,
-                   probability=draw(st.floats(0.001, 1.0))
-                   if kind is DurationKind.INTERMITTENT else 1.0)
-    return FaultSpec(site, ValueSpec(model, **kw), pos, layer=draw(LAYERS),
-                     tensor=draw(st.sampled_from(tensor)),
-                     replica=draw(st.integers(0, cfg.replicas - 1)),
-                     step=draw(st.integers(0, cfg.total_steps - 1)), duration=dur,
-                     seed=draw(st.integers(0, 2**63 - 1)))
+def faults(cfg):
+    """Any fault the columnar format can hold for `cfg`: faultlab.testing's strategy, widened
+    to indices a full-size operand may have and SET values that include NaN and +-Inf."""
+    return fault_specs(layers=LAYER_NAMES, max_replica=cfg.replicas - 1,
+                       max_step=cfg.total_steps - 1, max_index=2**31 - 1, max_count=64,
+                       max_groups=9, set_values=st.floats())
 
 
 @st.composite
