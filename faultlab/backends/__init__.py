@@ -65,10 +65,6 @@ def installed(framework: "Framework | str") -> bool:
         return False
 
 
-def installed_names() -> list[str]:
-    return [n for n in names() if installed(n)]
-
-
 def backend_module(framework: "Framework | str"):
     """The backend package of a framework: cheap to import (the framework itself is imported
     by the modules inside it, when a trainer, adapter or checkpointer is first used)."""

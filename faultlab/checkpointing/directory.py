@@ -11,6 +11,7 @@ carry the arrays in framework-native dtypes plus one JSON document (:func:`paylo
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import re
@@ -103,10 +104,11 @@ def recover_newest(directory: Path, load: Callable[[Path], Loaded],
                           f"failed, newest: {reasons[0]}")
 
 
-class DirectoryCheckpointer:
+class DirectoryCheckpointer(abc.ABC):
     """A checkpointer keeping its checkpoints in a directory of its own (``file_target`` is
-    None). Subclasses provide ``save()`` and, for the default ``recover()``, the classmethods
-    ``_entries(directory)`` ((step, path) newest first) and ``_load(path)`` (-> Loaded)."""
+    None). Subclasses provide ``save()`` and the classmethods ``_entries(directory)`` ((step,
+    path) newest first, committed or not) and ``_load(path)`` (-> Loaded) that ``recover()``
+    is built from."""
 
     name = "?"
     framework: str | None = None
@@ -158,12 +160,14 @@ class DirectoryCheckpointer:
                 raise
 
     @classmethod
+    @abc.abstractmethod
     def _entries(cls, directory: Path) -> list[tuple[int, Path]]:
-        raise NotImplementedError
+        """Every checkpoint in `directory`, (step, path), newest first."""
 
     @classmethod
+    @abc.abstractmethod
     def _load(cls, path: Path) -> Loaded:
-        raise NotImplementedError
+        """One checkpoint, verified (CheckpointError when damaged or foreign)."""
 
     @classmethod
     def recover(cls, directory) -> Loaded:
@@ -178,8 +182,9 @@ class OneInFlight(DirectoryCheckpointer):
     _pending: SaveFuture | None = None
     _unseen: SaveFuture | None = None
 
+    @abc.abstractmethod
     def _drain(self) -> None:
-        raise NotImplementedError
+        """Wait for the save in flight, if any."""
 
     def wait_all(self) -> None:
         self._drain()

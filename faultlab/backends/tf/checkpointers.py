@@ -21,7 +21,7 @@ import numpy as np
 from faultlab.backends.tf.runtime import tf
 from faultlab.checkpointing.api import Loaded, Phase, PhaseHook, SaveFuture, no_hook
 from faultlab.checkpointing.directory import (NATIVE_DTYPES, OneInFlight, from_payload,
-                                              payload_parts, recover_newest, scan)
+                                              payload_parts, scan)
 from faultlab.checkpointing.storage import fsync_dir, storage_error
 from faultlab.errors import CheckpointError
 
@@ -182,11 +182,6 @@ class TFCheckpoint(OneInFlight):
     @classmethod
     def _entries(cls, directory: Path) -> list[tuple[int, Path]]:
         return scan(directory, cls._INDEX_RE, lambda m: f"ckpt-{m.group(1)}")
-
-    @classmethod
-    def recover(cls, directory) -> Loaded:
-        directory = Path(directory)
-        return recover_newest(directory, cls._load, cls._entries(directory))
 
     @classmethod
     def _load(cls, prefix: Path) -> Loaded:

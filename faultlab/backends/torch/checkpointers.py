@@ -303,10 +303,15 @@ class TorchDCPAsync(OneInFlight):
         return scan(directory, cls._DIR_RE)
 
     @classmethod
+    def _load(cls, path: Path) -> Loaded:
+        return _load_dcp_dir(path)
+
+    @classmethod
     def recover(cls, directory) -> Loaded:
+        """Only directories whose .metadata (written last, durably) exists are committed."""
         directory = Path(directory)
         entries = [(s, p) for s, p in cls._entries(directory) if (p / ".metadata").exists()]
-        return recover_newest(directory, _load_dcp_dir, entries)
+        return recover_newest(directory, cls._load, entries)
 
 
 def _write_json_durably(path: Path, obj) -> None:
