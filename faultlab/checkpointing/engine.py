@@ -100,8 +100,11 @@ class CheckpointEngine:
     soon as step 3 queues them):
 
     1. **admit** (in ``save()``, the caller's thread): wait for a free slot (neither one of
-       the newest ``keep`` commits nor a save in flight) and take the next commit counter;
-       the slot's old commit is no longer protected from here on.
+       the newest ``keep`` commits nor a save in flight) and lock its record byte
+       exclusively (a slot a live ``recover()`` is reading holds a shared lock: another free
+       slot is taken, or the save waits for that reader); take the next commit counter. The
+       slot's old commit is no longer protected from here on; the lock is released at step 7
+       (or when the save fails).
     2. **tombstone** (caller's thread): overwrite the slot's commit record with a tombstone,
        unsynced, so that recovery never reads the slot's old record with its new data.
     3. **stage** (caller's thread): copy the state, chunk by chunk, into staging buffers and
@@ -356,36 +359,79 @@ class CheckpointEngine:
             raise CheckpointError(f"checkpoint engine stopped after an earlier error "
                                   f"(reopen the file to go on): {self._failure}")
 
-    def _pick_slot(self) -> int | None:
+    def _free_slots(self) -> list[int]:
+        """Slots a new save may take, best first: neither one of the newest `keep` commits
+        nor a save in flight; a slot holding nothing, then the one with the oldest commit."""
         newest = sorted(self._committed.values(), key=lambda c: c.counter)[-self._keep:]
         protected = {c.slot for c in newest} | set(self._in_flight)
         free = [s for s in range(self._geom.slot_count) if s not in protected]
-        if not free:
-            return None
-        # Prefer a slot holding nothing, then the one holding the oldest commit.
-        return min(free, key=lambda s: self._committed[s].counter if s in self._committed
-                   else -1)
+        return sorted(free, key=lambda s: self._committed[s].counter if s in self._committed
+                      else -1)
 
     def _admit(self, step: int, layout: Layout, manifest_offset: int, meta: dict,
                timeout: float | None) -> _SaveJob:
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
+        held = None               # a slot lock taken while waiting for a reader, not yet used
+        try:
             while True:
-                self._check_usable()
-                if len(self._in_flight) < self._max_in_flight:
-                    slot = self._pick_slot()
+                with self._cond:
+                    while True:
+                        self._check_usable()
+                        free = (self._free_slots()
+                                if len(self._in_flight) < self._max_in_flight else [])
+                        if free:
+                            break
+                        left = None if deadline is None else deadline - time.monotonic()
+                        if left is not None and left <= 0:
+                            raise TimeoutError(f"{len(self._in_flight)} checkpoints still "
+                                               "in flight")
+                        self._cond.wait(left)
+                    # A slot is rewritten only under an exclusive lock on its record byte; a
+                    # recover() reading the slot holds a shared one (recovery.py), so the
+                    # writer takes another free slot rather than overwrite data being read.
+                    slot = held if held in free else None
+                    for s in free:
+                        if slot is not None:
+                            break
+                        if self._storage.lock_byte(self._geom.record_offset(s), exclusive=True,
+                                                   wait=False):
+                            slot = s
                     if slot is not None:
-                        break
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError(f"{len(self._in_flight)} checkpoints still in flight")
-                self._cond.wait(left)
-            counter, self._next_counter = self._next_counter, self._next_counter + 1
-            self._committed.pop(slot, None)
-            job = _SaveJob(SaveHandle(counter, step), slot, layout, manifest_offset, meta,
-                           [0] * len(layout.chunks), len(layout.chunks) + 1)
-            self._in_flight[slot] = job
-            return job
+                        if held is not None and held != slot:
+                            self._storage.unlock_byte(self._geom.record_offset(held))
+                        held = None
+                        counter, self._next_counter = self._next_counter, self._next_counter + 1
+                        self._committed.pop(slot, None)
+                        job = _SaveJob(SaveHandle(counter, step), slot, layout, manifest_offset,
+                                       meta, [0] * len(layout.chunks), len(layout.chunks) + 1)
+                        self._in_flight[slot] = job
+                        return job
+                    want = free[0]
+                if held is not None:                 # no longer free: give it back, retry
+                    self._storage.unlock_byte(self._geom.record_offset(held))
+                    held = None
+                # Every free slot is being read by a recover() elsewhere: wait for the reader
+                # of the best one (outside the condition, so commits can proceed meanwhile).
+                held = self._wait_for_reader(want, deadline)
+        except BaseException:
+            if held is not None:
+                self._storage.unlock_byte(self._geom.record_offset(held))
+            raise
+
+    def _wait_for_reader(self, slot: int, deadline: float | None) -> int:
+        at = self._geom.record_offset(slot)
+        if deadline is None:
+            self._storage.lock_byte(at, exclusive=True, wait=True)
+            return slot
+        pause = 0.001
+        while not self._storage.lock_byte(at, exclusive=True, wait=False):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"slot {slot} of {self._storage.name} is being read by a "
+                                   "recovering process")
+            time.sleep(min(pause, left))                 # a reader's lock has no waitable
+            pause = min(pause * 2, 0.05)                 # event with a timeout: back off
+        return slot
 
     def _stage(self, job: _SaveJob, arrays: list[tuple[str, np.ndarray]]) -> None:
         sources = [byte_view(a) if a.nbytes else None for _, a in arrays]
@@ -496,6 +542,8 @@ class CheckpointEngine:
         except Exception as e:
             self._fail(CheckpointError(f"checkpoint commit failed: {type(e).__name__}: {e}"))
             error = self._failure
+        # Readers may pin the slot again: its new record (or its tombstone) is in place.
+        self._storage.unlock_byte(self._geom.record_offset(job.slot))
         with self._cond:
             del self._in_flight[job.slot]
             if info is not None:

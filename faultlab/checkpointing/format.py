@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 import uuid
 from dataclasses import dataclass
@@ -22,6 +23,11 @@ HASH_XXH3_64 = 1                       # the only checksum algorithm of format v
 HEADER_MAGIC = b"\x89FLTCKP\n"         # \x89 and \n catch text-mode and 7-bit transfers
 RECORD_MAGIC = b"FLCOMMIT"
 MIN_BLOCK_SIZE = 512                   # the header is stored twice within block 0
+MAX_BLOCK_SIZE = 1 << 16               # readers probe the first 64 KiB for the header
+MAX_SLOTS = 1 << 16                    # keep + max_in_flight; far beyond any real use
+MAX_FILE_BYTES = 1 << 60               # offsets stay well inside int64 arithmetic
+TENSOR_ALIGN = 64                      # every array starts at a multiple of this in its slot
+MAX_NDIM = 64                          # numpy's limit
 
 _HEADER = struct.Struct("<8sHHIIIQQQQ16s")   # then an 8-byte checksum
 _RECORD = struct.Struct("<8sHHIQqQQQQ16s")   # then an 8-byte checksum
@@ -53,11 +59,18 @@ class Geometry:
     file_id: bytes
 
     def __post_init__(self):
-        if self.block_size < MIN_BLOCK_SIZE or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block size must be a power of two >= {MIN_BLOCK_SIZE}")
-        if self.slot_count < 1 or self.slot_bytes < self.block_size \
-                or self.slot_bytes % self.block_size:
-            raise ValueError("slot count must be >= 1 and slot size a multiple of the block size")
+        if not MIN_BLOCK_SIZE <= self.block_size <= MAX_BLOCK_SIZE \
+                or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size {self.block_size} is not a power of two from "
+                             f"{MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}")
+        if not 1 <= self.slot_count <= MAX_SLOTS:
+            raise ValueError(f"slot_count {self.slot_count} is not from 1 to {MAX_SLOTS}")
+        if self.slot_bytes < self.block_size or self.slot_bytes % self.block_size:
+            raise ValueError(f"slot_bytes {self.slot_bytes} is not a positive multiple of the "
+                             f"block size {self.block_size}")
+        if self.file_bytes > MAX_FILE_BYTES:
+            raise ValueError(f"slot_bytes {self.slot_bytes} x slot_count {self.slot_count} "
+                             f"makes a file of {self.file_bytes} bytes, beyond {MAX_FILE_BYTES}")
         if len(self.file_id) != 16:
             raise ValueError("file id must be 16 bytes")
 
@@ -116,9 +129,12 @@ def _decode_one_header(raw: bytes) -> Geometry:
         geom = Geometry(block_size, slot_count, slot_bytes, file_id)
     except ValueError as e:
         raise FormatError(f"bad header: {e}") from None
-    if (records_off, slots_off, file_bytes) != (geom.records_offset, geom.slots_offset,
-                                                geom.file_bytes):
-        raise FormatError("bad header: inconsistent offsets")
+    for field, stored_value, implied in (("records_offset", records_off, geom.records_offset),
+                                         ("slots_offset", slots_off, geom.slots_offset),
+                                         ("file_bytes", file_bytes, geom.file_bytes)):
+        if stored_value != implied:
+            raise FormatError(f"bad header: {field} {stored_value} does not match the "
+                              f"geometry ({implied})")
     return geom
 
 
@@ -180,8 +196,13 @@ def decode_record(raw: bytes, geom: Geometry, slot: int) -> Record:
         raise FormatError("commit record belongs to another checkpoint file")
     if rec_slot != slot:
         raise FormatError("commit record names another slot")
-    if not (data_bytes <= m_off and m_off + m_len <= geom.slot_bytes and m_len > 0):
+    if m_off != align_up(data_bytes, geom.block_size):
+        raise FormatError(f"commit record: manifest_offset {m_off} is not data_bytes "
+                          f"{data_bytes} rounded up to the block size")
+    if not (0 < m_len and m_off + m_len <= geom.slot_bytes):
         raise FormatError("commit record points outside its slot")
+    if step >= 1 << 63:
+        raise FormatError("commit record: step out of range")
     return Record(rec_slot, counter, step, m_off, m_len, m_hash, data_bytes, file_id)
 
 
@@ -256,43 +277,141 @@ def encode_manifest(m: Manifest) -> bytes:
                       allow_nan=False).encode("utf-8")
 
 
-def _int(v, what: str, lo: int = 0) -> int:
-    if type(v) is not int or v < lo:
-        raise FormatError(f"manifest: bad {what}")
+_MANIFEST_KEYS = {"format", "counter", "step", "chunk_bytes", "data_bytes", "chunks", "tensors",
+                  "meta"}
+_TENSOR_KEYS = {"name", "dtype", "shape", "offset", "nbytes"}
+_HEX16 = re.compile(r"[0-9a-f]{16}")
+_MAX_INDEX = (1 << 63) - 1
+
+
+def _int(v, what: str, lo: int = 0, hi: int = _MAX_INDEX) -> int:
+    if type(v) is not int or not lo <= v <= hi:
+        raise FormatError(f"manifest: {what} {_short(v)} is not an integer from {lo} to {hi}")
     return v
 
 
-def decode_manifest(raw: bytes, rec: Record) -> Manifest:
-    """Parse and sanity-check a manifest whose checksum already matched its record."""
+def _short(v) -> str:
+    text = json.dumps(v) if isinstance(v, (int, float, str, bool)) or v is None \
+        else type(v).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _no_duplicate_keys(pairs):
+    doc = {}
+    for k, v in pairs:
+        if k in doc:
+            raise FormatError(f"manifest: key {_short(k)} appears twice")
+        doc[k] = v
+    return doc
+
+
+def _reject_constant(name):
+    raise FormatError(f"manifest: {name} is not JSON")
+
+
+def _keys(doc, want: set, what: str) -> None:
+    if not isinstance(doc, dict):
+        raise FormatError(f"manifest: {what} is not an object")
+    if set(doc) != want:
+        extra, missing = sorted(set(doc) - want), sorted(want - set(doc))
+        raise FormatError(f"manifest: {what} " + (f"has unknown key {_short(extra[0])}" if extra
+                                                  else f"lacks key {_short(missing[0])}"))
+
+
+def _dtype(descr, what: str) -> np.dtype:
     try:
-        doc = json.loads(raw.decode("utf-8"))
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT_VERSION:
-            raise FormatError("manifest of another format version")
-        chunk_bytes = _int(doc["chunk_bytes"], "chunk size", 1)
-        data_bytes = _int(doc["data_bytes"], "data size")
-        hashes = tuple(int(h, 16) for h in doc["chunks"])
-        tensors = []
-        for t in doc["tensors"]:
-            dtype = dtype_from_json(t["dtype"])
-            shape = tuple(_int(s, "shape") for s in t["shape"])
-            offset, nbytes = _int(t["offset"], "offset"), _int(t["nbytes"], "size")
-            if not isinstance(t["name"], str) or dtype.hasobject \
-                    or nbytes != math.prod(shape) * dtype.itemsize \
-                    or offset + nbytes > data_bytes:
-                raise FormatError("manifest: inconsistent tensor entry")
-            tensors.append(TensorEntry(t["name"], dtype, shape, offset, nbytes))
-        meta = doc["meta"]
-        if not isinstance(meta, dict):
-            raise FormatError("manifest: meta is not an object")
-        m = Manifest(_int(doc["counter"], "counter"), doc["step"], chunk_bytes, data_bytes,
-                     hashes, tuple(tensors), meta)
+        dtype = dtype_from_json(descr)
     except FormatError:
         raise
-    except (KeyError, TypeError, ValueError, UnicodeDecodeError, AttributeError,
-            IndexError) as e:
+    except Exception as e:         # numpy's descr parser raises many kinds; all mean "bad"
+        raise FormatError(f"manifest: {what}.dtype {_short(descr)} is not a dtype "
+                          f"({type(e).__name__})") from None
+    if dtype.hasobject:
+        raise FormatError(f"manifest: {what}.dtype {dtype} holds Python objects")
+    return dtype
+
+
+def _tensor(t, i: int, data_bytes: int) -> TensorEntry:
+    what = f"tensors[{i}]"
+    _keys(t, _TENSOR_KEYS, what)
+    if not isinstance(t["name"], str):
+        raise FormatError(f"manifest: {what}.name is not a string")
+    dtype = _dtype(t["dtype"], what)
+    if not isinstance(t["shape"], list) or len(t["shape"]) > MAX_NDIM:
+        raise FormatError(f"manifest: {what}.shape is not a list of at most {MAX_NDIM} sizes")
+    shape = tuple(_int(s, f"{what}.shape[{k}]") for k, s in enumerate(t["shape"]))
+    # numpy refuses shapes whose elements (ignoring zero sizes) overflow its index type
+    elements = math.prod(d for d in shape if d)
+    if elements * max(dtype.itemsize, 1) > _MAX_INDEX:
+        raise FormatError(f"manifest: {what}.shape {list(shape)} is too large for an array")
+    offset = _int(t["offset"], f"{what}.offset", 0, data_bytes)
+    nbytes = _int(t["nbytes"], f"{what}.nbytes", 0, data_bytes)
+    if offset % TENSOR_ALIGN:
+        raise FormatError(f"manifest: {what}.offset {offset} is not a multiple of "
+                          f"{TENSOR_ALIGN}")
+    if nbytes != math.prod(shape) * dtype.itemsize:
+        raise FormatError(f"manifest: {what}.nbytes {nbytes} does not match shape "
+                          f"{list(shape)} of {dtype}")
+    if offset + nbytes > data_bytes:
+        raise FormatError(f"manifest: {what} ends at {offset + nbytes}, beyond data_bytes "
+                          f"{data_bytes}")
+    return TensorEntry(t["name"], dtype, shape, offset, nbytes)
+
+
+def decode_manifest(raw: bytes, rec: Record) -> Manifest:
+    """Parse a manifest whose checksum already matched its record, checking every field
+    against the format's rules and the record: a FormatError naming the field otherwise.
+    Only the exact structure encode_manifest writes is accepted."""
+    try:
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys,
+                         parse_constant=_reject_constant)
+    except FormatError:
+        raise
+    except RecursionError:
+        raise FormatError("manifest: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:
         raise FormatError(f"manifest unreadable ({type(e).__name__})") from None
-    if (m.counter, m.step, m.data_bytes) != (rec.counter, rec.step, rec.data_bytes):
-        raise FormatError("manifest does not match its commit record")
-    if len(m.chunk_hashes) != m.chunk_count:
-        raise FormatError("manifest: wrong number of chunk checksums")
-    return m
+    try:
+        return _manifest_from(doc, rec)
+    except RecursionError:
+        raise FormatError("manifest: nested too deeply") from None
+
+
+def _manifest_from(doc, rec: Record) -> Manifest:
+    _keys(doc, _MANIFEST_KEYS, "document")
+    if type(doc["format"]) is not int or doc["format"] != FORMAT_VERSION:
+        raise FormatError("manifest of another format version")
+    counter = _int(doc["counter"], "counter", 0, (1 << 64) - 1)
+    step = _int(doc["step"], "step", -(1 << 63))
+    chunk_bytes = _int(doc["chunk_bytes"], "chunk_bytes", 1, MAX_FILE_BYTES)
+    data_bytes = _int(doc["data_bytes"], "data_bytes", 0, MAX_FILE_BYTES)
+    for field, value, want in (("counter", counter, rec.counter), ("step", step, rec.step),
+                               ("data_bytes", data_bytes, rec.data_bytes)):
+        if value != want:
+            raise FormatError(f"manifest: {field} {value} does not match its commit record "
+                              f"({want})")
+    chunks = doc["chunks"]
+    n_chunks = -(-data_bytes // chunk_bytes)
+    if not isinstance(chunks, list) or len(chunks) != n_chunks:
+        raise FormatError(f"manifest: chunks is not a list of {n_chunks} checksums")
+    for i, h in enumerate(chunks):
+        if not isinstance(h, str) or not _HEX16.fullmatch(h):
+            raise FormatError(f"manifest: chunks[{i}] is not 16 lowercase hex digits")
+    hashes = tuple(int(h, 16) for h in chunks)
+    if not isinstance(doc["tensors"], list):
+        raise FormatError("manifest: tensors is not a list")
+    tensors = tuple(_tensor(t, i, data_bytes) for i, t in enumerate(doc["tensors"]))
+    names: dict[str, int] = {}
+    for i, t in enumerate(tensors):
+        if t.name in names:
+            raise FormatError(f"manifest: tensors[{i}].name {_short(t.name)} repeats "
+                              f"tensors[{names[t.name]}]")
+        names[t.name] = i
+    spans = sorted((t.offset, t.offset + t.nbytes, i) for i, t in enumerate(tensors) if t.nbytes)
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise FormatError(f"manifest: tensors[{b}] overlaps tensors[{a}] (starts at "
+                              f"{start}, before {end})")
+    if not isinstance(doc["meta"], dict):
+        raise FormatError("manifest: meta is not an object")
+    return Manifest(counter, step, chunk_bytes, data_bytes, hashes, tensors, doc["meta"])

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from faultlab.errors import CheckpointError
-from faultlab.checkpointing.format import TensorEntry
+from faultlab.checkpointing.format import TENSOR_ALIGN, TensorEntry
 
-ALIGN = 64                         # array start alignment within a slot (a cache line)
+ALIGN = TENSOR_ALIGN               # array start alignment within a slot (a cache line)
 INT64 = (-(1 << 63), (1 << 63) - 1)
 
 

@@ -10,6 +10,7 @@ older one. It never returns data that did not verify.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,10 +58,13 @@ def read_geometry(storage: Storage) -> Geometry:
 
 
 def scan_records(storage: Storage, geom: Geometry) -> tuple[list[Record], int]:
-    """Valid commit records, newest first, and the largest counter any valid record holds."""
+    """Valid commit records, newest first, and the largest counter any valid record holds.
+    Reads only record blocks that the file holds (a header may claim more than exist)."""
     records = []
-    raw = storage.pread(geom.records_offset, geom.slot_count * geom.block_size)
-    for slot in range(geom.slot_count):
+    present = max(0, storage.size() - geom.records_offset)
+    count = min(geom.slot_count, -(-present // geom.block_size))
+    raw = storage.pread(geom.records_offset, count * geom.block_size)
+    for slot in range(count):
         block = raw[slot * geom.block_size:(slot + 1) * geom.block_size]
         try:
             records.append(decode_record(block, geom, slot))
@@ -72,6 +76,8 @@ def scan_records(storage: Storage, geom: Geometry) -> tuple[list[Record], int]:
 
 def _read_manifest(storage: Storage, geom: Geometry, rec: Record) -> Manifest:
     at = geom.slot_offset(rec.slot) + rec.manifest_offset
+    if at + rec.manifest_bytes > storage.size():
+        raise FormatError("manifest beyond the end of the file (truncated)")
     raw = storage.pread(at, rec.manifest_bytes)
     if len(raw) != rec.manifest_bytes:
         raise FormatError("manifest beyond the end of the file (truncated)")
@@ -82,8 +88,10 @@ def _read_manifest(storage: Storage, geom: Geometry, rec: Record) -> Manifest:
 
 def _read_data(storage: Storage, geom: Geometry, rec: Record, m: Manifest) -> np.ndarray:
     """Read the data region into one buffer, verifying every chunk as it arrives."""
-    data = np.empty(m.data_bytes, dtype=np.uint8)
     base = geom.slot_offset(rec.slot)
+    if base + m.data_bytes > storage.size():
+        raise FormatError("data beyond the end of the file (truncated)")
+    data = np.empty(m.data_bytes, dtype=np.uint8)
     for i, expected in enumerate(m.chunk_hashes):
         lo = i * m.chunk_bytes
         view = data[lo:min(lo + m.chunk_bytes, m.data_bytes)]
@@ -109,13 +117,21 @@ def load_commit(storage: Storage, geom: Geometry, rec: Record) -> Restored:
     m = _read_manifest(storage, geom, rec)
     data = _read_data(storage, geom, rec, m)
     info = CommitInfo(rec.counter, rec.step, rec.slot, rec.data_bytes)
-    return _restored(rec.step, _arrays(m, data), m.meta, info)
+    try:
+        state = _arrays(m, data)
+    except (ValueError, TypeError, OverflowError, MemoryError) as e:
+        # decode_manifest checked every entry; this is the last line of defence, so that an
+        # entry it let through still falls back to an older commit instead of escaping
+        raise FormatError(f"manifest: tensors cannot be rebuilt ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    return _restored(rec.step, state, m.meta, info)
 
 
-def verify_commit(storage: Storage, geom: Geometry, rec: Record) -> None:
-    """Check one commit's manifest and data without keeping them; FormatError if damaged."""
+def _verify_commit(storage: Storage, geom: Geometry, rec: Record) -> None:
     m = _read_manifest(storage, geom, rec)
     base = geom.slot_offset(rec.slot)
+    if base + m.data_bytes > storage.size():
+        raise FormatError("data beyond the end of the file (truncated)")
     buf = np.empty(min(m.chunk_bytes, max(m.data_bytes, 1)), dtype=np.uint8)
     for i, expected in enumerate(m.chunk_hashes):
         lo = i * m.chunk_bytes
@@ -124,36 +140,111 @@ def verify_commit(storage: Storage, geom: Geometry, rec: Record) -> None:
             raise FormatError(f"chunk {i} damaged")
 
 
+# -- reading beside a live writer ---------------------------------------------------------
+#
+# The writer rewrites a slot only while holding an exclusive lock on the slot's record byte
+# (engine.py), and only slots outside the newest `keep` commits. A reader pins the slot of the
+# record it is about to read with a shared lock, then re-reads the record: if the lock is
+# refused or the record changed, the writer reused that slot after the records were scanned,
+# so the reader scans again (the slot's commit is no longer among the newest anyway). While
+# pinned, the slot cannot be rewritten: a slow reader is never overtaken. On a storage
+# without byte locks the re-read after a failed check still tells reuse from damage.
+
+_RESCANS = 10_000        # scans before giving up on a file that never holds still
+
+
+class _SlotReused(Exception):
+    """The slot of a scanned record was reused since the scan: scan again."""
+
+
+@contextmanager
+def _pinned(storage: Storage, geom: Geometry, rec: Record):
+    at = geom.record_offset(rec.slot)
+    if not storage.lock_byte(at, exclusive=False, wait=False):
+        raise _SlotReused                 # the writer holds it: it is being rewritten
+    try:
+        if not _record_holds(storage, geom, rec):
+            raise _SlotReused
+        try:
+            yield
+        except FormatError:
+            if not _record_holds(storage, geom, rec):
+                raise _SlotReused from None
+            raise
+    finally:
+        storage.unlock_byte(at)
+
+
+def _record_holds(storage: Storage, geom: Geometry, rec: Record) -> bool:
+    try:
+        return decode_record(storage.pread(geom.record_offset(rec.slot), geom.block_size),
+                             geom, rec.slot) == rec
+    except FormatError:
+        return False
+
+
+def _newest_that_loads(storage: Storage, geom: Geometry, choose, read):
+    """Scan the records, keep those `choose(records)` returns (in order) and return
+    (read(record) of the first that verifies, records, failure reasons); rescans when a
+    writer reuses a slot in between."""
+    for _ in range(_RESCANS):
+        records = choose(scan_records(storage, geom)[0])
+        reasons = []
+        try:
+            for rec in records:
+                try:
+                    with _pinned(storage, geom, rec):
+                        return read(rec), records, reasons
+                except FormatError as e:
+                    reasons.append(f"counter {rec.counter} (step {rec.step}): {e}")
+        except _SlotReused:
+            continue
+        return None, records, reasons
+    raise CheckpointError(f"{storage.name} changed under every one of {_RESCANS} reads "
+                          "(a writer reusing slots faster than they can be read)")
+
+
+def verify_commit(storage: Storage, geom: Geometry, rec: Record) -> None:
+    """Check one commit's manifest and data without keeping them; FormatError if damaged."""
+    _verify_commit(storage, geom, rec)
+
+
 def valid_commits(storage: Storage, geom: Geometry,
                   want: int | None = None) -> tuple[list[CommitInfo], int]:
     """Fully verified commits, newest first (stopping after `want` of them), and the largest
     counter that any valid record holds."""
-    records, max_counter = scan_records(storage, geom)
-    good = []
-    for rec in records:
-        if want is not None and len(good) >= want:
-            break
+    for _ in range(_RESCANS):
+        records, max_counter = scan_records(storage, geom)
+        good = []
         try:
-            verify_commit(storage, geom, rec)
-        except FormatError:
+            for rec in records:
+                if want is not None and len(good) >= want:
+                    break
+                try:
+                    with _pinned(storage, geom, rec):
+                        _verify_commit(storage, geom, rec)
+                except FormatError:
+                    continue
+                good.append(CommitInfo(rec.counter, rec.step, rec.slot, rec.data_bytes))
+        except _SlotReused:
             continue
-        good.append(CommitInfo(rec.counter, rec.step, rec.slot, rec.data_bytes))
-    return good, max_counter
+        return good, max_counter
+    raise CheckpointError(f"{storage.name} changed under every one of {_RESCANS} reads")
 
 
 def load_latest_from(storage: Storage, before_step: int | None = None) -> Restored:
     """The newest fully verified checkpoint in an opened storage (only those taken before
     `before_step` when given: rollback past a checkpoint that already holds a fault)."""
     geom = read_geometry(storage)
-    records, _ = scan_records(storage, geom)
-    if before_step is not None:
-        records = [r for r in records if r.step < before_step]
-    size, reasons = storage.size(), []
-    for rec in records:
-        try:
-            return load_commit(storage, geom, rec)
-        except FormatError as e:
-            reasons.append(f"counter {rec.counter} (step {rec.step}): {e}")
+
+    def choose(records):
+        return [r for r in records if before_step is None or r.step < before_step]
+
+    found, records, reasons = _newest_that_loads(
+        storage, geom, choose, lambda rec: load_commit(storage, geom, rec))
+    if found is not None:
+        return found
+    size = storage.size()
     trunc = (f"; the file is truncated ({size} of {geom.file_bytes} bytes)"
              if size < geom.file_bytes else "")
     if not records:
@@ -172,7 +263,9 @@ def recover(target: str | os.PathLike | Storage, before_step: int | None = None)
 
     Returns (step, state, meta) with `.commit` telling which commit was used; raises a
     one-line CheckpointError when the file is missing, foreign or holds no valid checkpoint.
-    Safe to run while a writer is active (it only reads).
+    Safe to run while a writer is active, in this process or another: it returns the newest
+    commit that was durable when it started, or a newer one (it pins the slot it reads, so
+    the writer cannot reuse it meanwhile; see _pinned).
     """
     storage = _reader_for(target)
     storage.open(write=False)
@@ -193,15 +286,15 @@ def load_step(target: str | os.PathLike | Storage, step: int, *,
     storage.open(write=False)
     try:
         geom = read_geometry(storage)
-        records, _ = scan_records(storage, geom)
-        match = next((r for r in records if r.step == step), None)
-        if match is None:
+        found, records, reasons = _newest_that_loads(
+            storage, geom, lambda records: [r for r in records if r.step == step][:1],
+            lambda rec: load_commit(storage, geom, rec))
+        if found is not None:
+            return found
+        if not records:
             raise CheckpointError(f"{storage.name}: no {what} of step {step}")
-        try:
-            return load_commit(storage, geom, match)
-        except FormatError as e:
-            raise CheckpointError(f"{storage.name}: {what} of step {step} is damaged "
-                                  f"({e})") from None
+        raise CheckpointError(f"{storage.name}: {what} of step {step} is damaged "
+                              f"({reasons[0].split(': ', 1)[1]})")
     finally:
         storage.close()
 

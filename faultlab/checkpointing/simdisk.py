@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from faultlab.errors import CheckpointError
 from faultlab.checkpointing.format import digest as _digest
-from faultlab.checkpointing.storage import Storage, storage_error
+from faultlab.checkpointing.storage import ByteLocks, Storage, storage_error
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,7 @@ class SimDisk(Storage):
         self._writer = False
         self._handle_open = False
         self._lock = threading.RLock()
+        self._byte_locks = ByteLocks()        # shared with the readers of this disk
 
     # -- construction helpers ------------------------------------------------------------
 
@@ -123,6 +124,13 @@ class SimDisk(Storage):
         with self._lock:
             if self._handle_open:
                 self._writer = self._handle_open = False
+        self._byte_locks.unlock(self)
+
+    def lock_byte(self, offset: int, *, exclusive: bool, wait: bool) -> bool:
+        return self._byte_locks.lock(self, offset, exclusive=exclusive, wait=wait)
+
+    def unlock_byte(self, offset: int) -> None:
+        self._byte_locks.unlock(self, offset)
 
     def reader(self) -> Storage:
         return _Reader(self)
@@ -406,5 +414,11 @@ class _Reader(Storage):
     def size(self) -> int:
         return self._disk.size()
 
+    def lock_byte(self, offset: int, *, exclusive: bool, wait: bool) -> bool:
+        return self._disk._byte_locks.lock(self, offset, exclusive=exclusive, wait=wait)
+
+    def unlock_byte(self, offset: int) -> None:
+        self._disk._byte_locks.unlock(self, offset)
+
     def close(self) -> None:
-        pass
+        self._disk._byte_locks.unlock(self)

@@ -12,6 +12,8 @@ import errno
 import fcntl
 import os
 import secrets
+import struct
+import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -88,11 +90,59 @@ class Storage(ABC):
     def close(self) -> None:
         """Release the file (and the writer lock). Idempotent."""
 
+    def lock_byte(self, offset: int, *, exclusive: bool, wait: bool) -> bool:
+        """Take an advisory lock on byte `offset` for this handle: shared (a reader pinning a
+        slot) or exclusive (the writer rewriting it). Without `wait`, return False at once
+        when another handle holds a conflicting lock. Locks are released by `unlock_byte`
+        or `close`. The default takes no lock and always succeeds: a storage that several
+        handles (a writer and live readers) share must override it (OSStorage, SimDisk)."""
+        return True
+
+    def unlock_byte(self, offset: int) -> None:
+        """Release this handle's lock on byte `offset` (no-op when it holds none)."""
+
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+class ByteLocks:
+    """In-memory advisory byte locks shared by the handles of one simulated file: shared
+    locks exclude exclusive ones; a handle's own locks never conflict with each other."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._held: dict[int, dict[int, bool]] = {}      # offset -> {holder id: exclusive}
+
+    def _free_for(self, offset: int, holder: int, exclusive: bool) -> bool:
+        others = {h: x for h, x in self._held.get(offset, {}).items() if h != holder}
+        return not others or (not exclusive and not any(others.values()))
+
+    def lock(self, holder: object, offset: int, *, exclusive: bool, wait: bool) -> bool:
+        with self._cond:
+            while not self._free_for(offset, id(holder), exclusive):
+                if not wait:
+                    return False
+                self._cond.wait()
+            self._held.setdefault(offset, {})[id(holder)] = exclusive
+            return True
+
+    def unlock(self, holder: object, offset: int | None = None) -> None:
+        """Release `holder`'s lock at `offset`, or all of its locks."""
+        with self._cond:
+            for off in ([offset] if offset is not None else list(self._held)):
+                owners = self._held.get(off)
+                if owners is not None and owners.pop(id(holder), None) is not None:
+                    if not owners:
+                        del self._held[off]
+            self._cond.notify_all()
+
+
+# struct flock for F_OFD_SETLK(W): l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks)
+_FLOCK = struct.Struct("hhqqi4x")
+_OFD_LOCKS = hasattr(fcntl, "F_OFD_SETLK")
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
@@ -222,7 +272,39 @@ class OSStorage(Storage):
         except OSError as e:
             raise storage_error(e, "stat", self.name) from None
 
+    def lock_byte(self, offset: int, *, exclusive: bool, wait: bool) -> bool:
+        # Open-file-description locks (Linux): owned by this handle's descriptor, so a reader
+        # and a writer in one process exclude each other as two processes do (POSIX record
+        # locks would not). Where they are missing no lock is taken; readers then rely on
+        # re-reading the commit record (recovery.py).
+        if not _OFD_LOCKS:
+            return True
+        fd = self._require_fd()
+        arg = _FLOCK.pack(fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK, os.SEEK_SET,
+                          offset, 1, 0)
+        while True:
+            try:
+                fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, arg)
+                return True
+            except InterruptedError:
+                continue
+            except OSError as e:
+                if e.errno in (errno.EAGAIN, errno.EACCES):
+                    return False
+                if e.errno in (errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP):
+                    return True              # a file system without byte locks
+                raise storage_error(e, "lock", self.name) from None
+
+    def unlock_byte(self, offset: int) -> None:
+        if not _OFD_LOCKS or self._fd is None:
+            return
+        try:
+            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK,
+                        _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0))
+        except OSError:
+            pass                             # nothing held; closing releases it anyway
+
     def close(self) -> None:
         fd, self._fd = self._fd, None
         if fd is not None:
-            os.close(fd)                     # closing releases the flock
+            os.close(fd)                     # closing releases the flock and byte locks
