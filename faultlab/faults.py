@@ -361,6 +361,103 @@ def _fmt(ix) -> str:
     return "/".join(str(int(i)) for i in ix)
 
 
+# --- range checks against what an injector can reach ---------------------------------------------
+#
+# The injectors (faultlab.keras's and faultlab.torch's) check a fault when it is armed, with
+# these, so a fault that names a replica, layer, site or position the injector does not have is
+# a one-line SpecError (`field` set) listing the valid choices, never a fault that silently
+# does not fire. Operands are given as an injector knows them:
+# {layer: {Site | "bias": (canonical shape, dtype) or None when the shape is not known}}.
+
+def choices(items, limit: int = 10) -> str:
+    """`items` for a one-line message: all of them, or the first `limit`, '...' and the count."""
+    items = [str(i) for i in items]
+    if not items:
+        return "none"
+    if len(items) <= limit:
+        return ", ".join(items)
+    return ", ".join(items[:limit]) + f", ... ({len(items)} in all)"
+
+
+def _name(text, limit: int = 60) -> str:
+    s = str(text)
+    return repr(s if len(s) <= limit else s[:limit] + "...")
+
+
+def operand_key(fault: FaultSpec):
+    """The operand a fault targets in an operand table: "bias" for a bias parameter or bias
+    gradient (tensor="bias"), else its site."""
+    if fault.tensor == "bias" and fault.site in (Site.PARAM, Site.GRAD_WT, Site.OPT_STATE,
+                                                 Site.HOST_STATE):
+        return "bias"
+    return fault.site
+
+
+def check_replica(fault: FaultSpec, replicas: int, owner: str = "this strategy") -> None:
+    """SpecError (field "replica") unless 0 <= fault.replica < replicas."""
+    if not 0 <= fault.replica < replicas:
+        valid = "0" if replicas == 1 else f"0-{replicas - 1}"
+        raise SpecError(f"fault replica {fault.replica} is out of range: {owner} has {replicas} "
+                        f"replica{'s' if replicas != 1 else ''} (valid: {valid})", "replica")
+
+
+def check_layer(fault: FaultSpec, layers) -> None:
+    """SpecError (field "layer") unless fault.layer is one of `layers` (names, in order)."""
+    if fault.layer in layers:
+        return
+    names = list(layers)
+    msg = f"unknown layer {_name(fault.layer)}: valid layers are {choices(names)}"
+    if len(names) > 10:
+        import difflib
+        close = difflib.get_close_matches(str(fault.layer), names, n=3, cutoff=0.6)
+        if close:
+            msg += f"; did you mean {', '.join(close)}?"
+    raise SpecError(msg, "layer")
+
+
+def check_operand(fault: FaultSpec, entry) -> tuple[tuple[int, ...], str] | None:
+    """The (shape, dtype) of the operand `fault` targets in a layer's operand `entry`
+    ({Site | "bias": (shape, dtype) or None}), its positions checked against the shape when
+    the shape is known (None is returned when it is not). SpecError with field "site" when
+    the layer has no such operand, "positions" when a position does not fit."""
+    key = operand_key(fault)
+    if key not in entry:
+        sites = choices(s.value for s in Site if s in entry)
+        what = f"site {fault.site.value}"
+        if key == "bias":
+            what += " with tensor 'bias'"
+            why = " (the layer has no bias)"
+        else:
+            why = ""
+        raise SpecError(f"{what} is not available on layer {_name(fault.layer)}{why}: valid "
+                        f"sites are {sites}", "site")
+    operand = entry[key]
+    if operand is None or operand[0] is None:
+        return None
+    shape = tuple(int(d) for d in operand[0])
+    what = (f"{fault.site.value} operand{' (bias)' if key == 'bias' else ''} of layer "
+            f"{_name(fault.layer)}")
+    if any(d < 0 for d in shape):
+        raise SpecError(f"the {what} has an unknown dimension (shape {_fmt(shape)}): give "
+                        f"the injector a fully defined input shape", "positions")
+    try:
+        fault.positions.check(shape, what=what)
+    except SpecError as e:
+        raise SpecError(str(e), "positions") from None
+    return shape, operand[1]
+
+
+def check_target(fault: FaultSpec, operands, replicas: int | None = None,
+                 owner: str = "this strategy") -> tuple[tuple[int, ...], str] | None:
+    """Check a fault against an injector's targets before it is armed: replica (when the
+    replica count is known), layer, site and positions (see check_operand). `operands`:
+    {layer: {Site | "bias": (shape, dtype) or None}}, layers in the order to list them."""
+    if replicas is not None:
+        check_replica(fault, replicas, owner)
+    check_layer(fault, operands)
+    return check_operand(fault, operands[fault.layer])
+
+
 # --- the ISCA'23 artifact's fault models -------------------------------------------------------
 
 ISCA_STAGES = ("fwrd_inject", "bkwd_inject")

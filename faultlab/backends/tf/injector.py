@@ -48,7 +48,7 @@ from faultlab.backends.tf.variables import components
 import keras
 
 from faultlab.errors import SpecError
-from faultlab.faults import FaultSpec, Site
+from faultlab.faults import FaultSpec, Site, check_layer, check_operand, check_replica
 from faultlab.backends.tf import kernels as K
 SITE_CODES = {Site.FWD_INPUT: 0, Site.FWD_WEIGHT: 1, Site.FWD_OUTPUT: 2, Site.GRAD_OUT: 3,
               Site.GRAD_IN: 4, Site.BWD_INPUT: 5, Site.BWD_WEIGHT: 6, Site.GRAD_WT: 7}
@@ -346,6 +346,8 @@ class TFInjector:
         self._armed_np = np.zeros(shape, np.int32)
         self.table = operand_table(model, input_spec, self.layers) if input_spec is not None else None
         self.fired: list[dict] = []       # what the last arm() armed / applied (for reports)
+        self._ops: dict | None = None     # what each layer offers a fault (see _operands)
+        self._checked: dict = {}          # id(fault) -> (fault, plan): faults checked once
 
     # --- graph side (inside the replica function) -----------------------------------------------
 
@@ -525,57 +527,93 @@ class TFInjector:
 
     # --- host side ---------------------------------------------------------------------------------
 
-    def _point(self, f: FaultSpec) -> tuple[int, int, tuple, str]:
-        """(layer index, site column, operand shape, dtype) of a graph-site fault."""
-        if f.layer not in self.index:
-            raise SpecError(f"unknown layer {f.layer!r}")
-        if self.table is None:
+    def _operands(self) -> dict:
+        """{layer: {Site | "bias": (shape, dtype)}}: what each layer offers a fault (graph
+        sites from the operand table when there is one; stored parameters and optimizer
+        state from the variables), built once."""
+        if self._ops is None:
+            ops = {}
+            for name, info in self.layers.items():
+                entry = dict(self.table.get(name, {})) if self.table is not None else {}
+                w = info.weight
+                wd = (tuple(int(d) for d in w.shape), tf.as_dtype(w.dtype).name)
+                entry[Site.PARAM] = entry[Site.OPT_STATE] = wd
+                b = info.bias
+                if b is not None:
+                    entry["bias"] = (tuple(int(d) for d in b.shape), tf.as_dtype(b.dtype).name)
+                ops[name] = entry
+            self._ops = ops
+        return self._ops
+
+    def _check(self, f: FaultSpec):
+        """Range-check a fault (replica, layer, site, positions: see validate) and return what
+        arming it needs: (layer index, site column, shape, dtype) for a graph site, None for a
+        state fault. A fault object is checked once (arm_active hands over every fault at
+        every step)."""
+        hit = self._checked.get(id(f))
+        if hit is not None and hit[0] is f:
+            return hit[1]
+        check_replica(f, self.replicas, "this strategy")
+        check_layer(f, self.names)
+        if not f.site.is_state and self.table is None:
             raise SpecError("the injector has no operand shapes: give input_spec")
-        entry = self.table.get(f.layer, {})
-        if f.site is Site.GRAD_WT and f.tensor == "bias":
-            code, key = GRAD_WT_BIAS, "bias"
+        operand = check_operand(f, self._operands()[f.layer])
+        if f.site.is_state:
+            self._state_var(f)    # the optimizer and its slot exist
+            plan = None
         else:
-            code, key = SITE_CODES[f.site], f.site
-        if key not in entry:
-            raise SpecError(f"site {f.site.value} is not available on layer {f.layer}")
-        shape, dtype = entry[key]
-        if dtype not in K.TF_DTYPES:
-            raise SpecError(f"cannot corrupt the {f.site.value} operand of {f.layer}: dtype "
-                            f"{dtype}")
-        return self.index[f.layer], code, shape, dtype
+            shape, dtype = operand
+            if dtype not in K.TF_DTYPES:
+                raise SpecError(f"cannot corrupt the {f.site.value} operand of {f.layer}: "
+                                f"dtype {dtype}", "site")
+            code = (GRAD_WT_BIAS if f.site is Site.GRAD_WT and f.tensor == "bias" else
+                    SITE_CODES[f.site])
+            plan = (self.index[f.layer], code, shape, dtype)
+        if len(self._checked) >= 4096:
+            self._checked.clear()
+        self._checked[id(f)] = (f, plan)
+        return plan
+
+    def validate(self, faults) -> None:
+        """Raise a one-line SpecError (field "replica", "layer", "site" or "positions"; the
+        message lists the valid choices) for the first fault this injector cannot deliver:
+        a replica outside the strategy's, a layer the model does not have, a site the layer
+        does not have, a position outside the operand (canonical = Keras layout, one
+        replica's batch). arm() and arm_active() call it before anything is armed."""
+        for f in faults:
+            self._check(f)
 
     def _state_var(self, f: FaultSpec):
         info = self.layers.get(f.layer)
         if info is None:
-            raise SpecError(f"unknown layer {f.layer!r}")
+            check_layer(f, self.names)
         if f.site is Site.PARAM:
             v = info.bias if f.tensor == "bias" else info.weight
             if v is None:
-                raise SpecError(f"layer {f.layer} has no bias")
+                check_operand(f, self._operands()[f.layer])
             return v
         if f.site is Site.OPT_STATE:
             opt = self.optimizer
             if opt is None:
                 raise SpecError("optimizer-state faults need the optimizer (TFInjector(..., "
-                                "optimizer=...))")
+                                "optimizer=...))", "site")
             slot_list = (getattr(opt, "_velocities", None) if f.tensor == "v" else
                          getattr(opt, "_momentums", None) or getattr(opt, "momentums", None))
             if not slot_list:
                 raise SpecError(f"optimizer {type(opt).__name__} has no "
-                                f"'{'v' if f.tensor == 'v' else 'm'}' state")
+                                f"'{'v' if f.tensor == 'v' else 'm'}' state", "site")
             try:
                 i = opt._get_variable_index(info.weight)
             except (KeyError, ValueError, AttributeError):
-                raise SpecError(f"the optimizer does not train {f.layer}") from None
+                raise SpecError(f"the optimizer does not train {f.layer}", "layer") from None
             return slot_list[i]
         raise SpecError(f"site {f.site.value} is not supported by the TensorFlow injector (no "
-                        f"offloaded host state in this workload)")
+                        f"offloaded host state in this workload)", "site")
 
     def apply_state_fault(self, f: FaultSpec, step: int) -> None:
         """Corrupt the stored parameter / optimizer slot of f's replica, now (eagerly)."""
+        self._check(f)
         comps = _components(self._state_var(f))
-        if f.replica >= self.replicas:
-            return
         comp = comps[f.replica if len(comps) > 1 else 0]
         dtype = comp.dtype.name
         c = f.resolve(tuple(int(d) for d in comp.shape), dtype, step)
@@ -584,30 +622,37 @@ class TFInjector:
 
     def arm(self, faults, step: int) -> None:
         """Arm `faults` (those firing at `step`) for the next step and apply their state
-        faults; every fault not given is disarmed."""
+        faults; every fault not given is disarmed. Every fault is checked first (validate):
+        a SpecError leaves the armed faults and the variables as they were."""
+        faults = list(faults)
+        plans = [self._check(f) for f in faults]
+        if sum(p is not None for p in plans) > self.slots:
+            raise SpecError(f"more than {self.slots} faults fire at step {step}; build the "
+                            f"injector with more slots")
+        prepared = []
+        for f, plan in zip(faults, plans):
+            if plan is None:
+                prepared.append(None)
+                continue
+            shape, dtype = plan[2], plan[3]
+            p = K.prepare(f.resolve(shape, dtype, step), dtype)
+            p.check(int(np.prod(shape)) if shape else 1)
+            if p.n > self.capacity:
+                raise SpecError(f"a fault hitting {p.n} elements exceeds the injector's "
+                                f"capacity of {self.capacity}; build it with more")
+            prepared.append(p)
         armed = np.zeros_like(self._armed_np)
         ints = np.zeros((self.slots, K.N_INTS, self.capacity), np.int64)
         meta = np.zeros((self.slots, K.N_META), np.int64)
         slot = 0
         self.fired = []
-        for f in faults:
-            if f.site.is_state:
+        for f, plan, p in zip(faults, plans, prepared):
+            if plan is None:
                 self.apply_state_fault(f, step)
                 self.fired.append({"site": f.site.value, "layer": f.layer, "replica": f.replica})
                 continue
-            li, code, shape, dtype = self._point(f)
-            if slot >= self.slots:
-                raise SpecError(f"more than {self.slots} faults fire at step {step}; build the "
-                                f"injector with more slots")
-            c = f.resolve(shape, dtype, step)
-            p = K.prepare(c, dtype)
-            p.check(int(np.prod(shape)) if shape else 1)
-            if p.n > self.capacity:
-                raise SpecError(f"a fault hitting {p.n} elements exceeds the injector's "
-                                f"capacity of {self.capacity}; build it with more")
             ints[slot], meta[slot] = p.slot(self.capacity)
-            if f.replica < self.replicas:
-                armed[f.replica, li, code] |= np.int32(1 << slot)
+            armed[f.replica, plan[0], plan[1]] |= np.int32(1 << slot)
             self.fired.append({"site": f.site.value, "layer": f.layer, "replica": f.replica,
                                "slot": slot, "elements": p.n})
             slot += 1

@@ -36,6 +36,9 @@ keep your own training loop::
 
 Faults are :class:`faultlab.faults.FaultSpec` values (the same fault model as the campaign
 files; :func:`faults_from_campaign` reads them from one), positions in Keras' own layout.
+``arm`` / ``arm_active`` check every fault they are handed before arming anything: a replica,
+layer, site or position the strategy and model do not have is a one-line SpecError listing
+the valid choices (``injector.validate(faults)`` checks without arming).
 Everything about sites, replicas and costs is in docs/tensorflow.md.
 """
 
@@ -118,7 +121,11 @@ def _injector_class():
 
         def arm_active(self, faults: Iterable[FaultSpec], step: int) -> list[FaultSpec]:
             """Arm the faults of `faults` that fire at `step` (their duration decides),
-            disarm the rest; returns the armed ones."""
+            disarm the rest; returns the armed ones. Every fault is checked, firing now or
+            not (validate: replica, layer, site, positions), so a fault that could never
+            fire is a SpecError at the first call, before any step runs."""
+            faults = list(faults)
+            self.validate(faults)
             firing = [f for f in faults if f.active(step)]
             self.arm(firing, step)
             return firing

@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from faultlab.errors import SpecError
-from faultlab.faults import FaultSpec, Site
+from faultlab.faults import (FaultSpec, Site, check_layer, check_operand, check_replica,
+                             choices)
 from faultlab.backends.torch.kernels import prepare
 
 # A full backward hook on the first layer (whose input needs no gradient) makes torch warn at
@@ -113,6 +114,63 @@ def conv_grad_input(mod: nn.Conv2d, d: torch.Tensor, weight: torch.Tensor) -> to
     return F.conv2d(dp, weight.flip(-1, -2).transpose(0, 1))
 
 
+# --- operand shapes --------------------------------------------------------------------------------
+
+def record_operands(table: dict, name: str, m: nn.Module, args, out) -> None:
+    """Add layer `name`'s operands (canonical shapes and dtypes, by site) seen in one call of
+    module `m` (a forward hook's arguments) to `table`."""
+    x = args[0] if args else None
+    entry = table.setdefault(name, {})
+    w = m.weight
+    wshape = canonical_shape(w.shape, weight_perm(w.dim()))
+    wd = dtype_name(w)
+    entry.update({Site.FWD_WEIGHT: (wshape, wd), Site.GRAD_WT: (wshape, wd),
+                  Site.PARAM: (wshape, wd), Site.OPT_STATE: (wshape, wd),
+                  Site.BWD_WEIGHT: (wshape, wd)})
+    if getattr(m, "bias", None) is not None:
+        entry["bias"] = (tuple(m.bias.shape), dtype_name(m.bias))
+    if isinstance(out, torch.Tensor):
+        oshape = canonical_shape(out.shape, act_perm(out.dim()))
+        entry[Site.FWD_OUTPUT] = entry[Site.GRAD_OUT] = (oshape, dtype_name(out))
+    if isinstance(x, torch.Tensor):
+        ishape = canonical_shape(x.shape, act_perm(x.dim()))
+        entry[Site.FWD_INPUT] = entry[Site.GRAD_IN] = (ishape, dtype_name(x))
+        if isinstance(m, nn.Conv2d) and isinstance(out, torch.Tensor):
+            # the dilated incoming gradient lives on the input's spatial grid
+            n, h, w_, _ = ishape
+            entry[Site.BWD_INPUT] = ((n, h, w_, oshape[-1]), dtype_name(out))
+        elif isinstance(m, nn.Linear) and isinstance(out, torch.Tensor):
+            entry[Site.BWD_INPUT] = (oshape, dtype_name(out))
+    if not isinstance(m, (nn.Conv2d, nn.Linear)):
+        entry.pop(Site.BWD_WEIGHT, None)
+
+
+def operand_table(model: nn.Module, example_input, layers: dict | None = None) -> dict:
+    """{layer: {Site | "bias": (shape, dtype)}}: every injectable layer's operands in the
+    canonical layout, from one forward pass of `model` on `example_input` (one replica's
+    batch, in torch's layout), in eval mode and without gradients: the model's parameters,
+    buffers and train / eval modes are left as they were. `layers` defaults to
+    faultlab.backends.torch.models.layer_map(model)."""
+    if layers is None:
+        from faultlab.backends.torch.models import layer_map
+        layers = layer_map(model)
+    table: dict[str, dict] = {}
+    modes = [(m, m.training) for m in model.modules()]
+    handles = [mod.register_forward_hook(
+        lambda m, args, out, name=name: record_operands(table, name, m, args, out))
+        for name, mod in layers.items()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+    return table
+
+
 # --- the injector --------------------------------------------------------------------------------
 
 @dataclass
@@ -123,15 +181,40 @@ class _Firing:
 
 
 class TorchInjector:
-    """Installs the hooks that deliver a step's faults into a model (and its optimizer)."""
+    """Installs the hooks that deliver a step's faults into a model (and its optimizer).
 
-    def __init__(self, layers: dict[str, nn.Module], optimizer: torch.optim.Optimizer | None = None):
+    layers: the injectable layers by name (faultlab.backends.torch.models.layer_map);
+    optimizer: for opt_state faults; replicas: how many replicas the caller emulates (the
+    values it gives ``injector.replica``), so a fault's replica is range-checked (None: not
+    checked); operands: the activation operands' shapes, canonical layout, one replica's
+    batch ({layer: {site: (shape, dtype)}}: :func:`operand_table` of the model on one
+    replica's input, or ``operand_shapes(config)`` of the torch trainer), so activation
+    positions are range-checked too. Weight-shaped operands are always checked (their shapes
+    come from the layers). Checks run when faults are handed over (begin_step, validate)."""
+
+    def __init__(self, layers: dict[str, nn.Module], optimizer: torch.optim.Optimizer | None = None,
+                 *, replicas: int | None = None, operands=None):
+        if replicas is not None and int(replicas) < 1:
+            raise ValueError(f"replicas must be at least 1, got {replicas}")
         self.layers = layers
         self.optimizer = optimizer
+        self.replicas = None if replicas is None else int(replicas)
+        self._entries: dict[str, dict] = {}
+        self.operands = operands
         self.replica = 0          # the emulated replica whose shard is being computed
         self.copies = None        # ReplicaCopies: per-replica parameter / optimizer copies
         self._handles: list = []
         self._shadowed: list[nn.Module] = []
+
+    @property
+    def operands(self):
+        """The activation operands' shapes faults are checked against (None: unchecked)."""
+        return self._operands
+
+    @operands.setter
+    def operands(self, table) -> None:
+        self._operands = table
+        self._entries.clear()
 
     # corruption of one tensor, resolved once per (fault, step, shape)
     def _corrupt(self, fi: _Firing, t: torch.Tensor, perm, inplace: bool = False) -> torch.Tensor:
@@ -152,11 +235,72 @@ class TorchInjector:
         try:
             return self.layers[name]
         except KeyError:
-            raise SpecError(f"unknown layer {name!r}") from None
+            raise SpecError(f"unknown layer {name!r}: valid layers are "
+                            f"{choices(self.layers)}", "layer") from None
+
+    @staticmethod
+    def operand_table(model: nn.Module, example_input, layers: dict | None = None) -> dict:
+        """{layer: {Site | "bias": (shape, dtype)}}: the operands of `model`'s injectable
+        layers (canonical layout) for `example_input` (one replica's batch, torch layout),
+        for ``TorchInjector(..., operands=)``; see :func:`operand_table`."""
+        return operand_table(model, example_input, layers)
+
+    def _entry(self, name: str) -> dict:
+        """{Site | "bias": (shape, dtype) or None}: the operands layer `name` offers a fault,
+        canonical layout; None where the shape is not known (an activation without
+        `operands`). Built once per layer."""
+        entry = self._entries.get(name)
+        if entry is not None:
+            return entry
+        mod = self.layers[name]
+        known = (self._operands or {}).get(name)
+        entry = {}
+
+        def activation(site):
+            if known is None:
+                entry[site] = None              # any shape: checked when the hook resolves it
+            elif site in known:
+                entry[site] = known[site]
+        for site in (Site.FWD_INPUT, Site.FWD_OUTPUT, Site.GRAD_OUT, Site.GRAD_IN):
+            activation(site)
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor):
+            wd = (canonical_shape(w.shape, weight_perm(w.dim())), dtype_name(w))
+            entry[Site.GRAD_WT] = entry[Site.PARAM] = entry[Site.OPT_STATE] = wd
+            if isinstance(mod._parameters.get("weight"), torch.Tensor):
+                entry[Site.FWD_WEIGHT] = wd
+            if isinstance(mod, (nn.Conv2d, nn.Linear)):
+                entry[Site.BWD_WEIGHT] = wd
+                activation(Site.BWD_INPUT)
+        b = getattr(mod, "bias", None)
+        if isinstance(b, torch.Tensor):
+            entry["bias"] = (tuple(int(d) for d in b.shape), dtype_name(b))
+        self._entries[name] = entry
+        return entry
+
+    def validate(self, faults) -> None:
+        """Raise a one-line SpecError (field "replica", "layer", "site" or "positions"; the
+        message lists the valid choices) for the first fault this injector cannot deliver:
+        a replica outside `replicas`, a layer not in `layers`, a site the layer does not have
+        (a backward operand of a layer that is not conv / linear, a bias it lacks, optimizer
+        state without an optimizer), a position outside the operand's canonical shape
+        (weights always, activations with `operands`). begin_step calls it first."""
+        for f in faults:
+            if self.replicas is not None:
+                check_replica(f, self.replicas, "this injector")
+            check_layer(f, self.layers)
+            check_operand(f, self._entry(f.layer))
+            if f.site is Site.OPT_STATE and self.optimizer is None:
+                raise SpecError("optimizer-state faults need the optimizer "
+                                "(TorchInjector(layers, optimizer))", "site")
 
     def begin_step(self, faults, step: int) -> None:
-        """Install hooks for `faults` (those firing at `step`); state faults apply at once."""
+        """Install hooks for `faults` (those firing at `step`); state faults apply at once.
+        Every fault is checked first (validate), so a SpecError installs and corrupts
+        nothing."""
         self.end_step()
+        faults = list(faults)
+        self.validate(faults)
         for f in faults:
             self._install(_Firing(f, step))
 
