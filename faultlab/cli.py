@@ -23,6 +23,7 @@ EPILOGS = {
   faultlab run campaigns/mixed.csv --workers 2 --results out/mixed.sqlite
   faultlab run ../shared/reference/isca_ae/injections/inj_masked.csv --framework torch --json
   faultlab run campaigns/inj_slow_degrade.csv --expect SlowDegrade   # exit 1 if not
+  faultlab run examples/my_campaign.csv --allow-workload examples.my_workload   # your code
 
 An interrupted campaign resumes where it stopped: run the same command again.""",
     "validate": """examples:
@@ -104,6 +105,36 @@ def _detect_options(a):
     return opts
 
 
+def _allow_entry(text: str):
+    """--allow-workload's value, checked when the command line is parsed."""
+    from faultlab.errors import SpecError
+    from faultlab.workloads.allow import parse_entry
+    try:
+        return parse_entry(text)
+    except SpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _allow_args(p) -> None:
+    p.add_argument("--allow-workload", action="append", default=[], type=_allow_entry,
+                   metavar="MODULE",
+                   help="let user code be imported: a module (with its submodules), "
+                        "module:function, or a .py file (repeatable; docs/workloads.md); "
+                        "also: [tool.faultlab] allow-workloads in pyproject.toml")
+
+
+def _check_workload_option(name: str | None, option: str = "--workload") -> None:
+    """A user workload named on the command line is imported only when allowed."""
+    from faultlab.errors import SpecError
+    from faultlab.workloads.allow import check_allowed
+    from faultlab.workloads.base import is_user_workload
+    if name and is_user_workload(name):
+        try:
+            check_allowed(name)
+        except SpecError as e:
+            raise FaultlabError(f"{option}: {e}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="faultlab",
@@ -136,16 +167,19 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--csv", help="also export the results to this CSV file")
     r.add_argument("--json", action="store_true", help="one JSON document on stdout")
     _protect_args(r)
+    _allow_args(r)
 
     v = cmd("validate", "check a campaign file against its workloads (no training)")
     v.add_argument("campaign")
     v.add_argument("--framework", choices=framework_names())
     v.add_argument("--json", action="store_true")
+    _allow_args(v)
 
     w = cmd("workloads", "list built-in workloads (and a workload's layers)")
     w.add_argument("--layers", metavar="WORKLOAD", help="list the layers and operand shapes")
     w.add_argument("--framework", choices=framework_names(), default=framework_names()[0])
     w.add_argument("--json", action="store_true")
+    _allow_args(w)
 
     d = cmd("detect", "measure detection overhead; with --campaign, detection coverage")
     d.add_argument("--check", action="store_true",
@@ -160,6 +194,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--results", help="results database for --campaign")
     d.add_argument("--json", action="store_true")
     _protect_args(d, with_flag=False)
+    _allow_args(d)
 
     rr = cmd("replay", "measure checkpoint + rollback/replay overhead and recovery time")
     rr.add_argument("--rerun", action="store_true",
@@ -172,6 +207,7 @@ def _parser() -> argparse.ArgumentParser:
     rr.add_argument("--repeats", type=int, default=1)
     rr.add_argument("--threads", type=int, default=1)
     rr.add_argument("--json", action="store_true")
+    _allow_args(rr)
 
     pl = cmd("plan", "write a random campaign sized by the statistical FI formula")
     pl.add_argument("--workload", default="reference",
@@ -185,6 +221,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--layer", action="append", help="restrict to these layers")
     pl.add_argument("-o", "--output", required=True, help="campaign file to write")
     pl.add_argument("--json", action="store_true")
+    _allow_args(pl)
 
     rp = cmd("report", "summarise a results database; export CSV / Parquet")
     rp.add_argument("results")
@@ -204,7 +241,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--workload",
                    help="training loop: mlp (default), rng-mlp, keras-mlp (TensorFlow; the "
                         "default when every engine is tf-sync / tf-async), or module:function "
-                        "/ file.py:function returning a TrainingLoop")
+                        "/ file.py:function returning a TrainingLoop (with --allow-workload)")
     c.add_argument("--steps", type=int, default=24, help="training steps per run (default 24)")
     c.add_argument("--every", type=int, default=1, help="checkpoint every N steps (default 1)")
     c.add_argument("--seed", type=int, default=0, help="seed of the kill points (default 0)")
@@ -216,6 +253,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="power loss: images per crash point (default 12)")
     c.add_argument("--dir", help="working directory (default: a temporary one, removed after)")
     c.add_argument("--json", action="store_true")
+    _allow_args(c)
     return p
 
 
@@ -276,6 +314,7 @@ def cmd_workloads(a) -> int:
     from faultlab.report import format_layers, format_workloads, operand_rows, workload_entries
     from faultlab.workloads.base import BUILTINS, default_config
     if a.layers:
+        _check_workload_option(a.layers, "--layers")
         cfg = default_config(a.layers, framework=a.framework)
         rows = operand_rows(load_backend(cfg.framework).operand_shapes(cfg))
         if a.json:
@@ -396,6 +435,7 @@ def cmd_detect(a) -> int:
         else:
             print(format_coverage(cov, fps))
         return 0
+    _check_workload_option(a.workload)
     cfg = reference(a.workload, a.framework)
     load_backend(cfg.framework).configure(a.threads)
     if not a.check:
@@ -414,6 +454,7 @@ def cmd_replay(a) -> int:
     """`faultlab replay`: time checkpointing and rollback-replay; the recovery time."""
     from faultlab.replay.overhead import reference, replay_overhead
     from faultlab.report import format_replay
+    _check_workload_option(a.workload)
     cfg = reference(a.workload, a.framework)
     load_backend(cfg.framework).configure(a.threads)
     every = a.every if a.rerun else 10**9
@@ -461,6 +502,12 @@ def cmd_crash(a) -> int:
             raise FaultlabError(f"{flag} must be at least {low}, got {value}")
     if a.jitter_ms < 0:
         raise FaultlabError(f"--jitter-ms must be >= 0, got {a.jitter_ms}")
+    if a.workload and ":" in a.workload:      # user code: imported only when allowed
+        from faultlab.crash.loops import check_factory_allowed
+        try:
+            check_factory_allowed(a.workload)
+        except FaultlabError as e:
+            raise FaultlabError(f"--workload: {e}") from None
     setup = campaign_setup(a.engine or (), a.workload, steps=a.steps, every=a.every)
     workdir = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="faultlab-crash-"))
     reports: list = []
@@ -505,6 +552,7 @@ def cmd_plan(a) -> int:
     from faultlab.campaigns import write_columnar
     from faultlab.campaigns.plan import plan
     from faultlab.replay.overhead import reference
+    _check_workload_option(a.workload)
     cfg = reference(a.workload, a.framework)
     if a.trials is not None and a.trials < 1:
         raise FaultlabError("--trials must be at least 1")
@@ -532,8 +580,10 @@ def main(argv: list[str] | None = None) -> int:
     if not a.command:
         parser.print_help()
         return 2
+    from faultlab.workloads.allow import allowing
     try:
-        return COMMANDS[a.command](a)
+        with allowing(getattr(a, "allow_workload", None) or ()):
+            return COMMANDS[a.command](a)
     except FaultlabError as e:
         print(f"faultlab: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -12,7 +12,9 @@ from typing import Callable, Iterable, Iterator
 from faultlab.errors import CampaignError, SpecError
 from faultlab.faults import (ISCA_FMODELS, ISCA_STAGES, Duration, DurationKind, Framework,
                              parse_enum)
-from faultlab.workloads.base import BUILTINS, WorkloadConfig, default_config
+from faultlab.workloads.allow import check_allowed
+from faultlab.workloads.base import BUILTINS, WorkloadConfig, default_config, is_user_workload
+from faultlab.workloads.estimate import check_fits
 
 MAX_INT = 2**31 - 1          # counts, sizes, steps, indices
 MAX_SEED = 2**63 - 1         # seeds fit a signed 64-bit integer (torch and tf both take it)
@@ -108,7 +110,7 @@ def parse_workload_name(text: str, what: str) -> str:
         default_config(t)
     except SpecError as e:
         raise SpecError(str(e).replace(repr(t), show(t))) from None
-    return t  # pragma: no cover - every other name is refused above
+    return t  # an installed workload's name (entry point group faultlab.workloads)
 
 
 def choice_parser(enum_cls, what: str):
@@ -243,7 +245,20 @@ def read_workload(rec: Record, name_col: str, lr_col: str, framework: str | None
         if kw["framework"] is None:
             kw["framework"] = inherit.framework
     with rec.at(name_col):
-        return default_config(name, **kw)
+        cfg = default_config(name, **kw)
+    if inherit is not None and cfg == inherit:
+        return cfg                      # checked on the trial's first row
+    if is_user_workload(name):
+        # nothing of it is imported unless allowed (faultlab/workloads/allow.py)
+        with rec.at(name_col):
+            check_allowed(name)
+    else:
+        try:
+            check_fits(cfg)             # sizes this machine cannot hold (workloads/estimate.py)
+        except SpecError as e:
+            raise rec.error(e.field if e.field in rec.cells or e.field in WORKLOAD_INTS
+                            else name_col, str(e)) from None
+    return cfg
 
 
 def parse_positive_float(text: str, what: str) -> float:

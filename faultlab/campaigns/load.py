@@ -8,14 +8,16 @@ import csv
 import hashlib
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from faultlab.campaigns.cells import data_lines, framework_override, show
 from faultlab.campaigns.columnar import COLUMNS, parse_columnar
 from faultlab.campaigns.isca import ISCA_KEYS, parse_isca
-from faultlab.errors import CampaignError
+from faultlab.errors import CampaignError, SpecError
 from faultlab.faults import Framework, parse_enum
 from faultlab.trials import Trial
+from faultlab.workloads.allow import allowing, parse_entry
 
 #: a campaign file larger than this is refused before it is parsed
 MAX_FILE_BYTES = 64 << 20
@@ -41,8 +43,15 @@ class Campaign:
 
 # --- entry points -------------------------------------------------------------------------------
 
-def load_campaign(path, framework: str | None = None) -> Campaign:
-    """Read a campaign file of either format; `framework` (torch|tf) overrides the file's."""
+def load_campaign(path, framework: str | None = None, *,
+                  allow_workloads: Iterable[str] = ()) -> Campaign:
+    """Read a campaign file of either format; `framework` (torch|tf) overrides the file's.
+
+    A user workload (`module:function`) the file names must be allowed: by `allow_workloads`
+    (modules, `pkg.mod:function`; as `--allow-workload`), an installed entry point or the
+    project's pyproject.toml (faultlab/workloads/allow.py); otherwise a CampaignError at its
+    cell, and nothing is imported. Built-in workloads too large for this machine are refused
+    (faultlab/workloads/estimate.py)."""
     try:
         p = os.fsdecode(os.fspath(path))
     except TypeError:
@@ -62,18 +71,25 @@ def load_campaign(path, framework: str | None = None) -> Campaign:
                             file=p) from None
     if len(data) > MAX_FILE_BYTES:
         raise CampaignError(f"file is larger than {MAX_FILE_BYTES >> 20} MiB", file=p)
-    return parse_campaign(data, p, framework)
+    return parse_campaign(data, p, framework, allow_workloads=allow_workloads)
 
 
-def parse_campaign(data: bytes, path: str = "<campaign>",
-                   framework: str | None = None) -> Campaign:
+def parse_campaign(data: bytes, path: str = "<campaign>", framework: str | None = None, *,
+                   allow_workloads: Iterable[str] = ()) -> Campaign:
     """Parse the bytes of a campaign file (format detected); see :func:`load_campaign`."""
     fw = framework_override(framework, path)
     text = decode(data, path)
     fmt = detect_format(text, path)
     parse = parse_isca if fmt == "isca" else parse_columnar
-    return Campaign(path=str(path), format=fmt, trials=parse(text, path, fw),
-                    digest=campaign_digest(data, fw))
+    if isinstance(allow_workloads, str):
+        allow_workloads = (allow_workloads,)
+    try:
+        entries = [parse_entry(e) for e in allow_workloads]
+    except SpecError as e:
+        raise CampaignError(f"allow_workloads: {e}", file=path) from None
+    with allowing(entries):
+        trials = parse(text, path, fw)
+    return Campaign(path=str(path), format=fmt, trials=trials, digest=campaign_digest(data, fw))
 
 
 def campaign_digest(data: bytes, framework: str | None = None) -> str:

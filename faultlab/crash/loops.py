@@ -126,8 +126,22 @@ def _importable(module: str) -> bool:
         return False
 
 
+def check_factory_allowed(name: str) -> None:
+    """A loop factory named on the command line or in a file is imported only when allowed
+    (faultlab/workloads/allow.py): the backends' built-in loops always are; a user's
+    ``module:function`` or ``file.py:function`` needs ``--allow-workload`` (or an entry point,
+    or ``[tool.faultlab] allow-workloads``). A SpecError otherwise, before anything is
+    imported. Names given in code (LoopSpec, KillCampaign, the pytest plugin's callables) are
+    the caller's choice and are not checked; the zygote and training processes only load
+    names their parent passed on."""
+    from faultlab.workloads.allow import check_allowed
+    builtins = {n for item in builtin_loops().items() for n in (item[0], item[1][1])}
+    check_allowed(name, "loop factory", builtins=builtins)
+
+
 def load_factory(name: str) -> Callable[[], TrainingLoop]:
-    """The loop factory a name (from factory_name) designates, its module imported."""
+    """The loop factory a name (from factory_name) designates, its module imported (no
+    allow-list check: see check_factory_allowed)."""
     module, _, attr = name.rpartition(":")
     try:
         if module.endswith(".py"):

@@ -20,6 +20,7 @@ from faultlab.outcomes import OutcomeRules, classify
 from faultlab.results.store import TrialResult
 from faultlab.trials import Trial
 from faultlab.workloads.base import WorkloadConfig
+from faultlab.workloads.estimate import check_fits
 
 
 def trial_window(trial: Trial) -> tuple[int, int]:
@@ -65,6 +66,7 @@ class Session:
         key = config.key()
         if key not in self._trainers:
             self._trainers.clear()  # one live model per process keeps memory flat
+            check_fits(config)      # sizes this machine cannot hold: one line, nothing built
             self._trainers[key] = self.backend(config).build_trainer(config)
         return self._trainers[key]
 
@@ -75,12 +77,14 @@ class Session:
         directory = goldenmod.golden_dir(config, self.threads)
         run = goldenmod.load(config, directory)
         if run is None:
+            check_fits(config)
             trainer = self.backend(config).build_trainer(config)  # fresh: initial weights
             run = goldenmod.record(trainer, config, directory, progress)
         self._goldens[key] = run
         return run
 
     def validate(self, trial: Trial) -> None:
+        check_fits(trial.workload)
         table = self.backend(trial.workload).operand_shapes(trial.workload)
         for f in trial.faults:
             check_fault(table, f, trial.workload)
@@ -171,13 +175,24 @@ class Session:
 
 
 def validate_trials(trials, session: Session | None = None) -> None:
-    """Check every fault of every trial against its workload's operand shapes."""
+    """Check every trial's workload size against this machine (workloads/estimate.py), then
+    every fault of every trial against its workload's operand shapes. Errors are one line
+    placed at the trial's row."""
     session = session or Session()
     tables: dict[str, object] = {}
     for t in trials:
         key = t.workload.key()
         if key not in tables:
-            tables[key] = session.backend(t.workload).operand_shapes(t.workload)
+            where = t.source or t.trial_id
+            try:
+                check_fits(t.workload)
+            except SpecError as e:
+                col = f" column '{e.field}':" if e.field else ""
+                raise SpecError(f"{where}:{col} {e}", e.field) from None
+            try:
+                tables[key] = session.backend(t.workload).operand_shapes(t.workload)
+            except SpecError as e:     # e.g. a user workload that is not a workload factory
+                raise SpecError(f"{where}: {e}", e.field) from None
         for i, f in enumerate(t.faults):
             try:
                 check_fault(tables[key], f, t.workload)

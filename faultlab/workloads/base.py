@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 
 from faultlab.backends import names as framework_names
-from faultlab.errors import SpecError
+from faultlab.errors import FaultlabError, SpecError
 from faultlab.faults import Framework, parse_enum
 
 
@@ -108,29 +108,71 @@ BUILTINS: dict[str, WorkloadInfo] = {
 
 
 def is_user_workload(name: str) -> bool:
-    """User workloads are named `module:function` (see docs/workloads.md)."""
-    return ":" in name
+    """User workloads are named `module:function`, or by the name an installed package gives
+    one (entry point group `faultlab.workloads`; see docs/workloads.md)."""
+    if name in BUILTINS:
+        return False
+    if ":" in name:
+        return True
+    from faultlab.workloads.allow import installed_workloads
+    return name in installed_workloads()
+
+
+def user_workload_target(name: str) -> str:
+    """The `module:function` a user workload's name designates."""
+    from faultlab.workloads.allow import installed_workloads
+    return installed_workloads().get(name, name)
 
 
 def load_user_workload(config: WorkloadConfig, expected: type):
-    """Call the `module:function` of a user workload (modules of the current directory are
-    importable, as with `python -m`) and check it returns an `expected` instance."""
+    """Import and call the `module:function` of a user workload (modules of the current
+    directory are importable, as with `python -m`) and check it returns an `expected` instance.
+
+    Nothing here checks the allow-list (faultlab/workloads/allow.py): names from campaign files
+    and the command line are checked where they are read, and a config built in Python is the
+    caller's own choice. Whatever goes wrong in the user's module or function is a one-line
+    SpecError naming the workload (the exception is chained for Python callers)."""
     import importlib
     import os
     import sys
     name = config.workload
-    mod_name, _, fn_name = name.partition(":")
+    target = user_workload_target(name)
+    label = repr(name) if target == name else f"{name!r} ({target})"
+    mod_name, _, fn_name = target.partition(":")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as e:
-        raise SpecError(f"cannot load workload {name!r}: {e}") from None
-    wl = fn(config)
+        module = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise SpecError(f"cannot load workload {label}: {' '.join(str(e).split())}") from None
+    except Exception as e:  # noqa: BLE001 - the user's module failed while importing
+        raise SpecError(f"cannot load workload {label}: importing {mod_name} raised "
+                        f"{_one_line(e)}") from e
+    try:
+        fn = getattr(module, fn_name)
+    except AttributeError:
+        raise SpecError(f"cannot load workload {label}: module {mod_name!r} has no "
+                        f"attribute {fn_name!r}") from None
+    if not callable(fn):
+        raise SpecError(f"workload {label} is not a workload factory: {fn_name} is not "
+                        f"callable ({type(fn).__name__})")
+    try:
+        wl = fn(config)
+    except FaultlabError:
+        raise
+    except Exception as e:  # noqa: BLE001 - wrong signature, or the factory itself failed
+        raise SpecError(f"workload {label} failed: calling {fn_name}(config) raised "
+                        f"{_one_line(e)} (a workload factory takes the WorkloadConfig and "
+                        f"returns a {expected.__name__})") from e
     if not isinstance(wl, expected):
-        raise SpecError(f"workload {name!r} returned {type(wl).__name__}, not "
+        raise SpecError(f"workload {label} returned {type(wl).__name__}, not "
                         f"{expected.__name__} (framework {config.framework.value})")
     return wl
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def lr_schedule(config: WorkloadConfig):
@@ -152,7 +194,10 @@ def default_config(name: str, **overrides) -> WorkloadConfig:
     elif is_user_workload(name):
         base = {}
     else:
-        raise SpecError(f"unknown workload {name!r} (built-ins: {', '.join(sorted(BUILTINS))}; "
-                        f"or module:function for your own)")
+        from faultlab.workloads.allow import installed_workloads
+        names = sorted(installed_workloads())
+        installed = f"; installed: {', '.join(names)}" if names else ""
+        raise SpecError(f"unknown workload {name!r} (built-ins: {', '.join(sorted(BUILTINS))}"
+                        f"{installed}; or module:function for your own)")
     base.update({k: v for k, v in overrides.items() if v is not None})
     return WorkloadConfig(workload=name, **base)
