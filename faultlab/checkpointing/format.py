@@ -28,6 +28,7 @@ MAX_SLOTS = 1 << 16                    # keep + max_in_flight; far beyond any re
 MAX_FILE_BYTES = 1 << 60               # offsets stay well inside int64 arithmetic
 TENSOR_ALIGN = 64                      # every array starts at a multiple of this in its slot
 MAX_NDIM = 64                          # numpy's limit
+MAX_DEPTH = 64                         # nesting of a manifest's JSON (meta, dtypes) at most
 
 _HEADER = struct.Struct("<8sHHIIIQQQQ16s")   # then an 8-byte checksum
 _RECORD = struct.Struct("<8sHHIQqQQQQ16s")   # then an 8-byte checksum
@@ -371,10 +372,21 @@ def decode_manifest(raw: bytes, rec: Record) -> Manifest:
         raise FormatError("manifest: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise FormatError(f"manifest unreadable ({type(e).__name__})") from None
-    try:
-        return _manifest_from(doc, rec)
-    except RecursionError:
-        raise FormatError("manifest: nested too deeply") from None
+    if json_depth(doc) > MAX_DEPTH:
+        raise FormatError(f"manifest: nested more than {MAX_DEPTH} levels deep")
+    return _manifest_from(doc, rec)
+
+
+def json_depth(doc) -> int:
+    """How deeply lists and objects nest in a decoded JSON value (iterative: any depth)."""
+    deepest, stack = 0, [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (list, tuple, dict)):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in (node.values() if isinstance(node, dict)
+                                                  else node))
+    return deepest
 
 
 def _manifest_from(doc, rec: Record) -> Manifest:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from faultlab.errors import CheckpointError
-from faultlab.checkpointing.format import TENSOR_ALIGN, TensorEntry
+from faultlab.checkpointing.format import (MAX_DEPTH, TENSOR_ALIGN, TensorEntry, dtype_to_json,
+                                           json_depth)
 
 ALIGN = TENSOR_ALIGN               # array start alignment within a slot (a cache line)
 INT64 = (-(1 << 63), (1 << 63) - 1)
@@ -61,6 +62,10 @@ def normalize_state(state: Mapping) -> list[tuple[str, np.ndarray]]:
         if arr.dtype.hasobject:
             raise CheckpointError(f"state[{name!r}] has dtype {arr.dtype}, which holds Python "
                                   "objects and cannot be checkpointed")
+        if (arr.dtype.names or arr.dtype.subdtype) \
+                and json_depth(dtype_to_json(arr.dtype)) > MAX_DEPTH - 4:
+            raise CheckpointError(f"state[{name!r}] has a structured dtype nested more than "
+                                  f"{MAX_DEPTH - 4} levels deep")
         out.append((name, arr))
     return out
 
@@ -72,9 +77,13 @@ def encode_meta(meta) -> dict:
     if not isinstance(meta, Mapping):
         raise CheckpointError(f"meta must be a dict, got {type(meta).__name__}")
     try:
-        return json.loads(json.dumps(dict(meta), allow_nan=False))
-    except (TypeError, ValueError) as e:
+        doc = json.loads(json.dumps(dict(meta), allow_nan=False))
+    except (TypeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"meta is not JSON-serialisable: {e}") from None
+    # the manifest holds meta two levels down: {"meta": {...}}
+    if json_depth(doc) > MAX_DEPTH - 1:
+        raise CheckpointError(f"meta nests more than {MAX_DEPTH - 1} levels deep")
+    return doc
 
 
 def check_step(step) -> int:
