@@ -18,12 +18,15 @@ training (one `TorchTrainer.train_step`: 4 replica forward+backward passes, Adam
   train/none           faults=() -- no hooks at all. This is also what every step in which no
                        fault fires costs: the runner passes only the faults firing at a step and
                        the injector installs hooks for those only.
-  train/idle-fwd       armed but idle: a fwd_output fault on basicblock_2_basic_0_conv2 whose
-                       replica index is 4 (== replicas). FaultSpec accepts it (the campaign parser
-                       range-checks replicas, the injector does not), so the hook is installed and
-                       called on every replica, and its replica check fails every time. This is
-                       exactly the cost a firing fault's hook adds while the *other* replicas'
-                       shards are computed.
+  train/idle-fwd       armed but idle: a fwd_output hook on basicblock_2_basic_0_conv2 that is
+                       installed and called on every replica and whose replica check fails every
+                       time. A second TorchInjector on the trainer's layers (replicas=4, so the
+                       fault passes the injector's range check) is armed each step, around
+                       train_step, with a fault on replica 1; the trainer drives only its own
+                       injector, so this one's current replica stays 0 and the fault never
+                       fires. This is exactly the cost a firing fault's hook adds while the
+                       *other* replicas' shards are computed (the same hook, the same failing
+                       check, installed and removed each step).
   train/idle-bwd       the same for a bwd_input fault on basicblock_4_basic_0_downsample (a full
                        backward hook).
   train/fire-fwd       a fwd_output bitflip (bit 22, the top mantissa bit: keeps training finite,
@@ -35,7 +38,8 @@ training (one `TorchTrainer.train_step`: 4 replica forward+backward passes, Adam
 
 inference (one forward pass, eval mode, torch.no_grad, batch 16, NCHW 3x32x32)
   infer/plain          the model alone.
-  infer/faultlab-idle  TorchInjector hook installed for a fwd_output fault of another replica.
+  infer/faultlab-idle  TorchInjector (replicas=4) hook installed for a fwd_output fault of
+                       replica 1 while replica 0 is computed (injector.replica stays 0).
   infer/faultlab       TorchInjector fwd_output fault: value 1e4 SET at one position of
                        basicblock_2_basic_0_conv2's output.
   infer/pytorchfi      pytorchfi 0.6.0 `declare_neuron_fi` with the same value at the same
@@ -46,10 +50,11 @@ inference (one forward pass, eval mode, torch.no_grad, batch 16, NCHW 3x32x32)
 layer (one layer alone, forward -- or forward+backward for the backward site -- reported per
 call): the per-call costs that a whole training step's noise hides. fwd-plain / fwd-idle /
 fwd-fire on basicblock_2_basic_0_conv2, bwd-plain / bwd-idle / bwd-fire on
-basicblock_4_basic_0_downsample; "fire" runs begin_step, the call and end_step each call, i.e. a
-firing fault's whole per-step cost on its layer (install, resolve, corrupt, remove). From these
-the script predicts the training ratios: replicas x idle for an idle fault, fire +
-(replicas - 1) x idle for a firing one.
+basicblock_4_basic_0_downsample; "idle" has the hooks of replica-1 faults installed once by a
+TorchInjector(replicas=4) whose replica stays 0; "fire" runs begin_step, the call and end_step
+each call, i.e. a firing fault's whole per-step cost on its layer (install, resolve, corrupt,
+remove). From these the script predicts the training ratios: replicas x idle for an idle
+fault, fire + (replicas - 1) x idle for a firing one.
 
 Every training variant has its own TorchTrainer built from the same configuration (and every
 inference or layer variant its own copy of the model), so a fault in one variant cannot change
@@ -153,11 +158,23 @@ class Variant:
 
 
 class TrainRun:
-    """One trainer stepping through the same step indices as the other training variants."""
+    """One trainer stepping through the same step indices as the other training variants.
 
-    def __init__(self, config, faults):
+    `idle`: faults armed, each step inside the timed region, on a second TorchInjector over the
+    trainer's layers (replicas = the configuration's) that nobody tells which replica is being
+    computed: its replica stays 0, so faults on other replicas have their hooks installed and
+    called on every replica's shard, and never fire."""
+
+    def __init__(self, config, faults, idle=()):
         self.trainer = TorchTrainer(config)
         self.faults = tuple(faults)
+        self.idle = tuple(idle)
+        self.side = (TorchInjector(self.trainer.layers, replicas=config.replicas)
+                     if self.idle else None)
+        if self.side is not None:
+            self.side.validate(self.idle)
+            assert all(f.replica != self.side.replica for f in self.idle), \
+                "an idle fault must target a replica other than the side injector's"
         self.step = 0
         self.last = None
 
@@ -165,7 +182,13 @@ class TrainRun:
         s = self.step
         firing = [f for f in self.faults if f.active(s)]   # as faultlab.runner does
         t0 = time.perf_counter()
-        self.last = self.trainer.train_step(s, firing)
+        if self.side is not None:
+            self.side.begin_step(self.idle, s)
+        try:
+            self.last = self.trainer.train_step(s, firing)
+        finally:
+            if self.side is not None:
+                self.side.end_step()
         dt = time.perf_counter() - t0
         self.step += 1
         return dt
@@ -202,21 +225,26 @@ def build(args):
                          layer=BWD_LAYER, replica=replica, duration=perm, seed=7)
 
     R = cfg.replicas
+    if R < 2:
+        raise SystemExit("the reference configuration needs at least 2 replicas (idle faults "
+                         "target replica 1)")
+    # (name, description, faults handed to train_step, idle faults on a second injector)
     train_specs = [
-        ("train/none", "training step, no injector (faults=())", ()),
-        ("train/idle-fwd", f"armed, idle: fwd_output hook on {FWD_LAYER}, replica {R} "
-                           f"(never matches)", (fwd(R),)),
-        ("train/idle-bwd", f"armed, idle: bwd_input full backward hook on {BWD_LAYER}, "
-                           f"replica {R} (never matches)", (bwd(R),)),
+        ("train/none", "training step, no injector (faults=())", (), ()),
+        ("train/idle-fwd", f"armed, idle: fwd_output hook on {FWD_LAYER}, replica 1 of a second "
+                           f"injector whose replica stays 0 (never matches)", (), (fwd(1),)),
+        ("train/idle-bwd", f"armed, idle: bwd_input full backward hook on {BWD_LAYER}, replica 1 "
+                           f"of a second injector whose replica stays 0 (never matches)", (),
+         (bwd(1),)),
         ("train/fire-fwd", f"firing: fwd_output bitflip bit {FLIP_BIT} at {fpos} of {FWD_LAYER},"
-                           f" replica 1, every step", (fwd(1),)),
+                           f" replica 1, every step", (fwd(1),), ()),
         ("train/fire-bwd", f"firing: bwd_input bitflip bit {FLIP_BIT} at {bpos} of {BWD_LAYER},"
-                           f" replica 1, every step (recomputes the backward conv)", (bwd(1),)),
+                           f" replica 1, every step (recomputes the backward conv)", (bwd(1),), ()),
     ]
     runs, variants = {}, []
-    for name, desc, faults in train_specs:
+    for name, desc, faults, idle in train_specs:
         seed_everything(cfg.seed)
-        runs[name] = TrainRun(cfg, faults)
+        runs[name] = TrainRun(cfg, faults, idle)
         variants.append(Variant(name, "train", desc, runs[name].one))
 
     # --- inference ------------------------------------------------------------------------------
@@ -244,14 +272,16 @@ def build(args):
     # Each injector variant gets its own copy of the model with its hooks installed once for
     # the whole run (pytorchfi works on its own deep copy too), so iterations can interleave.
     fl_idle_model, fl_model = copy.deepcopy(model), copy.deepcopy(model)
-    inj_idle, inj = TorchInjector(layer_map(fl_idle_model)), TorchInjector(layer_map(fl_model))
+    inj_idle = TorchInjector(layer_map(fl_idle_model), replicas=R)   # idle_fault: replica 1
+    inj = TorchInjector(layer_map(fl_model))
     inj_idle.begin_step([idle_fault], 0)
     inj.begin_step([set_fault], 0)
 
     variants += [
         Variant("infer/plain", "infer", "forward pass, no injector", forward_timer(model, x)),
         Variant("infer/faultlab-idle", "infer",
-                f"faultlab TorchInjector, fwd_output hook on {FWD_LAYER} for another replica",
+                f"faultlab TorchInjector (replicas={R}), fwd_output hook on {FWD_LAYER} for "
+                f"replica 1 while replica 0 is computed",
                 forward_timer(fl_idle_model, x)),
         Variant("infer/faultlab", "infer",
                 f"faultlab TorchInjector, fwd_output SET {SET_VALUE:g} at {fpos} (NHWC) of "
@@ -294,7 +324,8 @@ def build(args):
     for tag in ("plain", "idle", "fire"):
         lm = layer_map(copy.deepcopy(lmodel))
         lmods[tag] = {FWD_LAYER: lm[FWD_LAYER], BWD_LAYER: lm[BWD_LAYER]}
-    TorchInjector(lmods["idle"]).begin_step([fwd(R), bwd(R)], 0)   # idle: replica R never runs
+    # idle: replica-1 faults on an injector of R replicas whose replica stays 0 (never fires)
+    TorchInjector(lmods["idle"], replicas=R).begin_step([fwd(1), bwd(1)], 0)
     fire_inj = TorchInjector(lmods["fire"])                        # its replica stays 0
     fin, bin_ = shapes[FWD_LAYER][Site.FWD_INPUT][0], shapes[BWD_LAYER][Site.FWD_INPUT][0]
     variants += [
@@ -496,16 +527,19 @@ def main(argv=None) -> int:
         "warmup": args.warmup, "wall_s": round(time.perf_counter() - t_start, 1),
         "workload": info, "checks": checks, "derived": pred, "results": rows,
         "notes": [
-            "train/idle-*: the fault's replica index equals the replica count, so its hook is "
-            "installed and runs on all replicas but never fires; this is the per-replica cost of "
-            "a firing fault's hook on the replicas it does not hit. Steps in which no fault "
-            "fires install no hooks and cost train/none.",
+            "train/idle-*: a fault on replica 1 armed each step on a second TorchInjector "
+            "(replicas = the configuration's) over the trainer's layers, whose current replica "
+            "stays 0 (the trainer drives only its own injector): its hook is installed and runs "
+            "on all replicas but never fires; this is the per-replica cost of a firing fault's "
+            "hook on the replicas it does not hit. Steps in which no fault fires install no "
+            "hooks and cost train/none.",
             f"train/fire-*: bit {FLIP_BIT} (top mantissa bit) so every variant trains on finite "
             "values; the fault is resolved again every step (new hooks per step), as in a "
             "campaign.",
             f"layer/*: one layer alone, {LAYER_CALLS} calls per iteration, reported per call; "
-            "idle = hook installed, replica check fails; fire = begin_step, call, end_step per "
-            "call (a firing fault's whole per-step cost on its layer). The predicted training "
+            "idle = the hook of a replica-1 fault installed on an injector whose replica stays "
+            "0, its replica check failing; fire = begin_step, call, end_step per call (a firing "
+            "fault's whole per-step cost on its layer). The predicted training "
             "ratios add replicas x idle (idle) or fire + (replicas - 1) x idle (fire) to "
             "train/none.",
             "each repeat runs --steps rounds of training and --infer-iters rounds of inference "

@@ -14,9 +14,14 @@ replica, seed 123) on 2 replicas over logical CPU devices (--width / --per-repli
               (same model, optimizer, loss and data) with no injection point at all.
   idle        the instrumented step with nothing armed: what every step without a firing
               fault costs (every point checks its arming word and takes the untaken side).
-  armed-idle  the instrumented step with a fault armed for a replica index that does not
-              exist (== replicas): its slot arrays are written before the step, no point
-              fires. In TF the points are always in the graph, so this is idle plus arming.
+  armed-idle  the instrumented step while a fault waits for a later step: a permanent
+              fwd_output fault on replica 1 from step 41 (the variants time step 40), handed
+              over every step as faultlab.keras's Injector.arm_active takes faults (each one
+              checked against the strategy and model, only those firing at the step armed;
+              the runner too arms a fault only at the steps it fires), so no point fires. In
+              TF the points are always in the graph, so this is idle plus the hand-over: what
+              every step before a fault's first step costs. (Arming a fault's slot arrays is
+              part of fire-*.)
   fire-fwd    a fwd_output bit flip (bit 22, the top mantissa bit: training stays finite) at
               one position of basicblock_2_basic_0_conv2's output, replica 1, every step.
   fire-bwd    a bwd_input bit flip (bit 22) in the dilated incoming gradient of
@@ -26,8 +31,10 @@ replica, seed 123) on 2 replicas over logical CPU devices (--width / --per-repli
 idle, armed-idle and the firing variants share ONE trainer and ONE traced step function
 (arming is a variable write): the benchmark also checks that the step was traced once. Every
 timed step starts from the same saved state (restored outside the timed region), so all
-variants compute the same step of the same training run. Rounds run one step of each variant
-with a rotating start (a burst of load from elsewhere hits neighbours alike); the table gives
+variants compute the same step of the same training run. Every variant hands its faults over
+the same way, inside the timed region: checked (validate), then only those firing at the step
+armed. Rounds run one step of each variant with a rotating start (a burst of load from
+elsewhere hits neighbours alike); the table gives
 median and minimum over repeats of each repeat's median, ratios to `none`, and `paired`: the
 median over all rounds of step / the `none` step of the same round. One-time costs (building,
 tracing and the first step) are reported separately.
@@ -93,11 +100,13 @@ def main(argv=None) -> int:
     flip = ValueSpec("bitflip", bit=22)
     perm = Duration("permanent")
 
-    def f(site, layer, pos, replica):
+    def f(site, layer, pos, replica, step=0):
         return FaultSpec(site=site, value=flip, layer=layer, replica=replica, duration=perm,
-                         positions=PositionSpec("explicit", indices=(pos,)), seed=7)
+                         positions=PositionSpec("explicit", indices=(pos,)), seed=7, step=step)
 
     R = cfg.replicas
+    if R < 2:
+        raise SystemExit("--replicas must be at least 2 (the faults target replica 1)")
     started = _dt.datetime.now(_dt.timezone.utc)
     load0 = _loadavg()
     t0 = time.perf_counter()
@@ -119,24 +128,33 @@ def main(argv=None) -> int:
         tr.set_state(state)
 
     step_index = 40   # one mid-run step, the same for every variant and round
+    later = step_index + 1
     variants = [
         ("none", plain, (), "plain Keras step, no injection points"),
         ("idle", inst, (), "instrumented step, nothing armed"),
-        ("armed-idle", inst, (f(Site.FWD_OUTPUT, fwd_layer, fpos, R),),
-         f"fwd_output fault armed for replica {R} (none has that index): no point fires"),
+        ("armed-idle", inst, (f(Site.FWD_OUTPUT, fwd_layer, fpos, 1, step=later),),
+         f"fwd_output fault on replica 1 from step {later}, handed over at step {step_index}: "
+         f"checked, not armed yet, no point fires"),
         ("fire-fwd", inst, (f(Site.FWD_OUTPUT, fwd_layer, fpos, 1),),
          f"fwd_output bit 22 at {fpos} of {fwd_layer}, replica 1, every step"),
         ("fire-bwd", inst, (f(Site.BWD_INPUT, bwd_layer, bpos, 1),),
          f"bwd_input bit 22 at {bpos} of {bwd_layer}, replica 1, every step"),
     ]
     losses = {}
+    armed = {}
 
     def one(name, tr, faults):
         tr.set_state(state)
         s = time.perf_counter()
-        m = tr.train_step(step_index, faults)
+        # as faultlab.keras's arm_active takes faults: every fault checked, only those
+        # firing at this step armed
+        if faults:
+            tr.injector.validate(faults)
+        firing = [x for x in faults if x.active(step_index)]
+        m = tr.train_step(step_index, firing)
         dt = time.perf_counter() - s
         losses[name] = m.loss
+        armed[name] = len(firing)
         return dt * 1e3
 
     log(f"warm-up: {a.warmup} steps per variant")
@@ -170,6 +188,7 @@ def main(argv=None) -> int:
                      "samples_ms": samples[name]})
     traces = sum(f.experimental_get_tracing_count() for f in inst._steps.values())
     checks = {"instrumented_step_traced_once": traces == 1,
+              "armed_idle_arms_nothing_at_this_step": armed["armed-idle"] == 0,
               "armed_idle_equals_idle_loss": losses["armed-idle"] == losses["idle"],
               "fire_fwd_changed_loss": losses["fire-fwd"] != losses["none"],
               "fire_bwd_is_finite": bool(losses["fire-bwd"] == losses["fire-bwd"])}

@@ -1,9 +1,17 @@
 """An example of plugging your own training code into faultlab.
 
 Run a campaign against it with `workload` set to `examples.my_workload:tiny_cnn` (the module
-must be importable: run from the repository root, or put it on PYTHONPATH):
+must be importable: run from the repository root, or put it on PYTHONPATH). faultlab imports
+user code named by a campaign file only when you allow it (docs/workloads.md, "Allowing your
+code"): pass `--allow-workload examples.my_workload` (the module and any of its functions;
+`examples.my_workload:tiny_cnn` allows that function only), or list it under
+`[tool.faultlab] allow-workloads` in your pyproject.toml:
 
-    faultlab run examples/my_campaign.csv
+    faultlab validate examples/my_campaign.csv --allow-workload examples.my_workload
+    faultlab run examples/my_campaign.csv --allow-workload examples.my_workload
+
+From Python: `faultlab.load_campaign("examples/my_campaign.csv",
+allow_workloads=["examples.my_workload"])`.
 """
 
 import numpy as np

@@ -4,7 +4,11 @@ Names are imported on first use, so ``import faultlab.torch`` does not import to
 
 * ``TorchWorkload``: what a ``module:function`` user workload returns (docs/workloads.md);
 * ``TorchTrainer``: the built-in trainer (replica emulation, faults, detector signals);
-* ``TorchInjector``: hooks that deliver faults into a model's layers for one step;
+* ``TorchInjector``: hooks that deliver faults into a model's layers for one step, checking
+  each fault's replica, layer, site and positions when it is handed over;
+* ``operand_table(model, example_input)``: every injectable layer's operand shapes (canonical
+  layout) from one forward pass on one replica's batch, for ``TorchInjector(...,
+  operands=)`` so activation positions are checked too (the model is left as it was);
 * ``TorchCheckpointAdapter``: a training session's whole state <-> the checkpoint engine.
 """
 
@@ -16,6 +20,7 @@ _EXPORTS = {
     "TorchWorkload": "faultlab.backends.torch.trainer",
     "TorchTrainer": "faultlab.backends.torch.trainer",
     "TorchInjector": "faultlab.backends.torch.injector",
+    "operand_table": "faultlab.backends.torch.injector",
     "TorchCheckpointAdapter": "faultlab.backends.torch.adapter",
 }
 

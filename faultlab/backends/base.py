@@ -9,14 +9,13 @@ to these; the torch and TensorFlow code lives behind them in ``backends/<framewo
 from __future__ import annotations
 
 import abc
-import difflib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
 from faultlab.errors import SpecError
-from faultlab.faults import FaultSpec, Site
+from faultlab.faults import FaultSpec, Site, check_target
 from faultlab.workloads.base import WorkloadConfig
 
 if TYPE_CHECKING:
@@ -131,30 +130,11 @@ class Backend(abc.ABC):
 
 
 def check_fault(table: OperandTable, fault: FaultSpec, config: WorkloadConfig) -> None:
-    """Raise SpecError when a fault names a missing layer, an unsupported site or a position
-    outside its operand."""
-    if fault.layer not in table:
-        close = difflib.get_close_matches(fault.layer, list(table), n=3, cutoff=0.6)
-        hint = (f"did you mean {', '.join(close)}?" if close else
-                f"'faultlab workloads --layers {config.workload}' lists them")
-        raise SpecError(f"unknown layer {fault.layer!r} in workload {config.workload} ({hint})",
-                        "layer")
-    sites = table[fault.layer]
-    site = fault.site
-    if site in (Site.PARAM, Site.GRAD_WT, Site.OPT_STATE) and fault.tensor == "bias":
-        key = "bias"
-    else:
-        key = site
-    if key not in sites:
-        raise SpecError(f"site {site.value} is not available on layer {fault.layer}", "site")
-    shape, _ = sites[key]
-    if fault.replica >= config.replicas:
-        raise SpecError(f"replica {fault.replica} is out of range 0..{config.replicas - 1}",
-                        "replica")
+    """Raise a one-line SpecError (its field set) when a fault names a replica outside the
+    configuration's, a layer the workload does not have, a site the layer does not have, a
+    position outside its operand (faultlab.faults.check_target: the injectors' checks and
+    wording) or a step past the end of training."""
+    check_target(fault, table, config.replicas, f"workload {config.workload}")
     if fault.step >= config.total_steps:
         raise SpecError(f"step {fault.step} is past the end of training "
                         f"({config.total_steps} steps)", "step")
-    try:
-        fault.positions.check(shape, what=f"{site.value} operand of {fault.layer}")
-    except SpecError as e:
-        raise SpecError(str(e), "positions") from None

@@ -115,7 +115,7 @@ class InjectorHarness:
     def __init__(self):
         torch.manual_seed(3)
         self.net = Net()
-        self.inj = TorchInjector(layer_map(self.net))
+        self.inj = TorchInjector(layer_map(self.net), replicas=self.R)
         rng = np.random.default_rng(0)
         self.x = rng.normal(size=(self.R * self.B, 8, 8, 2)).astype(np.float32)
         self.y = rng.integers(0, 5, size=self.R * self.B)

@@ -154,12 +154,44 @@ def test_site_the_layer_does_not_have_is_refused(loop, f, words):
 
 
 def test_weight_positions_are_checked_without_an_operand_table():
-    lp = Loop()                               # neither replicas nor operands given
+    lp = Loop()                               # no operands (replicas: the default 1)
     with pytest.raises(SpecError) as e:
         lp.inj.begin_step([fault("fwd_weight", "conv2", pos=(3, 0, 0, 0))], 0)
     assert e.value.field == "positions" and "of shape 3/3/2/2" in str(e.value)
     lp.inj.begin_step([fault("fwd_output", "conv2", pos=(1, 3, 3, 1))], 0)   # not checkable
     lp.inj.end_step()
+
+
+def test_a_plain_injector_has_one_replica():
+    """TorchInjector(layers) is a single-process model: replica 0 only."""
+    inj = ft.TorchInjector(layer_map(Net()))
+    assert inj.replicas == 1
+    with pytest.raises(SpecError) as e:
+        inj.begin_step([fault("fwd_output", "conv1", replica=1)], 0)
+    assert e.value.field == "replica"
+    assert str(e.value) == "fault replica 1 is out of range: this injector has 1 replica (valid: 0)"
+    assert not inj._handles
+    inj.begin_step([fault("fwd_output", "conv1", replica=0)], 0)
+    inj.end_step()
+    for bad in (0, -1, 1.5, "2", True, None):
+        with pytest.raises(ValueError, match="replicas must be an integer of at least 1"):
+            ft.TorchInjector(layer_map(Net()), replicas=bad)
+
+
+def test_the_trainer_checks_its_replica_count():
+    """TorchTrainer's injector knows the configuration's replicas: a fault on replica R is
+    refused before the step runs, one on replica R - 1 fires."""
+    from faultlab.workloads.base import default_config
+    cfg = default_config("mlp", replicas=3, per_replica_batch=4, width=8, input_size=8,
+                         dataset="digits", steps_per_epoch=2, epochs=1, seed=1)
+    tr = ft.TorchTrainer(cfg)
+    assert tr.injector.replicas == 3
+    with pytest.raises(SpecError) as e:
+        tr.train_step(0, [fault("fwd_output", "dense_1", pos=(0, 0), replica=3)])
+    assert str(e.value) == ("fault replica 3 is out of range: this injector has 3 replicas "
+                            "(valid: 0-2)")
+    assert not tr.injector._handles
+    tr.train_step(0, [fault("fwd_output", "dense_1", pos=(0, 0), replica=2)])
 
 
 def test_an_invalid_fault_leaves_the_valid_ones_unapplied(loop):

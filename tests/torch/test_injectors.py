@@ -218,7 +218,7 @@ def test_hooks_are_removed_after_the_step(net_and_x):
 def test_fault_on_another_replica_does_nothing(net_and_x):
     net, x = net_and_x
     clean = net(x).detach()
-    inj = TorchInjector(layer_map(net))
+    inj = TorchInjector(layer_map(net), replicas=2)
     inj.replica = 0
     inj.begin_step([fault(Site.FWD_OUTPUT, replica=1, value=1e6)], 0)
     out = net(x).detach()

@@ -10,6 +10,7 @@ torch's NCHW / OIHW / (out, in) memory layout.
 
 from __future__ import annotations
 
+import operator
 import warnings
 from dataclasses import dataclass, field
 
@@ -118,7 +119,8 @@ def conv_grad_input(mod: nn.Conv2d, d: torch.Tensor, weight: torch.Tensor) -> to
 
 def record_operands(table: dict, name: str, m: nn.Module, args, out) -> None:
     """Add layer `name`'s operands (canonical shapes and dtypes, by site) seen in one call of
-    module `m` (a forward hook's arguments) to `table`."""
+    module `m` (a forward hook's arguments) to `table`. The one copy of this logic:
+    operand_table and the torch trainer's operand_shapes (meta device) both hook it in."""
     x = args[0] if args else None
     entry = table.setdefault(name, {})
     w = m.weight
@@ -185,20 +187,27 @@ class TorchInjector:
 
     layers: the injectable layers by name (faultlab.backends.torch.models.layer_map);
     optimizer: for opt_state faults; replicas: how many replicas the caller emulates (the
-    values it gives ``injector.replica``), so a fault's replica is range-checked (None: not
-    checked); operands: the activation operands' shapes, canonical layout, one replica's
-    batch ({layer: {site: (shape, dtype)}}: :func:`operand_table` of the model on one
-    replica's input, or ``operand_shapes(config)`` of the torch trainer), so activation
-    positions are range-checked too. Weight-shaped operands are always checked (their shapes
-    come from the layers). Checks run when faults are handed over (begin_step, validate)."""
+    values it gives ``injector.replica``), so a fault's replica is range-checked. It defaults
+    to 1, a plain single-process model: ``TorchInjector(layers)`` then accepts replica 0
+    only, and a fault on any other replica is a SpecError. A loop that emulates R replicas
+    (sets ``injector.replica`` to 0..R-1, as TorchTrainer does) passes ``replicas=R``.
+    operands: the activation operands' shapes, canonical layout, one replica's batch
+    ({layer: {site: (shape, dtype)}}: :func:`operand_table` of the model on one replica's
+    input, or ``operand_shapes(config)`` of the torch trainer), so activation positions are
+    range-checked too. Weight-shaped operands are always checked (their shapes come from the
+    layers). Checks run when faults are handed over (begin_step, validate)."""
 
     def __init__(self, layers: dict[str, nn.Module], optimizer: torch.optim.Optimizer | None = None,
-                 *, replicas: int | None = None, operands=None):
-        if replicas is not None and int(replicas) < 1:
-            raise ValueError(f"replicas must be at least 1, got {replicas}")
+                 *, replicas: int = 1, operands=None):
+        try:
+            n = None if isinstance(replicas, bool) else operator.index(replicas)
+        except TypeError:
+            n = None
+        if n is None or n < 1:
+            raise ValueError(f"replicas must be an integer of at least 1, got {replicas!r}")
         self.layers = layers
         self.optimizer = optimizer
-        self.replicas = None if replicas is None else int(replicas)
+        self.replicas = n
         self._entries: dict[str, dict] = {}
         self.operands = operands
         self.replica = 0          # the emulated replica whose shard is being computed
@@ -286,8 +295,7 @@ class TorchInjector:
         state without an optimizer), a position outside the operand's canonical shape
         (weights always, activations with `operands`). begin_step calls it first."""
         for f in faults:
-            if self.replicas is not None:
-                check_replica(f, self.replicas, "this injector")
+            check_replica(f, self.replicas, "this injector")
             check_layer(f, self.layers)
             check_operand(f, self._entry(f.layer))
             if f.site is Site.OPT_STATE and self.optimizer is None:

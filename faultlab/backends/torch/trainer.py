@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from faultlab.backends.base import EvalMetrics, StepMetrics, TrainerBase
 from faultlab.errors import SpecError
-from faultlab.faults import FaultSpec, Site
-from faultlab.backends.torch.injector import TorchInjector, act_perm, canonical_shape, dtype_name, weight_perm
+from faultlab.faults import FaultSpec
+from faultlab.backends.torch.injector import TorchInjector, record_operands
 from faultlab.workloads import data as datamod
 from faultlab.workloads.base import WorkloadConfig, is_user_workload, load_user_workload, lr_schedule
 from faultlab.backends.torch.models import MLP, ResNet18, TransformerLM, layer_map
@@ -107,7 +107,8 @@ class TorchTrainer(TrainerBase):
         self.pipeline = datamod.Pipeline(config, self.wl.data, augment=self.wl.augment)
         self.optimizer = self.wl.make_optimizer(self.model.parameters(), config.lr)
         self.layers = layer_map(self.model)
-        self.injector = TorchInjector(self.layers, self.optimizer)
+        # the replica count, so a fault on a replica this configuration lacks is refused
+        self.injector = TorchInjector(self.layers, self.optimizer, replicas=config.replicas)
         # per-replica copies of parameters / optimizer state, made when a fault forks one
         self.copies = ReplicaCopies(self.model, self.optimizer) if config.replicas > 1 else None
         self.injector.copies = self.copies
@@ -422,34 +423,9 @@ def operand_shapes(config: WorkloadConfig):
         wl = build_workload(config, with_data=False)
     model = wl.model
     table: dict[str, dict] = {}
-    handles = []
-    for name, mod in layer_map(model).items():
-        def hook(m, args, out, name=name):
-            x = args[0] if args else None
-            entry = table.setdefault(name, {})
-            w = m.weight
-            wshape = canonical_shape(w.shape, weight_perm(w.dim()))
-            wd = dtype_name(w)
-            entry.update({Site.FWD_WEIGHT: (wshape, wd), Site.GRAD_WT: (wshape, wd),
-                          Site.PARAM: (wshape, wd), Site.OPT_STATE: (wshape, wd),
-                          Site.BWD_WEIGHT: (wshape, wd)})
-            if getattr(m, "bias", None) is not None:
-                entry["bias"] = (tuple(m.bias.shape), dtype_name(m.bias))
-            if isinstance(out, torch.Tensor):
-                oshape = canonical_shape(out.shape, act_perm(out.dim()))
-                entry[Site.FWD_OUTPUT] = entry[Site.GRAD_OUT] = (oshape, dtype_name(out))
-            if isinstance(x, torch.Tensor):
-                ishape = canonical_shape(x.shape, act_perm(x.dim()))
-                entry[Site.FWD_INPUT] = entry[Site.GRAD_IN] = (ishape, dtype_name(x))
-                if isinstance(m, nn.Conv2d) and isinstance(out, torch.Tensor):
-                    # the dilated incoming gradient lives on the input's spatial grid
-                    n, h, w_, _ = ishape
-                    entry[Site.BWD_INPUT] = ((n, h, w_, oshape[-1]), dtype_name(out))
-                elif isinstance(m, nn.Linear) and isinstance(out, torch.Tensor):
-                    entry[Site.BWD_INPUT] = (oshape, dtype_name(out))
-            if not isinstance(m, (nn.Conv2d, nn.Linear)):
-                entry.pop(Site.BWD_WEIGHT, None)
-        handles.append(mod.register_forward_hook(hook))
+    handles = [mod.register_forward_hook(
+        lambda m, args, out, name=name: record_operands(table, name, m, args, out))
+        for name, mod in layer_map(model).items()]
     shape = (config.per_replica_batch,) + tuple(wl.sample_shape)
     with torch.device("meta"):
         x = torch.zeros(shape, dtype=wl.input_dtype)
