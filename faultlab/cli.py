@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from faultlab.backends import load_backend, names as framework_names
-from faultlab.errors import FaultlabError
+from faultlab.errors import FaultlabError, printable
 
 EPILOGS = {
     "run": """examples:
@@ -70,7 +70,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         command = self.prog.split(None, 1)[1:]          # "faultlab run" -> ["run"]
         where = f"{command[0]}: " if command else ""
-        message = " ".join(message.split())
+        message = printable(" ".join(message.split()))
         self.exit(2, f"faultlab: error: {where}{message} (see '{self.prog} --help')\n")
 
 
@@ -472,7 +472,7 @@ def cmd_report(a) -> int:
     from faultlab.report import format_results, format_summary
     from faultlab.results import ResultStore, summarize, to_csv, to_parquet
     if not Path(a.results).is_file():
-        raise FaultlabError(f"{a.results}: no such results database")
+        raise FaultlabError(f"{printable(a.results)}: no such results database")
     with ResultStore(a.results) as store:
         results = store.results(a.campaign)
     rows = summarize(results)
@@ -502,6 +502,12 @@ def cmd_crash(a) -> int:
             raise FaultlabError(f"{flag} must be at least {low}, got {value}")
     if a.jitter_ms < 0:
         raise FaultlabError(f"--jitter-ms must be >= 0, got {a.jitter_ms}")
+    if a.dir:
+        try:
+            Path(a.dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise FaultlabError(f"--dir {printable(a.dir)}: cannot create it: "
+                                f"{e.strerror or e}") from None
     if a.workload and ":" in a.workload:      # user code: imported only when allowed
         from faultlab.crash.loops import check_factory_allowed
         try:
@@ -585,7 +591,9 @@ def main(argv: list[str] | None = None) -> int:
         with allowing(getattr(a, "allow_workload", None) or ()):
             return COMMANDS[a.command](a)
     except FaultlabError as e:
-        print(f"faultlab: error: {e}", file=sys.stderr)
+        # one line whatever the message carries: the sources escape the user's text they
+        # quote (file names, cells); this is the safety net for any that does not
+        print(f"faultlab: error: {printable(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("\nfaultlab: interrupted; finished trials are saved, run again to resume",

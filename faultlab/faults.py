@@ -48,6 +48,13 @@ class Site(str, enum.Enum):
         return self in (Site.PARAM, Site.OPT_STATE, Site.HOST_STATE)
 
 
+#: sites of the fault model that no backend injects into yet, and what they would be: campaign
+#: files refuse them where they name them (campaigns/columnar.py), the strategies of
+#: faultlab.testing draw them only when asked, the injectors refuse them when armed
+UNSUPPORTED_SITES = {Site.HOST_STATE: "a host-resident (offloaded) copy of state; use param or "
+                                      "opt_state for the device copy"}
+
+
 class ValueModel(str, enum.Enum):
     BITFLIP = "bitflip"      # flip k chosen or random bits
     RANDOM = "random"        # random finite bit pattern of the value's width
@@ -171,6 +178,10 @@ class PositionSpec:
     def resolve(self, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
         """Flat (row-major, canonical layout) indices of the hit elements."""
         self.check(shape)
+        return self._draw(shape, rng)
+
+    def _draw(self, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+        """resolve() once the positions are known to fit `shape` (check)."""
         size = int(np.prod(shape)) if shape else 1
         if self.mode is PositionMode.EXPLICIT:
             return np.ravel_multi_index(tuple(np.array(self.indices).T), shape).astype(np.int64)
@@ -306,48 +317,89 @@ def _random_finite(rng, n: int, layout: BitLayout) -> np.ndarray:
     return out
 
 
+#: the dtypes faultlab corrupts, for messages
+CORRUPTIBLE = ", ".join(DTYPE_LAYOUT)
+
+
+def check_corruption(value: ValueSpec, positions: PositionSpec, shape: tuple[int, ...] | None,
+                     dtype: str | None, what: str = "tensor") -> BitLayout | None:
+    """Every rule that ties a fault's value and positions to the operand it hits (`shape`,
+    `dtype`; either may be None when not known): the dtype can be corrupted, an int8 tensor
+    only in the int8 layout, a chosen `bit` and the number of random `bits` fit the layout's
+    width, positions fit the shape, `copy` has another element to copy from, `set` has one
+    value or one per element. Returns the concrete layout (None when the dtype is not known).
+
+    The one copy of these rules: resolve() runs it on every resolution, check_operand (what
+    `faultlab validate`, the campaign runner and the injectors' arm-time checks use) before
+    anything runs. A one-line SpecError whose `field` names the part at fault ("site" for an
+    operand that cannot be corrupted, "layout", "bit", "bits", "positions", "value")."""
+    if shape is not None:
+        try:
+            positions.check(tuple(shape), what=what)
+        except SpecError as e:
+            raise SpecError(str(e), "positions") from None
+    if dtype is None:
+        return None
+    if dtype not in DTYPE_LAYOUT:
+        raise SpecError(f"cannot corrupt the {what} of dtype {dtype} (faultlab corrupts "
+                        f"{CORRUPTIBLE} values)", "site")
+    layout = DTYPE_LAYOUT[dtype] if value.layout is BitLayout.NATIVE else value.layout
+    if dtype == "int8" and layout is not BitLayout.INT8:
+        raise SpecError(f"the {what} is int8: it cannot be corrupted in the {layout.value} "
+                        f"layout (use layout int8 or native)", "layout")
+    width = LAYOUT_BITS[layout]
+    native = f", the native layout of its {dtype}" if value.layout is BitLayout.NATIVE else ""
+    m = value.model
+    if m in (ValueModel.BITFLIP, ValueModel.STUCK_AT) and value.bit is not None \
+            and not 0 <= value.bit < width:
+        raise SpecError(f"bit {value.bit} is outside the {layout.value} layout of the {what} "
+                        f"(bits 0..{width - 1}{native})", "bit")
+    if m is ValueModel.BITFLIP and value.bit is None and value.bits > width:
+        raise SpecError(f"cannot flip {value.bits} distinct bits in the {width}-bit "
+                        f"{layout.value} layout of the {what} (bits 1..{width}{native})", "bits")
+    if m is ValueModel.COPY and shape is not None and (int(np.prod(shape)) if shape else 1) < 2:
+        raise SpecError(f"value copy needs an operand of at least two elements (the {what} "
+                        f"has shape {_fmt(shape) or 'scalar'})", "value")
+    if m is ValueModel.SET and len(value.values) != 1:
+        n = (len(positions.indices) if positions.mode is PositionMode.EXPLICIT else
+             positions.count if positions.mode in (PositionMode.RANDOM,
+                                                   PositionMode.CONSECUTIVE) else None)
+        if n != len(value.values):
+            hit = f"{n} positions" if n is not None else "a random number of elements (groups)"
+            raise SpecError(f"{len(value.values)} replacement values for {hit} (give 1"
+                            f"{'' if n is None else f' or {n}'})", "values")
+    return layout
+
+
 def resolve(value: ValueSpec, positions: PositionSpec, shape: tuple[int, ...], dtype: str,
             place_rng: np.random.Generator, value_rng: np.random.Generator,
             onset: int = 0) -> Corruption:
-    """Resolve a value and position spec against an operand of `shape` and `dtype`."""
-    if dtype not in DTYPE_LAYOUT:
-        raise SpecError(f"cannot corrupt a tensor of dtype {dtype}")
-    layout = DTYPE_LAYOUT[dtype] if value.layout is BitLayout.NATIVE else value.layout
-    if dtype == "int8" and layout is not BitLayout.INT8:
-        raise SpecError(f"an int8 tensor cannot be corrupted in the {layout.value} layout")
-    idx = positions.resolve(tuple(shape), place_rng)
+    """Resolve a value and position spec against an operand of `shape` and `dtype` (checked
+    first by check_corruption)."""
+    shape = tuple(shape)
+    layout = check_corruption(value, positions, shape, dtype)
+    idx = positions._draw(shape, place_rng)
     n = idx.size
     width = LAYOUT_BITS[layout]
     m = value.model
     kw: dict = {}
     if m is ValueModel.BITFLIP:
         if value.bit is not None:
-            if value.bit >= width:
-                raise SpecError(f"bit {value.bit} is outside the {layout.value} layout")
             kw["masks"] = np.full(n, np.uint64(1) << np.uint64(value.bit), dtype=np.uint64)
         else:
-            if value.bits > width:
-                raise SpecError(f"cannot flip {value.bits} distinct bits in the "
-                                f"{width}-bit {layout.value} layout")
             kw["masks"] = _random_masks(place_rng, n, width, value.bits)
     elif m is ValueModel.STUCK_AT:
         bits = (np.full(n, value.bit, dtype=np.uint64) if value.bit is not None
                 else place_rng.integers(0, width, size=n).astype(np.uint64))
-        if value.bit is not None and value.bit >= width:
-            raise SpecError(f"bit {value.bit} is outside the {layout.value} layout")
         kw["masks"] = np.left_shift(np.uint64(1), bits)
         kw["stuck"] = value.stuck
     elif m is ValueModel.SET:
         vals = np.asarray(value.values, dtype=np.float64)
-        kw["values"] = np.broadcast_to(vals, (n,)).copy() if vals.size in (1, n) else None
-        if kw["values"] is None:
-            raise SpecError(f"{vals.size} replacement values for {n} positions")
+        kw["values"] = np.broadcast_to(vals, (n,)).copy()
     elif m is ValueModel.RANDOM:
         kw["values"] = _random_finite(value_rng, n, layout)
     elif m is ValueModel.COPY:
         size = int(np.prod(shape)) if shape else 1
-        if size < 2:
-            raise SpecError("copy needs an operand of at least two elements")
         off = place_rng.integers(1, size, size=n)  # never the element itself
         kw["src"] = ((idx + off) % size).astype(np.int64)
     elif m is ValueModel.SCALE:
@@ -417,9 +469,11 @@ def check_layer(fault: FaultSpec, layers) -> None:
 
 def check_operand(fault: FaultSpec, entry) -> tuple[tuple[int, ...], str] | None:
     """The (shape, dtype) of the operand `fault` targets in a layer's operand `entry`
-    ({Site | "bias": (shape, dtype) or None}), its positions checked against the shape when
-    the shape is known (None is returned when it is not). SpecError with field "site" when
-    the layer has no such operand, "positions" when a position does not fit."""
+    ({Site | "bias": (shape, dtype) or None}), checked against the fault by
+    check_corruption (positions, dtype, layout, bit, bits: the rules resolve() applies when
+    the fault fires) as far as the shape and dtype are known (None is returned when the
+    shape is not). SpecError with field "site" when the layer has no such operand or its
+    dtype cannot be corrupted, else the field check_corruption names."""
     key = operand_key(fault)
     if key not in entry:
         sites = choices(s.value for s in Site if s in entry)
@@ -432,19 +486,20 @@ def check_operand(fault: FaultSpec, entry) -> tuple[tuple[int, ...], str] | None
         raise SpecError(f"{what} is not available on layer {_name(fault.layer)}{why}: valid "
                         f"sites are {sites}", "site")
     operand = entry[key]
-    if operand is None or operand[0] is None:
+    if operand is None:
         return None
-    shape = tuple(int(d) for d in operand[0])
+    dtype = operand[1] if len(operand) > 1 else None
     what = (f"{fault.site.value} operand{' (bias)' if key == 'bias' else ''} of layer "
             f"{_name(fault.layer)}")
+    if operand[0] is None:
+        check_corruption(fault.value, fault.positions, None, dtype, what)
+        return None
+    shape = tuple(int(d) for d in operand[0])
     if any(d < 0 for d in shape):
         raise SpecError(f"the {what} has an unknown dimension (shape {_fmt(shape)}): give "
                         f"the injector a fully defined input shape", "positions")
-    try:
-        fault.positions.check(shape, what=what)
-    except SpecError as e:
-        raise SpecError(str(e), "positions") from None
-    return shape, operand[1]
+    check_corruption(fault.value, fault.positions, shape, dtype, what)
+    return shape, dtype
 
 
 def check_target(fault: FaultSpec, operands, replicas: int | None = None,

@@ -9,11 +9,12 @@ import re
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator
 
-from faultlab.errors import CampaignError, SpecError
+from faultlab.errors import CampaignError, SpecError, printable
 from faultlab.faults import (ISCA_FMODELS, ISCA_STAGES, Duration, DurationKind, Framework,
                              parse_enum)
 from faultlab.workloads.allow import check_allowed
 from faultlab.workloads.base import BUILTINS, WorkloadConfig, default_config, is_user_workload
+from faultlab.workloads.data import check_dataset
 from faultlab.workloads.estimate import check_fits
 
 MAX_INT = 2**31 - 1          # counts, sizes, steps, indices
@@ -44,7 +45,7 @@ _USER_WORKLOAD_RE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*", 
 
 def show(text: str, limit: int = 40) -> str:
     """A user's text quoted for a one-line message: control characters escaped, clipped."""
-    s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text)[:limit + 1])
+    s = printable(str(text)[:limit + 1])
     return repr(s[:limit] + ("..." if len(s) > limit or len(str(text)) > limit else ""))
 
 
@@ -184,6 +185,11 @@ class Record:
     def row_of(self, col: str | None) -> int | None:
         return self.cells[col][0] if col in self.cells else self.row
 
+    def place(self, col: str) -> str:
+        """Where column `col` of this record is, as an error names it: "file:row: column 'col'"
+        (the record's first row when the cell is empty)."""
+        return CampaignError("", file=self.path, row=self.row_of(col), column=col).where
+
     def error(self, col: str | None, message: str, near: str | None = None) -> CampaignError:
         """An error at `col`; a missing cell is placed on the row of `near`, if any."""
         row = self.row_of(col) if col in self.cells or near is None else self.row_of(near)
@@ -248,6 +254,10 @@ def read_workload(rec: Record, name_col: str, lr_col: str, framework: str | None
         cfg = default_config(name, **kw)
     if inherit is not None and cfg == inherit:
         return cfg                      # checked on the trial's first row
+    try:
+        check_dataset(cfg)              # one the workload can train on (workloads/data.py)
+    except SpecError as e:
+        raise rec.error("dataset" if rec.has("dataset") else name_col, str(e)) from None
     if is_user_workload(name):
         # nothing of it is imported unless allowed (faultlab/workloads/allow.py)
         with rec.at(name_col):

@@ -15,9 +15,10 @@ from faultlab.campaigns.cells import (MAX_INT, MAX_SEED, WORKLOAD_INTS, Record, 
                                       parse_isca_stage, parse_layer, parse_positions,
                                       parse_trial_id, read_duration, read_when, read_workload,
                                       show)
-from faultlab.errors import CampaignError, FaultlabError, SpecError
-from faultlab.faults import (LAYOUT_BITS, BitLayout, DurationKind, FaultSpec, PositionMode,
-                             PositionSpec, Site, ValueModel, ValueSpec, isca_fault)
+from faultlab.errors import CampaignError, FaultlabError, SpecError, printable
+from faultlab.faults import (LAYOUT_BITS, UNSUPPORTED_SITES, BitLayout, DurationKind, FaultSpec,
+                             PositionMode, PositionSpec, Site, ValueModel, ValueSpec,
+                             isca_fault)
 from faultlab.trials import Trial
 from faultlab.workloads.base import WorkloadConfig
 
@@ -32,8 +33,7 @@ FAULT_COLUMNS = ("site", "layer", "tensor", "replica", "epoch", "step", "value",
 COLUMNS = ("trial",) + WORKLOAD_COLUMNS + FAULT_COLUMNS
 
 #: tensors a state site may name
-_TENSORS = {Site.PARAM: ("weight", "bias"), Site.OPT_STATE: ("m", "v"),
-            Site.HOST_STATE: ("weight", "bias", "m", "v")}
+_TENSORS = {Site.PARAM: ("weight", "bias"), Site.OPT_STATE: ("m", "v")}
 
 # --- the columnar CSV format -----------------------------------------------------------------
 
@@ -57,7 +57,7 @@ class _Group:
     horizon: int | None
     faults: list[FaultSpec]
     control: bool
-    rows: list[int] = field(default_factory=list)
+    locations: list[dict] = field(default_factory=list)
 
 
 def parse_columnar(text: str, path: str = "<campaign>",
@@ -107,9 +107,10 @@ def parse_columnar(text: str, path: str = "<campaign>",
         horizon = rec.get("horizon", parse_int, 0, MAX_INT,
                           default=group.horizon if group else None)
         fault = _columnar_fault(rec, cfg, tid, len(group.faults) if group else 0)
+        where = _fault_locations(rec) if fault else None
         if group is None:
             groups[tid] = _Group(row, explicit, cfg, horizon, [fault] if fault else [],
-                                 fault is None, [row] if fault else [])
+                                 fault is None, [where] if fault else [])
             continue
         _agree(rec, tid, group, cfg, horizon)
         if group.control or fault is None:
@@ -117,14 +118,28 @@ def parse_columnar(text: str, path: str = "<campaign>",
                                      f"rows (first on row {group.row}); a control trial has "
                                      f"exactly one row")
         group.faults.append(fault)
-        group.rows.append(row)
+        group.locations.append(where)
     if not groups:
         raise CampaignError("no trials (only a header)", file=path, row=header_row)
-    return [Trial(tid, g.cfg, tuple(g.faults), horizon=g.horizon, source=f"{path}:{g.row}",
-                  locations=tuple({k: f"{path}:{r}: column '{k}'" for k in
-                                   ("layer", "site", "positions", "replica", "step")}
-                                  for r in g.rows))
+    return [Trial(tid, g.cfg, tuple(g.faults), horizon=g.horizon,
+                  source=CampaignError("", file=path, row=g.row).where,
+                  locations=tuple(g.locations))
             for tid, g in groups.items()]
+
+
+def _fault_locations(rec: Record) -> dict[str, str]:
+    """Where each field of a row's fault (a SpecError's `field`, raised when the fault is
+    checked against its operand) is set: "file:row: column 'name'" (cells.Record.place)."""
+    if rec.has("fmodel") or rec.has("stage"):      # the fmodel fixes site, value and layout
+        cols = dict.fromkeys(("site", "value", "bit", "bits", "layout"), "fmodel")
+        cols["values"] = "values" if rec.has("values") else "fmodel"
+        cols["positions"] = "positions" if rec.has("positions") else "fmodel"
+    else:
+        cols = {c: c for c in ("site", "value", "bit", "bits", "layout", "values")}
+        cols["positions"] = next((c for c in ("positions", "count", "groups", "position_mode")
+                                  if rec.has(c)), "positions")
+    cols.update(layer="layer", replica="replica", step="step")
+    return {k: rec.place(c) for k, c in cols.items()}
 
 
 def _agree(rec: Record, tid: str, group: _Group, cfg: WorkloadConfig,
@@ -163,6 +178,9 @@ def _columnar_fault(rec: Record, cfg: WorkloadConfig, tid: str, index: int) -> F
         tensor = None
     else:
         site = rec.get("site", choice_parser(Site, "site"))
+        if site in UNSUPPORTED_SITES:
+            raise rec.error("site", f"site {site.value} is not supported yet: no backend "
+                                    f"injects into it ({UNSUPPORTED_SITES[site]})")
         layer = rec.require("layer", parse_layer)
         tensor = _tensor(rec, site)
         vspec = _value_spec(rec)
@@ -205,8 +223,8 @@ def _tensor(rec: Record, site: Site) -> str | None:
         return None
     allowed = _TENSORS.get(site)
     if allowed is None:
-        raise rec.error("tensor", f"tensor applies to the state sites (param, opt_state, "
-                                  f"host_state), not {site.value}")
+        raise rec.error("tensor", f"tensor applies to the state sites (param, opt_state), "
+                                  f"not {site.value}")
     t = rec.cells["tensor"][1].lower()
     if t not in allowed:
         raise rec.error("tensor", f"tensor of site {site.value} must be one of "
@@ -310,6 +328,9 @@ def format_columnar(trials: Iterable[Trial]) -> str:
         for f in t.faults or (None,):
             row = dict(base)
             if f is not None:
+                if f.site in UNSUPPORTED_SITES:     # the reader would refuse it
+                    raise SpecError(f"trial {t.trial_id}: site {f.site.value} is not "
+                                    f"supported yet: no backend injects into it", "site")
                 row.update(_fault_cells(f, cfg))
             w.writerow([row.get(c, "") for c in COLUMNS])
     return out.getvalue()
@@ -320,10 +341,19 @@ def write_columnar(trials: Iterable[Trial], path: str | os.PathLike) -> Path:
     it, then a rename); the path written."""
     out = Path(path)
     if out.exists() and out.is_dir():
-        raise FaultlabError(f"{out}: is a directory")
+        raise FaultlabError(f"{printable(out)}: is a directory")
+    text = format_columnar(trials)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(format_columnar(trials))
-    tmp.replace(out)
+    try:
+        tmp.write_text(text)
+        tmp.replace(out)
+    except OSError as e:     # a missing folder, no permission, a full disk: one line
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise FaultlabError(f"{printable(out)}: cannot write the campaign: "
+                            f"{e.strerror or e}") from None
     return out
 
 

@@ -84,10 +84,15 @@ def parse_isca(text: str, path: str = "<campaign>", framework: str | None = None
         fault = FaultSpec(site, vspec, pspec, layer=base, replica=replica, step=step,
                           duration=duration, seed=seed)
     first = min(r for r, _ in cells.values())
+    source = CampaignError("", file=path, row=first).where
+
     def loc(key):
-        return f"{path}:{cells[key][0]}: column '{key}'" if key in cells else f"{path}:{first}"
-    where = {"layer": loc("target_layer"), "site": loc("fmodel"), "positions": loc("inj_pos"),
-             "replica": loc("target_worker"), "step": loc("target_step")}
-    return [Trial("0", cfg, (fault,), horizon=horizon, source=f"{path}:{first}",
-                  locations=(where,))]
+        return rec.place(key) if key in cells else source
+    # where each field of the fault (a SpecError's field when it is checked against its
+    # operand) is set; the fmodel fixes site, value, layout and bits
+    where = {"layer": loc("target_layer"), "positions": loc("inj_pos"),
+             "values": loc("inj_values"), "replica": loc("target_worker"),
+             "step": loc("target_step"),
+             **dict.fromkeys(("site", "value", "bit", "bits", "layout"), loc("fmodel"))}
+    return [Trial("0", cfg, (fault,), horizon=horizon, source=source, locations=(where,))]
 

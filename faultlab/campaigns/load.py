@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from faultlab.campaigns.cells import data_lines, framework_override, show
 from faultlab.campaigns.columnar import COLUMNS, parse_columnar
 from faultlab.campaigns.isca import ISCA_KEYS, parse_isca
-from faultlab.errors import CampaignError, SpecError
+from faultlab.errors import CampaignError, SpecError, printable
 from faultlab.faults import Framework, parse_enum
 from faultlab.trials import Trial
 from faultlab.workloads.allow import allowing, parse_entry
@@ -76,7 +76,13 @@ def load_campaign(path, framework: str | None = None, *,
 
 def parse_campaign(data: bytes, path: str = "<campaign>", framework: str | None = None, *,
                    allow_workloads: Iterable[str] = ()) -> Campaign:
-    """Parse the bytes of a campaign file (format detected); see :func:`load_campaign`."""
+    """Parse the bytes of a campaign file (format detected); see :func:`load_campaign`.
+
+    `path` names the file in messages and in each trial's `source`; it is escaped once here
+    (errors.printable: a line break, a terminal escape or a NUL in a file name must not
+    reach a one-line message), and CampaignError escapes whatever it is given again."""
+    real = str(path)
+    path = printable(real)
     fw = framework_override(framework, path)
     text = decode(data, path)
     fmt = detect_format(text, path)
@@ -89,7 +95,7 @@ def parse_campaign(data: bytes, path: str = "<campaign>", framework: str | None 
         raise CampaignError(f"allow_workloads: {e}", file=path) from None
     with allowing(entries):
         trials = parse(text, path, fw)
-    return Campaign(path=str(path), format=fmt, trials=trials, digest=campaign_digest(data, fw))
+    return Campaign(path=real, format=fmt, trials=trials, digest=campaign_digest(data, fw))
 
 
 def campaign_digest(data: bytes, framework: str | None = None) -> str:

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from faultlab.errors import FaultlabError
+from faultlab.errors import FaultlabError, printable
 from faultlab.results.store import (BOOL_FIELDS, COLUMNS, FLOAT_FIELDS, INT_FIELDS, TrialResult,
                                     json_dumps, one_line)
 
@@ -60,7 +60,7 @@ def to_csv(results: Iterable[TrialResult], path_or_file: str | os.PathLike | io.
             with open(p, "w", newline="", encoding="utf-8") as f:
                 write(f)
         except OSError as e:
-            raise FaultlabError(f"{p}: cannot write CSV: {e.strerror or e}") from None
+            raise FaultlabError(f"{printable(p)}: cannot write CSV: {e.strerror or e}") from None
     else:
         write(path_or_file)
     return len(records)
@@ -111,5 +111,5 @@ def to_parquet(results: Iterable[TrialResult], path: str | os.PathLike,
         p.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, str(p))
     except OSError as e:
-        raise FaultlabError(f"{p}: cannot write Parquet: {one_line(e)}") from None
+        raise FaultlabError(f"{printable(p)}: cannot write Parquet: {one_line(e)}") from None
     return len(records)

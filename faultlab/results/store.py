@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from faultlab.errors import FaultlabError
+from faultlab.errors import FaultlabError, printable
 
 #: the outcome classes, in reporting order (the taxonomy of the ISCA'23 study plus Crash/Hang)
 OUTCOMES = ("Masked", "ImmediateINFsNaNs", "ShortTermINFsNaNs", "LatentINFsNaNs",
@@ -228,14 +228,15 @@ class ResultStore:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._name = printable(self.path)    # the path in one-line messages
         self._conn: sqlite3.Connection | None = None
         self.journal_mode = ""
         if self.path.is_dir():
-            raise ResultsError(f"{self.path}: is a directory, not a faultlab results database")
+            raise ResultsError(f"{self._name}: is a directory, not a faultlab results database")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise ResultsError(f"{self.path}: cannot create its folder: {e.strerror or e}") from None
+            raise ResultsError(f"{self._name}: cannot create its folder: {e.strerror or e}") from None
         try:
             self._conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S,
                                          isolation_level=None)
@@ -246,7 +247,7 @@ class ResultStore:
             raise
         except sqlite3.Error as e:
             self.close()
-            raise ResultsError(f"{self.path}: not a faultlab results database "
+            raise ResultsError(f"{self._name}: not a faultlab results database "
                                f"({one_line(e)})") from None
 
     # -- setup
@@ -285,17 +286,17 @@ class ResultStore:
         if app_id == 0:
             n = self._conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
             if n:
-                raise ResultsError(f"{self.path}: an SQLite database of another program, "
+                raise ResultsError(f"{self._name}: an SQLite database of another program, "
                                    "not a faultlab results database")
             return
         if app_id != APPLICATION_ID:
-            raise ResultsError(f"{self.path}: an SQLite database of another program "
+            raise ResultsError(f"{self._name}: an SQLite database of another program "
                                f"(application id {app_id:#x}), not a faultlab results database")
         if version > SCHEMA_VERSION:
-            raise ResultsError(f"{self.path}: results schema version {version} is newer than "
+            raise ResultsError(f"{self._name}: results schema version {version} is newer than "
                                f"this faultlab supports ({SCHEMA_VERSION}); upgrade faultlab")
         if version < 1:
-            raise ResultsError(f"{self.path}: faultlab results database without a schema "
+            raise ResultsError(f"{self._name}: faultlab results database without a schema "
                                "version; it is damaged")
 
     def _wal(self) -> None:
@@ -324,14 +325,14 @@ class ResultStore:
     @property
     def conn(self) -> sqlite3.Connection:
         if self._conn is None:
-            raise ResultsError(f"{self.path}: results store is closed")
+            raise ResultsError(f"{self._name}: results store is closed")
         return self._conn
 
     def _run(self, sql: str, args: Sequence = ()) -> sqlite3.Cursor:
         try:
             return self.conn.execute(sql, args)
         except sqlite3.Error as e:
-            raise ResultsError(f"{self.path}: {one_line(e)}") from None
+            raise ResultsError(f"{self._name}: {one_line(e)}") from None
 
     # -- writing
 
@@ -376,7 +377,7 @@ class ResultStore:
         try:
             return _from_row(r)
         except (ValueError, TypeError, KeyError) as e:
-            raise ResultsError(f"{self.path}: damaged row for trial {r[2]!r}: "
+            raise ResultsError(f"{self._name}: damaged row for trial {r[2]!r}: "
                                f"{one_line(e)}") from None
 
 

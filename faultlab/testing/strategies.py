@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from faultlab.bits import LAYOUT_BITS, BitLayout
 from faultlab.checkpointing.api import COMPARED, Phase, checkpointer_class
 from faultlab.crash.points import MAX_OCCURRENCE, KillPoint
-from faultlab.faults import (Duration, DurationKind, FaultSpec, PositionMode, PositionSpec, Site,
-                             ValueModel, ValueSpec)
+from faultlab.faults import (UNSUPPORTED_SITES, Duration, DurationKind, FaultSpec, PositionMode,
+                             PositionSpec, Site, ValueModel, ValueSpec)
 
 
 def phases(allowed: Sequence[Phase | str] | None = None) -> st.SearchStrategy[Phase]:
@@ -133,13 +133,16 @@ def fault_specs(draw, sites: Sequence[Site | str] | None = None,
                 max_groups: int = 4,
                 set_values: st.SearchStrategy[float] = _finite) -> FaultSpec:
     """A valid FaultSpec: a site, a value model with its parameters, positions, a duration,
-    a replica (0..max_replica), a first step (0..max_step) and a seed. Every spec drawn can be
-    written to and read back from a columnar campaign file (a SET has one replacement or one
-    per element hit). `layers`: names to draw from (default: arbitrary valid layer names);
+    a replica (0..max_replica), a first step (0..max_step) and a seed. Every spec drawn on
+    the default sites can be written to and read back from a columnar campaign file (a SET
+    has one replacement or one per element hit). `layers`: names to draw from (default: arbitrary valid layer names);
     whether a layer exists in a workload is the workload's check, not the spec's.
     max_index / max_count / max_groups bound explicit indices, counts and groups of positions;
-    set_values draws SET replacements (default finite; a parser test may pass st.floats())."""
-    site = draw(st.sampled_from([Site(s) for s in (sites or list(Site))]))
+    set_values draws SET replacements (default finite; a parser test may pass st.floats()).
+    `sites` defaults to every site a backend injects into (those of
+    faultlab.faults.UNSUPPORTED_SITES, host_state, only when named)."""
+    site = draw(st.sampled_from([Site(s) for s in sites] if sites else
+                                [s for s in Site if s not in UNSUPPORTED_SITES]))
     layer = draw(st.sampled_from(list(layers)) if layers else _layer_names)
     tensor = draw(st.sampled_from(_TENSORS[site])) if site in _TENSORS else None
     value, positions = draw(_value_and_positions(max_index, max_count, max_groups, set_values))

@@ -16,11 +16,36 @@ from pathlib import Path
 
 import numpy as np
 
-from faultlab.errors import DataError
+from faultlab.errors import DataError, SpecError
 from faultlab.workloads.base import WorkloadConfig
 
 IMAGE_DATASETS = ("digits", "cifar10", "synthetic")
 TEXT_DATASETS = ("corpus",)
+#: the datasets each built-in workload can train on: ResNet-18 takes 3-channel images (digits
+#: are repeated over 3 channels), the perceptron 1-channel ones (digits only: CIFAR-10 and the
+#: synthetic images have 3), the language model token ids (the corpus)
+WORKLOAD_DATASETS = {"resnet18": ("cifar10", "digits", "synthetic"), "mlp": ("digits",),
+                     "transformer": ("corpus",)}
+
+
+def check_dataset(config: WorkloadConfig) -> None:
+    """A one-line SpecError (field "dataset", listing the valid choices) when a built-in
+    workload is configured with a dataset that does not exist or that it cannot train on
+    (checked where campaign files are read, before anything is built). User workloads load
+    their own data: their dataset name is theirs to interpret."""
+    valid = WORKLOAD_DATASETS.get(config.workload)
+    if valid is None or config.dataset in valid:
+        return
+    name = config.dataset
+    shown = repr(name if len(name) <= 40 else name[:40] + "...")
+    if name in IMAGE_DATASETS + TEXT_DATASETS:
+        kind = "token ids" if name in TEXT_DATASETS else (
+            "3-channel images" if name != "digits" else "images")
+        raise SpecError(f"workload {config.workload} cannot train on dataset {shown} "
+                        f"({kind}): valid datasets are {', '.join(valid)}", "dataset")
+    raise SpecError(f"unknown dataset {shown}: workload {config.workload} trains on "
+                    f"{', '.join(valid)} (datasets: "
+                    f"{', '.join(sorted(IMAGE_DATASETS + TEXT_DATASETS))})", "dataset")
 
 
 @dataclass(frozen=True)
