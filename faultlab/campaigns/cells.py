@@ -13,7 +13,8 @@ from faultlab.errors import CampaignError, SpecError, printable
 from faultlab.faults import (ISCA_FMODELS, ISCA_STAGES, Duration, DurationKind, Framework,
                              parse_enum)
 from faultlab.workloads.allow import check_allowed
-from faultlab.workloads.base import BUILTINS, WorkloadConfig, default_config, is_user_workload
+from faultlab.workloads.base import (BUILTINS, WorkloadConfig, check_options, default_config,
+                                     is_user_workload, parse_options)
 from faultlab.workloads.data import check_dataset
 from faultlab.workloads.estimate import check_fits
 
@@ -242,6 +243,7 @@ def read_workload(rec: Record, name_col: str, lr_col: str, framework: str | None
         kw[col] = rec.get(col, parse_int, lo, hi)
     kw["lr"] = rec.get(lr_col, parse_positive_float)
     kw["dataset"] = rec.get("dataset", parse_dataset)
+    kw["options"] = rec.get("options", parse_options)
     file_fw = rec.get("framework", choice_parser(Framework, "framework"))
     kw["framework"] = framework or file_fw
     if inherit is not None and inherit.workload == name:
@@ -254,6 +256,8 @@ def read_workload(rec: Record, name_col: str, lr_col: str, framework: str | None
         cfg = default_config(name, **kw)
     if inherit is not None and cfg == inherit:
         return cfg                      # checked on the trial's first row
+    with rec.at("options" if rec.has("options") else name_col):
+        check_options(cfg)              # keys the workload has, values faultlab can read
     try:
         check_dataset(cfg)              # one the workload can train on (workloads/data.py)
     except SpecError as e:

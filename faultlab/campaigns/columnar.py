@@ -20,12 +20,12 @@ from faultlab.faults import (LAYOUT_BITS, UNSUPPORTED_SITES, BitLayout, Duration
                              PositionMode, PositionSpec, Site, ValueModel, ValueSpec,
                              isca_fault)
 from faultlab.trials import Trial
-from faultlab.workloads.base import WorkloadConfig
+from faultlab.workloads.base import WorkloadConfig, format_options
 
 #: columns of a trial's workload (rows of one trial must agree on them)
 WORKLOAD_COLUMNS = ("framework", "workload", "replicas", "per_replica_batch", "width",
                     "input_size", "dataset", "steps_per_epoch", "epochs", "eval_samples",
-                    "checkpoint_every", "lr", "seed", "horizon")
+                    "checkpoint_every", "lr", "seed", "options", "horizon")
 FAULT_COLUMNS = ("site", "layer", "tensor", "replica", "epoch", "step", "value", "bit", "bits",
                  "stuck", "factor", "values", "ramp", "layout", "positions", "position_mode",
                  "count", "groups", "duration", "duration_steps", "probability", "fault_seed",
@@ -317,11 +317,14 @@ def format_columnar(trials: Iterable[Trial]) -> str:
     for t in trials:
         parse_trial_id(t.trial_id, "trial")
         cfg = t.workload
-        if cfg.options:
-            raise SpecError(f"trial {t.trial_id}: workload options cannot be written to a "
-                            f"columnar campaign")
+        if any(not k or "=" in k or ";" in k or ";" in v or k != k.strip() or v != v.strip()
+               for k, v in cfg.options):
+            raise SpecError(f"trial {t.trial_id}: workload options with '=' or ';' in a key, "
+                            f"';' in a value or spaces around either cannot be written to a "
+                            f"columnar campaign", "options")
         base = {"trial": t.trial_id, "framework": cfg.framework.value, "workload": cfg.workload,
                 "lr": _num(cfg.lr), "dataset": cfg.dataset,
+                "options": format_options(cfg.options),
                 "horizon": "" if t.horizon is None else str(t.horizon)}
         for col in WORKLOAD_INTS:
             base[col] = str(getattr(cfg, col))

@@ -175,12 +175,127 @@ def _one_line(e: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+#: learning-rate schedules (option `schedule`)
+SCHEDULES = ("linear", "constant")
+
+#: options faultlab reads for every workload (the learning-rate schedule): key -> what it takes
+SCHEDULE_OPTIONS = {
+    "schedule": "linear (decay from lr to lr * end_lr_ratio, the default) or constant",
+    "decay_steps": "an integer >= 0: steps of the linear decay (0, the default: the whole run)",
+    "end_lr_ratio": "a number >= 0: the final learning rate over lr (default 0.1)",
+}
+
+#: options of each built-in workload besides the schedule's: key -> what it takes
+BUILTIN_OPTIONS = {
+    "resnet18": {"dropout": "a number in [0, 1) (default 0.1)",
+                 "augment": "1 (the artifact's flip / pad / crop, the default) or 0"},
+    "mlp": {},
+    "transformer": {"blocks": "an integer >= 0 (default 2)",
+                    "heads": "an integer >= 1 that divides width (default 4)"},
+}
+
+
+def _int_option(key: str, text: str, low: int) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = None
+    if n is None or n < low:
+        raise SpecError(f"option {key} must be an integer >= {low}, got {text!r}", "options")
+    return n
+
+
+def _float_option(key: str, text: str, low: float, high: float | None = None) -> float:
+    import math
+    try:
+        x = float(text)
+    except ValueError:
+        x = math.nan
+    if not (math.isfinite(x) and x >= low and (high is None or x < high)):
+        span = f">= {low:g}" if high is None else f"in [{low:g}, {high:g})"
+        raise SpecError(f"option {key} must be a number {span}, got {text!r}", "options")
+    return x
+
+
+def _check_value(key: str, text: str) -> None:
+    if key == "schedule":
+        if text not in SCHEDULES:
+            raise SpecError(f"option schedule must be one of {', '.join(SCHEDULES)}, got "
+                            f"{text!r}", "options")
+    elif key in ("decay_steps", "blocks"):
+        _int_option(key, text, 0)
+    elif key == "heads":
+        _int_option(key, text, 1)
+    elif key == "end_lr_ratio":
+        _float_option(key, text, 0.0)
+    elif key == "dropout":
+        _float_option(key, text, 0.0, 1.0)
+    elif key == "augment" and text not in ("0", "1"):
+        raise SpecError(f"option augment must be 0 or 1, got {text!r}", "options")
+
+
+def check_options(config: WorkloadConfig) -> None:
+    """Refuse options a workload does not have and values faultlab cannot read: one line
+    (SpecError, field "options") naming the key. A built-in takes the schedule's options and
+    its own (BUILTIN_OPTIONS); a user workload takes the schedule's (checked) and any other key,
+    which its function reads with `config.option(key)`."""
+    import difflib
+    opts = dict(config.options)
+    builtin = BUILTIN_OPTIONS.get(config.workload)
+    known = dict(SCHEDULE_OPTIONS, **(builtin or {}))
+    for key, text in config.options:
+        if not key or any(c in key for c in "=;") or ";" in text:
+            raise SpecError(f"option {key!r}={text!r}: keys cannot be empty or hold '=' or "
+                            f"';', values cannot hold ';'", "options")
+        if key not in known:
+            if builtin is None:
+                continue                  # the user's own option: their function reads it
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise SpecError(f"workload {config.workload} has no option {key!r} ({hint}options: "
+                            f"{', '.join(known)})", "options")
+        _check_value(key, text)
+    if opts.get("schedule") == "constant":
+        for key in ("decay_steps", "end_lr_ratio"):
+            if key in opts:
+                raise SpecError(f"option {key} applies to schedule linear, not constant",
+                                "options")
+
+
+def parse_options(text: str, what: str = "options") -> tuple[tuple[str, str], ...]:
+    """`key=value;key=value` (the columnar `options` cell) as WorkloadConfig.options; keys are
+    checked by check_options once the workload is known."""
+    out: dict[str, str] = {}
+    for part in text.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        key, eq, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or not key:
+            raise SpecError(f"{what} must be key=value pairs separated by ';', got {part!r}",
+                            what)
+        if key in out:
+            raise SpecError(f"{what}: option {key!r} is given twice", what)
+        out[key] = value
+    return tuple(sorted(out.items()))
+
+
+def format_options(options: tuple[tuple[str, str], ...]) -> str:
+    """The `options` cell that parse_options reads back to `options`."""
+    return ";".join(f"{k}={v}" for k, v in options)
+
+
 def lr_schedule(config: WorkloadConfig):
-    """The learning rate as a function of the step: polynomial (power 1) decay from lr to
-    lr * end_lr_ratio over decay_steps (default: the whole run), as in the artifact."""
+    """The learning rate as a function of the step. Option `schedule`: `linear` (the default)
+    is polynomial (power 1) decay from lr to lr * end_lr_ratio over decay_steps (default: the
+    whole run), as in the artifact; `constant` keeps lr. Bad options: one-line SpecError."""
+    check_options(config)
+    lr0 = config.lr
+    if config.option("schedule", "linear") == "constant":
+        return lambda step: lr0
     decay = int(config.option("decay_steps", "0")) or config.total_steps
     ratio = float(config.option("end_lr_ratio", "0.1"))
-    lr0 = config.lr
 
     def lr_at(step: int) -> float:
         return (lr0 - lr0 * ratio) * (1 - min(step, decay) / decay) + lr0 * ratio

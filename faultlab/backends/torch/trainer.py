@@ -19,9 +19,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 
 from faultlab.backends.base import EvalMetrics, StepMetrics, TrainerBase
-from faultlab.errors import SpecError
+from faultlab.errors import FaultlabError, SpecError
 from faultlab.faults import FaultSpec
 from faultlab.backends.torch.injector import TorchInjector, record_operands
 from faultlab.workloads import data as datamod
@@ -38,6 +39,10 @@ def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y)
 
 
+def _call_with_state(model: nn.Module, x: torch.Tensor, state):
+    return model(x, state)
+
+
 @dataclass
 class TorchWorkload:
     """What a torch workload function returns (see docs/workloads.md).
@@ -45,7 +50,16 @@ class TorchWorkload:
     model: the nn.Module; data: the dataset (NumPy arrays; images NHWC in [0, 1]);
     sample_shape: one input sample's shape in the canonical layout (e.g. (32, 32, 3));
     loss: mean loss of (outputs, labels); augment: apply the artifact's flip/pad/crop;
-    make_optimizer: builds the optimizer from (parameters, lr)."""
+    make_optimizer: builds the optimizer from (parameters, lr).
+
+    State carried across batches (a recurrent model's hidden state): init_state(batch_size)
+    returns it (a tensor, or a tuple / list / dict of tensors) for a batch of that many samples;
+    each step then calls forward(model, x, state) -> (outputs, new_state) (default
+    ``model(x, state)``), detaches new_state (truncated backpropagation through time) and
+    hands it to the next step. Each emulated replica carries its own; checkpoints hold it.
+    batches(step) -> (x, y): the global batch of a step, a pure function of the step (e.g. the
+    contiguous chunks a recurrent language model reads in order); default: faultlab's
+    shuffled batches of `data`."""
 
     model: nn.Module
     data: datamod.Dataset | None
@@ -54,6 +68,44 @@ class TorchWorkload:
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _ce
     augment: bool = False
     make_optimizer: Callable = field(default=lambda params, lr: torch.optim.Adam(params, lr=lr))
+    init_state: Callable[[int], object] | None = None
+    forward: Callable | None = None
+    batches: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None
+
+    def __post_init__(self):
+        if self.forward is not None and self.init_state is None:
+            raise SpecError("TorchWorkload: forward(model, x, state) needs init_state "
+                            "(the state of the first batch)")
+        for name in ("loss", "make_optimizer", "init_state", "forward", "batches"):
+            fn = getattr(self, name)
+            if fn is not None and not callable(fn):
+                raise SpecError(f"TorchWorkload: {name} must be callable, got "
+                                f"{type(fn).__name__}")
+
+    @property
+    def stateful(self) -> bool:
+        return self.init_state is not None
+
+    def new_state(self, batch_size: int):
+        """init_state(batch_size), checked: a tensor or a tuple / list / dict of tensors."""
+        state = self.init_state(batch_size)
+        leaves, _ = pytree.tree_flatten(state)
+        if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
+            raise SpecError(f"TorchWorkload: init_state({batch_size}) must return a tensor or "
+                            f"a tuple / list / dict of tensors, got {type(state).__name__}")
+        return state
+
+    def run(self, model: nn.Module, x: torch.Tensor, state):
+        """(outputs, state after x): the model on one batch, carrying `state` when stateful."""
+        if not self.stateful:
+            return model(x), None
+        got = (self.forward or _call_with_state)(model, x, state)
+        if not (isinstance(got, (tuple, list)) and len(got) == 2):
+            raise SpecError(f"TorchWorkload: the stateful forward must return (outputs, "
+                            f"state), got {type(got).__name__}")
+        out, new = got
+        return out, pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t,
+                                    new)
 
 
 def build_workload(config: WorkloadConfig, with_data: bool = True) -> TorchWorkload:
@@ -119,6 +171,9 @@ class TorchTrainer(TrainerBase):
         self.signal_spec = None   # a faultlab.detectors.SignalSpec to collect signals
         self.lr_scale = 1.0       # set by a recovery policy that re-runs a step more gently
         self._lr_at = lr_schedule(config)
+        # state carried across batches (TorchWorkload.init_state), one per emulated replica
+        self._carry = ([self.wl.new_state(config.per_replica_batch)
+                        for _ in range(config.replicas)] if self.wl.stateful else None)
 
     def lr_at(self, step: int) -> float:
         """Polynomial (power 1) decay from lr to lr * end_lr_ratio, as in the artifact."""
@@ -130,8 +185,9 @@ class TorchTrainer(TrainerBase):
         for g in self.optimizer.param_groups:
             g["lr"] = self.lr_at(step) * self.lr_scale
         self.optimizer.zero_grad(set_to_none=True)
-        x, y = self.pipeline.batch(step)
+        x, y = self._batch(step)
         b = c.per_replica_batch
+        carry = list(self._carry) if self._carry is not None else None
         snapshot = [t.clone() for t in self._buffers] if c.replicas > 1 else None
         after: list[list[torch.Tensor]] = []
         loss_sum, correct, count = 0.0, 0, 0
@@ -151,7 +207,10 @@ class TorchTrainer(TrainerBase):
                         t.copy_(s)
                 xr, yr = _to_input(x[r * b:(r + 1) * b], self.wl), torch.from_numpy(y[r * b:(r + 1) * b])
                 with self._replica_copy(r):
-                    out = self.model(xr)
+                    if carry is None:
+                        out = self.model(xr)
+                    else:
+                        out, carry[r] = self.wl.run(self.model, xr, carry[r])
                     loss = self.wl.loss(out, yr)
                     (loss / c.replicas).backward()
                 loss_r = float(loss.detach())
@@ -175,11 +234,24 @@ class TorchTrainer(TrainerBase):
                 with self.copies.active(k):    # the same update on every diverged copy
                     self.optimizer.step()
             sig = self._post_step_signals(step, pre, abft) if pre is not None else None
+            if carry is not None:
+                self._carry = carry        # the step completed: its state carries on
         finally:
             self.injector.end_step()
             for h in probes:
                 h.remove()
         return StepMetrics(loss_sum / c.replicas, correct / max(count, 1), sig)
+
+    def _batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """The global batch of `step`: the workload's own batches(step), or the pipeline's."""
+        if self.wl.batches is None:
+            return self.pipeline.batch(step)
+        x, y = (np.asarray(a) for a in self.wl.batches(step))
+        if len(x) != self.config.global_batch or len(y) != self.config.global_batch:
+            raise SpecError(f"workload {self.config.workload!r}: batches({step}) returned "
+                            f"{len(x)} inputs and {len(y)} labels, not the global batch of "
+                            f"{self.config.global_batch} (replicas x per_replica_batch)")
+        return x, y
 
     def _replica_copy(self, replica: int):
         """Replica `replica`'s own parameters in place (when a fault forked it)."""
@@ -319,9 +391,15 @@ class TorchTrainer(TrainerBase):
     def _evaluate(self) -> EvalMetrics:
         self.model.eval()
         total, correct, loss_sum = 0, 0, 0.0
+        state, n_state = None, 0    # a stateful model's, carried across the test batches in order
         for x, y in self.pipeline.test_batches(256):
             xt, yt = _to_input(x, self.wl), torch.from_numpy(y)
-            out = self.model(xt)
+            if not self.wl.stateful:
+                out = self.model(xt)
+            else:
+                if state is None or len(x) != n_state:
+                    state, n_state = self.wl.new_state(len(x)), len(x)
+                out, state = self.wl.run(self.model, xt, state)
             n = yt.numel()
             loss_sum += float(self.wl.loss(out, yt)) * n
             correct += int((out.argmax(-1) == yt).sum())
@@ -375,12 +453,31 @@ class TorchTrainer(TrainerBase):
                 mine = self._state_arrays()
             out.update({f"replica{k}/{key}": a for key, a in mine.items()
                         if key not in out or a.tobytes() != out[key].tobytes()})
+        for r, state in enumerate(self._carry or ()):
+            for i, t in enumerate(pytree.tree_flatten(state)[0]):
+                out[f"carry/{r}/{i}"] = t.detach().cpu().numpy().copy()
         return out
+
+    def _load_carry(self, state: Mapping[str, np.ndarray]) -> None:
+        """The carried state (TorchWorkload.init_state) of every replica from a get_state."""
+        carry = []
+        for r, mine in enumerate(self._carry):
+            leaves, spec = pytree.tree_flatten(mine)
+            try:
+                new = [torch.from_numpy(np.array(state[f"carry/{r}/{i}"])).to(t.device)
+                       for i, t in enumerate(leaves)]
+            except KeyError:
+                raise SpecError(f"workload {self.config.workload!r}: the state restored holds "
+                                f"no carried state (carry/{r}/...) for its init_state") from None
+            carry.append(pytree.tree_unflatten(new, spec))
+        self._carry = carry
 
     def set_state(self, state: Mapping[str, np.ndarray]) -> None:
         """Restore a state from get_state, every replica's copy included."""
         shared = {k: v for k, v in state.items() if not k.startswith("replica")}
         self._load_arrays(shared)
+        if self._carry is not None:
+            self._load_carry(shared)
         if self.copies is None:
             return
         self.copies.clear()
@@ -417,8 +514,13 @@ class TorchTrainer(TrainerBase):
 
 
 def operand_shapes(config: WorkloadConfig):
-    """Every layer's operand shapes (canonical layout, per replica) from one forward pass on
-    the meta device: nothing is allocated, so the artifact's full size is instant."""
+    """Every layer's operand shapes (canonical layout, per replica). A built-in workload is
+    built and run on the meta device: nothing is allocated, so the artifact's full size is
+    instant. A user workload is never called on the meta device (its code may read tensor
+    values, e.g. `.numpy()`): it is built on the CPU as training builds it, and one
+    replica's shard of the first batch runs forward once without gradients (a dry run)."""
+    if is_user_workload(config.workload):
+        return _user_operand_shapes(config)
     with torch.device("meta"):
         wl = build_workload(config, with_data=False)
     model = wl.model
@@ -435,3 +537,53 @@ def operand_shapes(config: WorkloadConfig):
     for h in handles:
         h.remove()
     return table
+
+
+#: operand tables of user workloads by configuration key (a dry run builds the model)
+_USER_SHAPES: dict[str, dict] = {}
+
+
+def _user_operand_shapes(config: WorkloadConfig) -> dict:
+    key = config.key()
+    if key in _USER_SHAPES:
+        return _USER_SHAPES[key]
+    with torch.random.fork_rng(devices=[]):     # the caller's RNG is left as it was
+        wl = build_workload(config)             # one-line SpecError if the factory fails
+        model = wl.model
+        table: dict[str, dict] = {}
+        handles = [mod.register_forward_hook(
+            lambda m, args, out, name=name: record_operands(table, name, m, args, out))
+            for name, mod in layer_map(model).items()]
+        b = config.per_replica_batch
+        try:
+            if wl.batches is not None or wl.data is not None:
+                x = _to_input(TorchTrainer._batch(_Probe(config, wl), 0)[0][:b], wl)
+            else:
+                x = _to_input(np.zeros((b,) + tuple(wl.sample_shape),
+                                       dtype=np.int64 if wl.input_dtype is torch.long
+                                       else np.float32), wl)
+            torch.manual_seed(_seed(config.seed, 0, 0))
+            with torch.no_grad():
+                wl.run(model, x, wl.new_state(b) if wl.stateful else None)
+        except FaultlabError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the user's model failed on its first batch
+            from faultlab.workloads.base import _one_line
+            raise SpecError(f"workload {config.workload!r}: the dry run that finds the operand "
+                            f"shapes (one batch of {b} on the CPU, no gradients) raised "
+                            f"{_one_line(e)}") from e
+        finally:
+            for h in handles:
+                h.remove()
+    if len(_USER_SHAPES) >= 8:
+        _USER_SHAPES.pop(next(iter(_USER_SHAPES)))
+    _USER_SHAPES[key] = table
+    return table
+
+
+class _Probe:
+    """What TorchTrainer._batch reads, without a trainer (for the dry run)."""
+
+    def __init__(self, config: WorkloadConfig, wl: TorchWorkload):
+        self.config, self.wl = config, wl
+        self.pipeline = datamod.Pipeline(config, wl.data) if wl.data is not None else None
