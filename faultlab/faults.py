@@ -248,19 +248,29 @@ class FaultSpec:
     step: int = 0                 # global training step of the (first) injection
     duration: Duration = field(default_factory=Duration)
     seed: int = 0
+    #: None: explicit positions are in the layout of the API the fault is handed to (the
+    #: canonical one for campaign files and faultlab.keras, torch's own for
+    #: faultlab.torch.Injector); "canonical": they are canonical whatever takes them
+    positions_layout: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "site", parse_enum(Site, self.site, "site"))
+        if self.positions_layout not in (None, "canonical"):
+            raise SpecError(f"positions_layout must be None or 'canonical', got "
+                            f"{self.positions_layout!r} (faultlab.fault converts torch-layout "
+                            f"positions)", "positions")
         if self.replica < 0:
             raise SpecError(f"replica must be >= 0, got {self.replica}")
         if self.step < 0:
             raise SpecError(f"step must be >= 0, got {self.step}")
         if self.layer is None:
             raise SpecError(f"site {self.site.value} needs a layer")
-        if self.site is Site.OPT_STATE and self.tensor not in (None, "m", "v"):
-            raise SpecError(f"optimizer state tensor must be 'm' or 'v', got {self.tensor!r}")
-        if self.site is Site.PARAM and self.tensor not in (None, "weight", "bias"):
-            raise SpecError(f"parameter tensor must be 'weight' or 'bias', got {self.tensor!r}")
+        # Which tensor names an injector offers is the injector's business (check_operand:
+        # the canonical CANONICAL_TENSORS unless its operand entry lists more, as
+        # faultlab.torch.Injector's do: "weight_hh_l0", "h_n", "exp_avg", ...).
+        if self.tensor is not None and (not isinstance(self.tensor, str) or not self.tensor
+                                        or not self.tensor.isprintable()):
+            raise SpecError(f"tensor must be a non-empty name, got {self.tensor!r}", "tensor")
         if self.value.model is ValueModel.SET and self.positions.mode is PositionMode.EXPLICIT:
             n, k = len(self.value.values), len(self.positions.indices)
             if n not in (1, k):
@@ -436,6 +446,11 @@ def _name(text, limit: int = 60) -> str:
     return repr(s if len(s) <= limit else s[:limit] + "...")
 
 
+#: the tensor names every injector understands (campaign files' `tensor` column): a layer's
+#: weight or bias (param, grad_wt, opt_state) and Adam's first / second moments (opt_state)
+CANONICAL_TENSORS = ("weight", "bias", "m", "v")
+
+
 def operand_key(fault: FaultSpec):
     """The operand a fault targets in an operand table: "bias" for a bias parameter or bias
     gradient (tensor="bias"), else its site."""
@@ -475,6 +490,11 @@ def check_operand(fault: FaultSpec, entry) -> tuple[tuple[int, ...], str] | None
     shape is not). SpecError with field "site" when the layer has no such operand or its
     dtype cannot be corrupted, else the field check_corruption names."""
     key = operand_key(fault)
+    tensors = entry.get("tensors", CANONICAL_TENSORS)
+    if fault.tensor is not None and fault.tensor not in tensors:
+        valid = choices(sorted(tensors))
+        raise SpecError(f"unknown tensor {_name(fault.tensor)} for site {fault.site.value} "
+                        f"on layer {_name(fault.layer)}: valid tensors are {valid}", "tensor")
     if key not in entry:
         sites = choices(s.value for s in Site if s in entry)
         what = f"site {fault.site.value}"
@@ -511,6 +531,138 @@ def check_target(fault: FaultSpec, operands, replicas: int | None = None,
         check_replica(fault, replicas, owner)
     check_layer(fault, operands)
     return check_operand(fault, operands[fault.layer])
+
+
+# --- torch's own layout <-> the canonical one -----------------------------------------------------
+
+#: sites whose operand is a weight-shaped tensor (a parameter, its gradient or its state)
+WEIGHT_SITES = (Site.FWD_WEIGHT, Site.BWD_WEIGHT, Site.GRAD_WT, Site.PARAM, Site.OPT_STATE,
+                Site.HOST_STATE)
+
+#: the position layouts faultlab.fault and faultlab.torch.Injector take
+POSITION_LAYOUTS = ("torch", "canonical")
+
+
+def torch_perm(site: Site, ndim: int) -> tuple[int, ...]:
+    """Axis i of an operand in torch's own layout holds canonical axis perm[i]: weights
+    (out, in, kh, kw) <- HWIO and (out, in) <- (in, out); 4-D activations NCHW <- NHWC; any
+    other operand is the same in both layouts. (What the torch injector's remapping does.)"""
+    if Site(site) in WEIGHT_SITES:
+        return (3, 2, 0, 1) if ndim == 4 else (1, 0) if ndim == 2 else tuple(range(ndim))
+    return (0, 3, 1, 2) if ndim == 4 else tuple(range(ndim))
+
+
+def torch_to_canonical(site: Site, index) -> tuple[int, ...]:
+    """A position (or shape) in torch's layout of `site`'s operand -> the canonical one."""
+    index = tuple(int(i) for i in index)
+    out = [0] * len(index)
+    for i, p in enumerate(torch_perm(site, len(index))):
+        out[p] = index[i]
+    return tuple(out)
+
+
+def canonical_to_torch(site: Site, index) -> tuple[int, ...]:
+    """A canonical position (or shape) of `site`'s operand -> torch's layout."""
+    index = tuple(int(i) for i in index)
+    return tuple(index[p] for p in torch_perm(site, len(index)))
+
+
+# --- the fault builder ---------------------------------------------------------------------------
+
+_VALUE_KW = ("bit", "bits", "stuck", "factor", "values", "ramp", "layout")
+
+
+def _close(word, names) -> str:
+    import difflib
+    close = difflib.get_close_matches(str(word).strip().lower(), [str(n) for n in names], n=3,
+                                      cutoff=0.5)
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
+def _member(cls, value, what: str, field_: str):
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(str(value).strip().lower())
+    except ValueError:
+        names = [m.value for m in cls]
+        raise SpecError(f"unknown {what} {_name(value)}: valid {what}s are {', '.join(names)}"
+                        f"{_close(value, names)}", field_) from None
+
+
+def fault(site, layer, *, step: int = 0, replica: int = 0, value="bitflip", positions=None,
+          count: int = 1, duration="transient", duration_steps: int = 1,
+          probability: float = 1.0, tensor: str | None = None, seed: int = 0,
+          positions_layout: str | None = None, **value_kw) -> FaultSpec:
+    """A :class:`FaultSpec` from plain arguments, for any framework.
+
+    site: a :class:`Site` or its name ("fwd_output", "param", ...); layer: the layer's name
+    (faultlab.torch takes torch's module paths); positions: explicit indices (a list of index
+    tuples) or, without them, `count` random elements; value: the value model ("bitflip",
+    "zero", "nan", "set", ...) and `value_kw` its ValueSpec parameters (bit, bits, stuck,
+    factor, values, ramp, layout: the bit layout, "bf16"...); duration: "transient",
+    "steps" (`duration_steps` steps), "intermittent" (`probability`) or "permanent";
+    tensor: which tensor of the layer (param / opt_state: "bias", "m", "v"; faultlab.torch:
+    any parameter, buffer, optimizer state, named input or output: "weight_hh_l0",
+    "running_mean", "exp_avg", "h_n", "query", ...).
+
+    positions_layout: None (the default) leaves explicit positions in the layout of the API
+    the fault is handed to: the canonical one (NHWC / HWIO / (in, out)) for campaign files
+    and faultlab.keras, torch's own (NCHW / (out, in, kh, kw)) for faultlab.torch.Injector;
+    "canonical" pins them to the canonical layout; "torch" converts torch-layout positions
+    to canonical ones here. ``layout="torch"`` / ``layout="canonical"`` mean the same
+    (any other `layout` is the value's bit layout).
+
+    Every mistake is a one-line SpecError naming the valid choices (and close names)."""
+    site = _member(Site, site, "site", "site")
+    vmodel = _member(ValueModel, value, "value", "value")
+    dkind = _member(DurationKind, duration, "duration", "duration")
+    if "layout" in value_kw and str(value_kw["layout"]).strip().lower() in POSITION_LAYOUTS:
+        if positions_layout is not None:
+            raise SpecError("give the positions' layout once (layout= or positions_layout=)",
+                            "positions")
+        positions_layout = str(value_kw.pop("layout")).strip().lower()
+    unknown = [k for k in value_kw if k not in _VALUE_KW]
+    if unknown:
+        raise SpecError(f"unknown argument {unknown[0]!r} to fault(): value parameters are "
+                        f"{', '.join(_VALUE_KW)}{_close(unknown[0], _VALUE_KW)}", "value")
+    if not isinstance(layer, str) or not layer:
+        raise SpecError(f"layer must be a non-empty name, got {layer!r}", "layer")
+    if positions_layout is not None:
+        positions_layout = _member_str(positions_layout, POSITION_LAYOUTS, "positions layout")
+    if "values" in value_kw:
+        v = value_kw["values"]
+        value_kw["values"] = (v,) if isinstance(v, (int, float)) else tuple(v)
+    if "layout" in value_kw:
+        value_kw["layout"] = _member(BitLayout, value_kw["layout"], "bit layout", "layout")
+    if positions is not None and len(positions) > 0:
+        try:
+            idx = tuple(tuple(int(i) for i in p) for p in positions)
+        except TypeError:
+            raise SpecError(f"positions must be a list of index tuples, e.g. [(0, 3)]; got "
+                            f"{_name(positions)}", "positions") from None
+        if positions_layout == "torch":
+            idx = tuple(torch_to_canonical(site, ix) for ix in idx)
+        pos = PositionSpec(PositionMode.EXPLICIT, indices=idx)
+    else:
+        pos = PositionSpec(PositionMode.RANDOM, count=count)
+    if positions_layout == "torch":
+        positions_layout = "canonical"
+    try:
+        return FaultSpec(site=site, value=ValueSpec(vmodel, **value_kw), positions=pos,
+                         layer=layer, tensor=tensor, replica=replica, step=step,
+                         duration=Duration(dkind, steps=duration_steps, probability=probability),
+                         seed=seed, positions_layout=positions_layout)
+    except TypeError as e:  # a parameter of the wrong type
+        raise SpecError(f"invalid fault argument: {e}") from None
+
+
+def _member_str(value, names, what: str) -> str:
+    v = str(value).strip().lower()
+    if v not in names:
+        raise SpecError(f"unknown {what} {_name(value)}: valid {what}s are {', '.join(names)}"
+                        f"{_close(value, names)}", "positions")
+    return v
 
 
 # --- the ISCA'23 artifact's fault models -------------------------------------------------------

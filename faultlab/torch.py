@@ -9,7 +9,10 @@ Names are imported on first use, so ``import faultlab.torch`` does not import to
 * ``operand_table(model, example_input)``: every injectable layer's operand shapes (canonical
   layout) from one forward pass on one replica's batch, for ``TorchInjector(...,
   operands=)`` so activation positions are checked too (the model is left as it was);
-* ``TorchCheckpointAdapter``: a training session's whole state <-> the checkpoint engine.
+* ``TorchCheckpointAdapter``: a training session's whole state <-> the checkpoint engine;
+* ``Injector(model, optimizer)``: faults in the training loop you keep (``arm(faults)``, then
+  ``with injector.step(k):`` around each step; docs/torch.md), with ``fault`` (the same as
+  ``faultlab.fault``) to build them and ``optimizer_state_names(optimizer, param)``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ _EXPORTS = {
     "TorchInjector": "faultlab.backends.torch.injector",
     "operand_table": "faultlab.backends.torch.injector",
     "TorchCheckpointAdapter": "faultlab.backends.torch.adapter",
+    "Injector": "faultlab.backends.torch.own_loop",
+    "optimizer_state_names": "faultlab.backends.torch.own_loop",
+    "fault": "faultlab.faults",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -47,7 +47,8 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 from faultlab.errors import SpecError
-from faultlab.faults import (Duration, FaultSpec, PositionMode, PositionSpec, Site, ValueSpec)
+from faultlab.faults import FaultSpec
+from faultlab.faults import fault as _fault
 
 __all__ = ["Injector", "fault", "faults_from_campaign", "configure_cpu_devices", "cpu_devices",
            "operand_table", "layer_names"]
@@ -75,17 +76,12 @@ def fault(site: str, layer: str, *, step: int = 0, replica: int = 0, value: str 
           positions: Sequence[Sequence[int]] | None = None, count: int = 1,
           duration: str = "transient", duration_steps: int = 1, probability: float = 1.0,
           tensor: str | None = None, seed: int = 0, **value_kw) -> FaultSpec:
-    """A FaultSpec from plain arguments: `positions` (explicit indices, Keras layout) or
-    `count` random elements; `value_kw` are ValueSpec's (bit, bits, stuck, factor, values,
-    ramp, layout)."""
-    if "values" in value_kw:
-        value_kw["values"] = tuple(value_kw["values"])
-    pos = (PositionSpec(PositionMode.EXPLICIT, indices=tuple(tuple(p) for p in positions))
-           if positions else PositionSpec(PositionMode.RANDOM, count=count))
-    return FaultSpec(site=Site(site), value=ValueSpec(value, **value_kw), positions=pos,
-                     layer=layer, tensor=tensor, replica=replica, step=step,
-                     duration=Duration(duration, steps=duration_steps, probability=probability),
-                     seed=seed)
+    """A FaultSpec from plain arguments: `positions` (explicit indices, Keras layout, which is
+    the canonical one) or `count` random elements; `value_kw` are ValueSpec's (bit, bits,
+    stuck, factor, values, ramp, layout). The framework-free :func:`faultlab.fault`."""
+    return _fault(site, layer, step=step, replica=replica, value=value, positions=positions,
+                  count=count, duration=duration, duration_steps=duration_steps,
+                  probability=probability, tensor=tensor, seed=seed, **value_kw)
 
 
 def faults_from_campaign(path: str, trial: str | None = None) -> list[FaultSpec]:

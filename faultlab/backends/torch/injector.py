@@ -62,6 +62,12 @@ def dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).replace("torch.", "")
 
 
+def _unshadow(mod: nn.Module, name: str) -> None:
+    """Remove a fwd_weight fault's corrupted stand-in for parameter `name` of `mod`."""
+    if mod.__dict__.pop(name, None) is not None and isinstance(mod, nn.RNNBase):
+        mod._init_flat_weights()
+
+
 class _Substitute(torch.autograd.Function):
     """Forward: the corrupted tensor, exactly. Backward: the gradient passes to the original."""
 
@@ -72,6 +78,78 @@ class _Substitute(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None
+
+
+# --- what a module takes and returns, by name ----------------------------------------------------
+
+def input_names(mod: nn.Module) -> tuple[str, ...]:
+    """The names of a module's positional tensor inputs a fwd_input fault can name (the
+    first is the default): MultiheadAttention's query, key, value; "input" otherwise."""
+    if isinstance(mod, nn.MultiheadAttention):
+        return ("query", "key", "value")
+    return ("input",)
+
+
+def output_paths(mod: nn.Module, out) -> dict[str, tuple[int, ...]]:
+    """{name: path into the returned (nested) tuple} of every tensor `mod` returned as `out`
+    (the first is the default of a fwd_output fault): "output" for a tensor; LSTM's output,
+    h_n, c_n; GRU's and RNN's output, h_n; MultiheadAttention's output, attn_weights; any
+    other tuple's tensors as "0", "1", "1.0", ... (the first also as "output")."""
+    if isinstance(out, torch.Tensor):
+        return {"output": ()}
+    if isinstance(mod, nn.LSTM):
+        named = {"output": (0,), "h_n": (1, 0), "c_n": (1, 1)}
+    elif isinstance(mod, nn.RNNBase):
+        named = {"output": (0,), "h_n": (1,)}
+    elif isinstance(mod, nn.MultiheadAttention):
+        named = {"output": (0,), "attn_weights": (1,)}
+    else:
+        named = {}
+
+        def walk(o, path):
+            if isinstance(o, torch.Tensor):
+                named.setdefault("output", path)
+                named[".".join(map(str, path))] = path
+            elif isinstance(o, (tuple, list)):
+                for i, x in enumerate(o):
+                    walk(x, path + (i,))
+        walk(out, ())
+        return named
+    return {k: p for k, p in named.items() if isinstance(output_at(out, p), torch.Tensor)}
+
+
+def output_at(out, path: tuple[int, ...]):
+    """The element of a (nested) tuple at `path`, None where there is none."""
+    for i in path:
+        if not isinstance(out, (tuple, list)) or i >= len(out):
+            return None
+        out = out[i]
+    return out
+
+
+def replace_at(out, path: tuple[int, ...], new):
+    """`out` with the element at `path` replaced by `new` (tuples, named tuples, lists)."""
+    if not path:
+        return new
+    items = list(out)
+    items[path[0]] = replace_at(items[path[0]], path[1:], new)
+    if isinstance(out, list):
+        return items
+    return type(out)(*items) if hasattr(out, "_fields") else tuple(items)
+
+
+def opt_target(tensor: str | None) -> tuple[str, str]:
+    """(parameter name, optimizer state name) an opt_state fault's `tensor` names:
+    "m" / "v" (Adam's moments) or "weight" / "bias" (the exp_avg of that parameter), a
+    state name of the weight ("exp_avg", "momentum_buffer", "sum", ...), or
+    "<parameter>.<state>" ("weight_hh_l0.exp_avg_sq")."""
+    legacy = {None: ("weight", "exp_avg"), "m": ("weight", "exp_avg"),
+              "v": ("weight", "exp_avg_sq"), "weight": ("weight", "exp_avg"),
+              "bias": ("bias", "exp_avg")}
+    if tensor in legacy:
+        return legacy[tensor]
+    param, _, slot = tensor.rpartition(".")
+    return param or "weight", {"m": "exp_avg", "v": "exp_avg_sq"}.get(slot, slot)
 
 
 # --- backward operand recomputation --------------------------------------------------------------
@@ -231,7 +309,11 @@ class TorchInjector:
         tc = fi.cache.get(key)
         if tc is None:
             canon = canonical_shape(t.shape, perm)
-            c = fi.fault.resolve(canon, dtype_name(t), fi.step)
+            try:
+                c = fi.fault.resolve(canon, dtype_name(t), fi.step)
+            except SpecError:
+                self.end_step()       # a stale hook must not fail every later call
+                raise
             src = remap(c.src, canon, perm) if c.src is not None else None
             tc = prepare(c, t, index=remap(c.index, canon, perm), src=src)
             fi.cache[key] = tc
@@ -302,13 +384,15 @@ class TorchInjector:
                 raise SpecError("optimizer-state faults need the optimizer "
                                 "(TorchInjector(layers, optimizer))", "site")
 
-    def begin_step(self, faults, step: int) -> None:
+    def begin_step(self, faults, step: int, *, checked: bool = False) -> None:
         """Install hooks for `faults` (those firing at `step`); state faults apply at once.
-        Every fault is checked first (validate), so a SpecError installs and corrupts
-        nothing."""
+        Every fault is checked first (validate; `checked`: the caller has checked them,
+        as faultlab.torch.Injector does against its own tables), so a SpecError installs
+        and corrupts nothing."""
         self.end_step()
         faults = list(faults)
-        self.validate(faults)
+        if not checked:
+            self.validate(faults)
         for f in faults:
             self._install(_Firing(f, step))
 
@@ -316,8 +400,8 @@ class TorchInjector:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for mod in self._shadowed:
-            mod.__dict__.pop("weight", None)
+        for mod, name in self._shadowed:
+            _unshadow(mod, name)
         self._shadowed.clear()
 
     def _tensor(self, mod: nn.Module, name: str | None) -> torch.Tensor:
@@ -332,7 +416,28 @@ class TorchInjector:
         site = f.site
         add = self._handles.append
 
-        if site is Site.FWD_INPUT:
+        if site is Site.FWD_INPUT and f.tensor not in (None, "input"):
+            name = f.tensor
+            names = input_names(mod)
+            at = names.index(name) if name in names else None
+
+            def pre_kw(m, args, kwargs):
+                if not self._mine(fi):
+                    return None
+                x = kwargs.get(name)
+                if isinstance(x, torch.Tensor):
+                    kwargs = dict(kwargs)
+                    kwargs[name] = self._corrupt(fi, x, act_perm(x.dim()))
+                    return args, kwargs
+                if at is not None and at < len(args) and isinstance(args[at], torch.Tensor):
+                    x = args[at]
+                    args = args[:at] + (self._corrupt(fi, x, act_perm(x.dim())),) + args[at + 1:]
+                    return args, kwargs
+                raise SpecError(f"layer {f.layer} was called without a tensor {name!r}",
+                                "tensor")
+            add(mod.register_forward_pre_hook(pre_kw, with_kwargs=True))
+
+        elif site is Site.FWD_INPUT:
             def pre(m, args):
                 if self._mine(fi) and args and isinstance(args[0], torch.Tensor):
                     x = args[0]
@@ -342,21 +447,34 @@ class TorchInjector:
         elif site is Site.FWD_OUTPUT:
             def post(m, args, out):
                 if self._mine(fi):
-                    return self._corrupt(fi, out, act_perm(out.dim()))
+                    if isinstance(out, torch.Tensor) and f.tensor in (None, "output"):
+                        return self._corrupt(fi, out, act_perm(out.dim()))
+                    path = output_paths(m, out).get(f.tensor or "output")
+                    if path is None:
+                        self.end_step()
+                        raise SpecError(f"layer {f.layer} returned no tensor "
+                                        f"{f.tensor or 'output'!r}", "tensor")
+                    t = output_at(out, path)
+                    return replace_at(out, path, self._corrupt(fi, t, act_perm(t.dim())))
             add(mod.register_forward_hook(post))
 
         elif site is Site.FWD_WEIGHT:
             # Shadow the parameter with a corrupted tensor for this call only: an instance
             # attribute wins over nn.Module.__getattr__, and _parameters is never touched.
+            # (An RNN reads its weights from _flat_weights, rebuilt from the attributes.)
+            wname = f.tensor or "weight"
+
             def pre_w(m, args):
                 if self._mine(fi):
-                    w = m._parameters["weight"]
+                    w = m._parameters[wname]
                     wc = self._corrupt(fi, w.detach(), weight_perm(w.dim()))
-                    m.__dict__["weight"] = _Substitute.apply(w, wc)
-                    self._shadowed.append(m)
+                    m.__dict__[wname] = _Substitute.apply(w, wc)
+                    if isinstance(m, nn.RNNBase):
+                        m._init_flat_weights()
+                    self._shadowed.append((m, wname))
 
             def post_w(m, args, out):
-                m.__dict__.pop("weight", None)
+                _unshadow(m, wname)
             add(mod.register_forward_pre_hook(pre_w))
             add(mod.register_forward_hook(post_w))
 
@@ -399,22 +517,37 @@ class TorchInjector:
         elif site is Site.OPT_STATE:
             if self.optimizer is None:
                 raise SpecError("optimizer-state faults need a workload with an optimizer")
-            p = self._tensor(mod, f.tensor if f.tensor in ("weight", "bias") else None)
-            slot = "exp_avg_sq" if f.tensor == "v" else "exp_avg"
+            pname, slot = opt_target(f.tensor)
+            p = self._tensor(mod, pname)
 
             if self.copies is not None:
                 self.copies.fork(f.replica)   # the replica's own optimizer state diverges
+            created = []                      # the state this step creates is hit after it
+
+            def hit(opt, st):
+                if slot not in st:
+                    self.end_step()
+                    raise SpecError(f"optimizer {type(opt).__name__} has no '{slot}' state "
+                                    f"for {f.layer} at step {fi.step}", "tensor")
+                with torch.no_grad():
+                    self._corrupt(fi, st[slot], weight_perm(st[slot].dim()), inplace=True)
 
             def opt_pre(opt, args, kwargs):
                 if self.copies is not None and not self.copies.is_state_of(f.replica, opt.state):
                     return                    # another replica's optimizer step
-                st = opt.state.get(p, {})
-                if slot not in st:
-                    raise SpecError(f"optimizer {type(opt).__name__} has no '{slot}' state "
-                                    f"for {f.layer} at step {fi.step}")
-                with torch.no_grad():
-                    self._corrupt(fi, st[slot], weight_perm(st[slot].dim()), inplace=True)
+                st = opt.state.get(p)
+                if st:
+                    hit(opt, st)
+                else:
+                    created.append(True)
+
+            def opt_post(opt, args, kwargs):
+                if created and (self.copies is None or
+                                self.copies.is_state_of(f.replica, opt.state)):
+                    created.clear()
+                    hit(opt, opt.state.get(p, {}))
             add(self.optimizer.register_step_pre_hook(opt_pre))
+            add(self.optimizer.register_step_post_hook(opt_post))
 
         else:
             raise SpecError(f"site {site.value} is not supported by the torch injector "
