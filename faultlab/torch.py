@@ -12,7 +12,11 @@ Names are imported on first use, so ``import faultlab.torch`` does not import to
 * ``TorchCheckpointAdapter``: a training session's whole state <-> the checkpoint engine;
 * ``Injector(model, optimizer)``: faults in the training loop you keep (``arm(faults)``, then
   ``with injector.step(k):`` around each step; docs/torch.md), with ``fault`` (the same as
-  ``faultlab.fault``) to build them and ``optimizer_state_names(optimizer, param)``.
+  ``faultlab.fault``) to build them and ``optimizer_state_names(optimizer, param)``;
+* ``Checkpointer(path, every=N, model=, optimizer=, scheduler=, data=, extra=)``: the
+  checkpoint engine and the adapter as one object for the loop you keep: ``start =
+  ckpt.resume()``, ``ckpt.step(step + 1)`` saves every N steps, ``ckpt.stats``
+  (``CheckpointStats``) reports the stall (docs/checkpointing.md).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ _EXPORTS = {
     "Injector": "faultlab.backends.torch.own_loop",
     "optimizer_state_names": "faultlab.backends.torch.own_loop",
     "fault": "faultlab.faults",
+    "Checkpointer": "faultlab.backends.torch.own_checkpointer",
+    "CheckpointStats": "faultlab.backends.torch.own_checkpointer",
 }
 
 __all__ = sorted(_EXPORTS)
