@@ -13,10 +13,11 @@ from faultlab.lazy import lazy_exports
 
 _EXPORTS = {
     "points": ("KillPoint", "MAX_OCCURRENCE", "Phase", "random_kill_points"),
-    "loops": ("LoopSpec", "Sampler", "TrainingLoop", "builtin_loops", "factory_name",
-              "load_factory", "loop_framework"),
-    "verdicts": ("CrashVerdict", "Reference", "classify", "fingerprint", "load_state_npz",
-                 "same_state", "save_state_npz"),
+    "loops": ("LoopSpec", "ResumePoint", "Sampler", "ScriptLoop", "TrainingLoop",
+              "builtin_loops", "factory_name", "final_state", "is_script", "load_factory",
+              "loop_framework", "loop_maker"),
+    "verdicts": ("CrashVerdict", "Reference", "Saved", "classify", "fingerprint",
+                 "load_state_npz", "read_saved", "same_state", "save_state_npz"),
     "zygote": ("CrashCampaignError", "Zygote"),
     "kill": ("EngineReport", "KillCampaign", "KillRecord", "RunResult"),
     "power": ("POWER_LOSS_ENGINES", "power_loss_campaign", "power_loss_report"),

@@ -17,7 +17,9 @@ from faultlab.checkpointing.api import checkpointer_class, recover_checkpoint
 from faultlab.crash.loops import LoopSpec
 from faultlab.crash.points import KillPoint, random_kill_points
 from faultlab.crash.verdicts import (OK_VERDICTS, CrashVerdict, Reference, classify,
-                                     load_state_npz, same_state)
+                                     differing as differing_names, first_divergence,
+                                     incomplete_detail, load_state_npz, read_saved,
+                                     same_state)
 from faultlab.crash.zygote import CrashCampaignError, Zygote
 from faultlab.errors import CheckpointError, FaultlabError
 
@@ -74,10 +76,16 @@ class EngineReport:
         return self.verdicts[CrashVerdict.LOST.value]
 
     @property
+    def incomplete(self) -> int:
+        """Recoveries of whole checkpoints of a loop whose saved state is incomplete."""
+        return self.verdicts[CrashVerdict.INCOMPLETE.value]
+
+    @property
     def ok(self) -> bool:
-        """No torn, mixed or lost-committed checkpoint, and every run / resume bit-identical."""
-        return not (self.torn or self.mixed or self.lost) and self.runs_identical == self.runs \
-            and self.resumes_identical == self.resumes
+        """No torn, mixed or lost-committed checkpoint, no incomplete loop state, and every
+        run / resume bit-identical."""
+        return not (self.torn or self.mixed or self.lost or self.incomplete) \
+            and self.runs_identical == self.runs and self.resumes_identical == self.resumes
 
     def to_json(self) -> dict:
         lost = self.steps_lost
@@ -85,6 +93,7 @@ class EngineReport:
                 "recoveries": self.recoveries, "exact": self.verdicts[CrashVerdict.EXACT.value],
                 "nothing_committed": self.verdicts[CrashVerdict.NONE.value],
                 "torn": self.torn, "mixed": self.mixed, "lost_committed": self.lost,
+                "incomplete_state": self.incomplete,
                 "steps_lost_total": sum(lost),
                 "steps_lost_mean": round(sum(lost) / len(lost), 3) if lost else 0.0,
                 "steps_lost_max": max(lost, default=0),
@@ -105,20 +114,49 @@ class RunResult:
     differing: list[str]
     restarts: int
     restore_failures: list[str] = field(default_factory=list)
+    #: when the run went elsewhere than the uninterrupted one while every checkpoint it
+    #: recovered was whole (exactly what the loop saved): the one-line explanation, naming
+    #: the arrays that differ after the resume ("" otherwise)
+    incomplete_state: str = ""
+    #: the run's checkpoint directory
+    directory: Path | None = None
+
+    @property
+    def saved_log(self) -> Path | None:
+        """The fingerprints of every state the run's processes saved (verdicts.read_saved)."""
+        return None if self.directory is None else _saved_log(self.directory)
 
     @property
     def ok(self) -> bool:
         return self.identical and all(k.verdict in OK_VERDICTS for k in self.kills)
 
+    @property
+    def verdict(self) -> CrashVerdict:
+        """The run's verdict: the worst of its kills' (torn, mixed, lost-committed before
+        incomplete-state), incomplete-state for a whole-checkpoint run that did not end
+        bit-identical, else exact."""
+        got = {k.verdict for k in self.kills}
+        for v in (CrashVerdict.TORN, CrashVerdict.MIXED, CrashVerdict.LOST):
+            if v.value in got:
+                return v
+        if CrashVerdict.INCOMPLETE.value in got or self.incomplete_state:
+            return CrashVerdict.INCOMPLETE
+        return CrashVerdict.EXACT
+
     def explain(self) -> str:
         bad = [f"{k.point} ({k.where}): {k.verdict} {k.detail}" for k in self.kills
-               if k.verdict not in OK_VERDICTS]
+               if k.verdict not in OK_VERDICTS and not (
+                   self.incomplete_state and k.verdict == CrashVerdict.INCOMPLETE.value)]
+        if self.incomplete_state:
+            bad.append(f"{CrashVerdict.INCOMPLETE.value}: {self.incomplete_state}")
         if not self.identical:
             bad.append(f"final state differs from the uninterrupted run in {self.differing[:8]}")
+        bad.extend(self.restore_failures)
         return "; ".join(bad) or "ok"
 
     def assert_ok(self) -> None:
-        """AssertionError naming every torn / mixed / lost checkpoint and any difference."""
+        """AssertionError naming every torn / mixed / lost checkpoint, the arrays of a loop
+        whose state is incomplete, and any difference."""
         if not self.ok:
             raise AssertionError(f"crash-recovery failure after {len(self.kills)} kill(s): "
                                  f"{self.explain()}")
@@ -184,6 +222,8 @@ class KillCampaign:
         directory = self.workdir / f"{engine}-run{self._runs}"
         directory.mkdir(parents=True, exist_ok=True)
         final = directory / "final.npz"
+        saved_log = _saved_log(directory)
+        saved_log.unlink(missing_ok=True)    # a directory reused from an earlier campaign
         settings = dict(checkpointer_class(engine).default_settings if settings is None
                         else settings)
         rng = rng or random.Random(0)
@@ -199,7 +239,8 @@ class KillCampaign:
             if max_restarts is not None and restarts >= max_restarts:
                 kill = None
             job = self._job(engine=engine, dir=str(directory), settings=settings,
-                            final=str(final), kill=kill.to_json() if kill else None)
+                            final=str(final), saved=str(saved_log),
+                            kill=kill.to_json() if kill else None)
             token, pid = self.zygote.spawn(job)
             restarts += 1
             trained, killed_at, resumed = 0, None, None
@@ -253,7 +294,7 @@ class KillCampaign:
                     recovered = recover_checkpoint(engine, directory)
                 except CheckpointError as e:
                     recovered = e
-                verdict, detail = classify(recovered, ref, committed)
+                verdict, detail = classify(recovered, ref, committed, read_saved(saved_log))
                 rec_step = None if isinstance(recovered, BaseException) else recovered.step
                 expected_resume = rec_step or 0
                 # what the next process resumes from is the new durable base: judging later
@@ -271,7 +312,20 @@ class KillCampaign:
                 raise CrashCampaignError(f"training process of {engine} exited with code "
                                          f"{code} (log: {self.zygote.workdir / 'children.log'})")
         differing = same_state(load_state_npz(final), load_state_npz(ref.final_path))
-        return RunResult(records, not differing, differing, restarts, restore_failures)
+        incomplete = ""
+        whole = all(r.verdict in (*OK_VERDICTS, CrashVerdict.INCOMPLETE.value) for r in records)
+        if whole and not restore_failures and (differing or any(
+                r.verdict == CrashVerdict.INCOMPLETE.value for r in records)):
+            first = first_divergence(read_saved(saved_log), ref)
+            if first is not None:
+                incomplete = incomplete_detail(first.step, first.resumed,
+                                               differing_names(first.fp, ref.steps[first.step]),
+                                               run=True)
+            else:                    # it went elsewhere after its last checkpoint
+                resumed = max((r.recovered or 0 for r in records), default=0)
+                incomplete = incomplete_detail(self.loop.steps, resumed, differing, run=True)
+        return RunResult(records, not differing, differing, restarts, restore_failures,
+                         incomplete, directory)
 
     def _wait_reading(self, seconds: float) -> None:
         """Let `seconds` pass while still collecting the process's messages (race kills)."""
@@ -296,11 +350,19 @@ class KillCampaign:
         return rep
 
 
+def _saved_log(directory: Path) -> Path:
+    """Beside the checkpoint directory, not in it (a checkpointer owns its directory)."""
+    return directory.with_name(directory.name + ".saved.jsonl")
+
+
 def _tally(rep: EngineReport, result: RunResult) -> None:
     rep.runs += 1
     rep.runs_identical += result.identical
     if not result.identical:
         rep.problems.append(f"run {rep.runs}: final state differs in {result.differing[:5]}")
+    if result.incomplete_state:
+        rep.problems.append(f"run {rep.runs}: {CrashVerdict.INCOMPLETE.value}: "
+                            f"{result.incomplete_state}")
     rep.problems.extend(result.restore_failures)
     for k in result.kills:
         rep.kills += 1

@@ -15,7 +15,7 @@ from faultlab.checkpointing.format import FormatError, decode_header, decode_rec
 from faultlab.checkpointing.recovery import recover
 from faultlab.checkpointing.simdisk import CrashChoice, SimDisk
 from faultlab.crash.kill import EngineReport
-from faultlab.crash.loops import factory_name, load_factory
+from faultlab.crash.loops import factory_name, final_state, load_factory, loop_maker
 from faultlab.crash.verdicts import CrashVerdict, Reference, classify, fingerprint, same_state
 from faultlab.errors import CheckpointError
 
@@ -69,7 +69,8 @@ def power_loss_campaign(factory: str | Callable, *, steps: int = 12, every: int 
     crash points (None: every operation) and resume `resumes` of them to the end. cow: save
     through the torch adapter's copy-on-write mode (engine "faultlab+cow")."""
     t0 = time.perf_counter()
-    make = load_factory(factory_name(factory)) if isinstance(factory, str) else factory
+    make = loop_maker(load_factory(factory_name(factory)) if isinstance(factory, str)
+                      else factory, steps)
     settings = dict(POWER_LOSS_SETTINGS if settings is None else settings)
     rep = EngineReport("faultlab+cow" if cow else "faultlab", mode="power-loss")
     disk = SimDisk(block_size=block_size, sector_size=min(512, block_size))
@@ -88,9 +89,9 @@ def power_loss_campaign(factory: str | Callable, *, steps: int = 12, every: int 
                     loop.adapter.save(eng, k + 1, data_position=k + 1, cow=True)
                 else:
                     eng.save(k + 1, state, meta)
-    final_state, final_meta = loop.capture(steps)
-    final = {k: np.array(v) for k, v in final_state.items()}
-    final_fp = fingerprint(final_state, final_meta)
+    end_state, end_meta = final_state(loop, steps)
+    final = {k: np.array(v) for k, v in end_state.items()}
+    final_fp = fingerprint(end_state, end_meta)
     ref = Reference(ref_steps)
     timeline, _ = _commit_log(disk.log)
     rng = random.Random(seed)
@@ -138,7 +139,7 @@ def power_loss_campaign(factory: str | Callable, *, steps: int = 12, every: int 
         fresh.restore(state, meta)
         for k in range(step, steps):
             fresh.step(k)
-        s2, m2 = fresh.capture(steps)
+        s2, m2 = final_state(fresh, steps)
         rep.resumes += 1
         if fingerprint(s2, m2) == final_fp and not same_state(s2, final):
             rep.resumes_identical += 1

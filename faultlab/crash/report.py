@@ -15,12 +15,13 @@ def format_reports(reports: Sequence[EngineReport]) -> str:
     kill = [r for r in reports if r.mode == "kill"]
     if kill:
         head = ("engine", "kills", "recoveries", "torn", "mixed", "lost-committed",
-                "steps lost mean/max", "runs bit-identical", "kills by phase s/w/c/i")
+                "incomplete-state", "steps lost mean/max", "runs bit-identical",
+                "kills by phase s/w/c/i")
         rows = []
         for r in kill:
             j = r.to_json()
             ph = "/".join(str(r.phases.get(p.value, 0)) for p in Phase)
-            rows.append((r.engine, r.kills, r.recoveries, r.torn, r.mixed, r.lost,
+            rows.append((r.engine, r.kills, r.recoveries, r.torn, r.mixed, r.lost, r.incomplete,
                          f"{j['steps_lost_mean']:.2f} / {j['steps_lost_max']}",
                          f"{r.runs_identical}/{r.runs}", ph))
         parts.append(table(head, rows, right=range(1, len(head))))

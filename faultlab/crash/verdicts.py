@@ -1,11 +1,18 @@
-"""Judging a recovery: state fingerprints, the uninterrupted reference run, and the verdicts
-exact / mixed / torn / lost-committed / none."""
+"""Judging a recovery: state fingerprints, the uninterrupted reference run, what a run's
+training processes saved, and the verdicts exact / mixed / torn / incomplete-state /
+lost-committed / none.
+
+A checkpoint that differs from the uninterrupted run is *torn* (or *mixed*) only when its
+bytes match no state the loop handed to the checkpointer; one that is bit for bit a state the
+loop saved, but not the uninterrupted run's, is the loop's fault: its capture() / restore()
+leave out part of what decides later steps (*incomplete-state*), and the verdict names the
+arrays that differ after the resume."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -53,7 +60,10 @@ class CrashVerdict(str, Enum):
 
     EXACT = "exact"              # every array and the meta equal the reference at that step
     MIXED = "mixed"              # every array equals the reference at some step, not one step
-    TORN = "torn"                # some array equals the reference at no step at all
+    TORN = "torn"                # some array equals no state saved at any step
+    INCOMPLETE = "incomplete-state"  # exactly a state the loop saved after a resume, but the
+    #                              resumed run differs from the uninterrupted one: the loop's
+    #                              capture() / restore() leave part of its state out
     LOST = "lost-committed"      # older than a checkpoint reported durable, or none at all
     NONE = "none"                # nothing recovered and nothing had been committed: correct
 
@@ -66,9 +76,87 @@ class CrashVerdict(str, Enum):
 OK_VERDICTS = (CrashVerdict.EXACT.value, CrashVerdict.NONE.value)
 
 
-def classify(recovered, reference: Reference,
-             newest_committed: int | None) -> tuple[CrashVerdict, str]:
-    """Judge one recovery: `recovered` is (step, state, meta) or the CheckpointError raised."""
+@dataclass(frozen=True)
+class Saved:
+    """One state a training process handed to the checkpointer: its step, the step that
+    process had resumed from (0: a fresh start) and the state's fingerprint."""
+
+    step: int
+    resumed: int
+    fp: dict[str, str]
+
+
+def record_saved(path: str | os.PathLike, step: int, resumed: int,
+                 fp: Mapping[str, str]) -> None:
+    """Append one Saved line to a run's log (one write; the training process may be killed at
+    any instant, read_saved skips a partial last line)."""
+    line = json.dumps({"step": step, "resumed": resumed, "fp": dict(fp)}, sort_keys=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def read_saved(path: str | os.PathLike) -> list[Saved]:
+    """The states a run's training processes saved, in the order they saved them."""
+    out = []
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return out
+    for line in text.splitlines():
+        try:
+            d = json.loads(line)
+            out.append(Saved(int(d["step"]), int(d["resumed"]), dict(d["fp"])))
+        except (ValueError, KeyError, TypeError):
+            continue                 # the line a kill cut short
+    return out
+
+
+def differing(fp: Mapping[str, str], want: Mapping[str, str]) -> list[str]:
+    """Names whose fingerprints differ between two states (missing or extra ones included;
+    the metadata as "(metadata)")."""
+    names = sorted(n for n in set(fp) | set(want) if fp.get(n) != want.get(n))
+    return [("(metadata)" if n == META_KEY else n) for n in names]
+
+
+def _names(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def incomplete_detail(step: int, resumed: int | None, names: list[str], *,
+                      run: bool = False) -> str:
+    """The one-line explanation of an incomplete-state verdict (run: of a whole run, whose
+    recovered checkpoints were all exactly what the loop saved)."""
+    after = f"after resuming at step {resumed}, " if resumed is not None else ""
+    whole = ("every checkpoint recovered is exactly what the loop saved" if run else
+             "the checkpoint is exactly what the loop saved")
+    return (f"step {step}: {whole}, but {after}the "
+            f"loop's state differs from the uninterrupted run's in {_names(names)}: the "
+            "loop's state is incomplete, not the checkpoint (its capture() / restore() leave "
+            "out something that decides later steps: optimizer state such as momentum, a "
+            "random generator, the data position)")
+
+
+def first_divergence(saved: Sequence[Saved], reference: Reference) -> Saved | None:
+    """The first state a run saved that is not the uninterrupted run's at its step."""
+    for s in saved:
+        want = reference.steps.get(s.step)
+        if want is not None and s.fp != want:
+            return s
+    return None
+
+
+def classify(recovered, reference: Reference, newest_committed: int | None,
+             saved: Sequence[Saved] = ()) -> tuple[CrashVerdict, str]:
+    """Judge one recovery: `recovered` is (step, state, meta) or the CheckpointError raised.
+
+    saved: the states this run's training processes handed to the checkpointer (read_saved).
+    A recovered state equal to one of them at its step is whole: if it is not the reference's,
+    the loop's state is incomplete (INCOMPLETE), not the checkpoint torn. Without `saved`,
+    only the reference counts as saved."""
     if isinstance(recovered, BaseException):
         if newest_committed is None:
             return CrashVerdict.NONE, str(recovered)
@@ -77,16 +165,33 @@ def classify(recovered, reference: Reference,
     step, state, meta = recovered
     fp = fingerprint(state, meta)
     want = reference.steps.get(step)
-    if want is not None and fp == want:
-        if newest_committed is not None and step < newest_committed:
-            return CrashVerdict.LOST, f"recovered step {step} but step {newest_committed} " \
-                                      "had been reported durable"
+    exact = want is not None and fp == want
+    whole = exact or next((s for s in saved if s.step == step and s.fp == fp), None)
+    if whole and newest_committed is not None and step < newest_committed:
+        return CrashVerdict.LOST, f"recovered step {step} but step {newest_committed} " \
+                                  "had been reported durable"
+    if exact:
         return CrashVerdict.EXACT, ""
-    matches = {name: reference.index.get((name, h), set()) for name, h in fp.items()
+    if whole:
+        if want is None:             # a step the uninterrupted run did not save
+            return CrashVerdict.INCOMPLETE, incomplete_detail(step, whole.resumed,
+                                                              ["(the step itself)"])
+        return CrashVerdict.INCOMPLETE, incomplete_detail(step, whole.resumed,
+                                                          differing(fp, want))
+    index = reference.index
+    if saved:
+        index = {k: set(v) for k, v in index.items()}
+        for s in saved:
+            for name, h in s.fp.items():
+                index.setdefault((name, h), set()).add(s.step)
+    matches = {name: index.get((name, h), set()) for name, h in fp.items()
                if name != META_KEY}
     unknown = sorted(n for n, s in matches.items() if not s)
     if unknown or (want is not None and set(fp) != set(want)):
-        return CrashVerdict.TORN, f"step {step}: arrays matching no saved state: {unknown[:5]}"
+        missing = sorted(set(want or ()) - set(fp))
+        return CrashVerdict.TORN, (f"step {step}: the checkpoint's bytes match no state the "
+                                   f"loop saved (arrays matching none: {unknown[:5]}"
+                                   + (f"; missing: {missing[:5]}" if missing else "") + ")")
     return CrashVerdict.MIXED, f"step {step}: arrays from steps " \
                                f"{sorted(set().union(*matches.values()))[:8]}"
 

@@ -27,9 +27,10 @@ from urllib.parse import quote, unquote
 from faultlab.backends import backend_module, entry, names as framework_names
 from faultlab.checkpointing.api import (Phase, checkpointer_class, checkpointer_framework,
                                         open_checkpointer, recover_checkpoint)
-from faultlab.crash.loops import LoopSpec, load_factory, loop_framework
+from faultlab.crash.loops import (LoopSpec, final_state, load_factory, loop_framework,
+                                  loop_maker)
 from faultlab.crash.points import KillPoint
-from faultlab.crash.verdicts import Reference, fingerprint, save_state_npz
+from faultlab.crash.verdicts import Reference, fingerprint, record_saved, save_state_npz
 from faultlab.errors import CheckpointError, FaultlabError
 
 
@@ -81,7 +82,8 @@ class _Tracker:
 def _child_main(job: dict, fd: int) -> int:
     chan = _Channel(fd, job["token"])
     spec = LoopSpec(**job["loop"])
-    loop = load_factory(spec.factory)()
+    make = loop_maker(load_factory(spec.factory), spec.steps)
+    loop = make()
     if job.get("record"):
         return _record_reference(loop, spec, Path(job["dir"]), chan)
     kill = KillPoint(**job["kill"]) if job.get("kill") else None
@@ -98,7 +100,7 @@ def _child_main(job: dict, fd: int) -> int:
             start = step
         except Exception as e:       # garbage that got past recovery (the naive engine)
             chan.send("restorefailed", f"{type(e).__name__}: {e}"[:200])
-            loop = load_factory(spec.factory)()
+            loop = make()
     ckpt = open_checkpointer(engine, directory, phase_hook=tracker, **job.get("settings", {}))
     chan.send("resumed", start)
 
@@ -125,11 +127,15 @@ def _child_main(job: dict, fd: int) -> int:
                 handle = adapter.save(ckpt, k + 1, data_position=k + 1, cow=True)
             else:
                 state, meta = loop.capture(k + 1)
+                if job.get("saved"):
+                    # what the loop hands over, so that the parent tells a torn checkpoint
+                    # from a whole one of a loop whose resumed run went elsewhere
+                    record_saved(job["saved"], k + 1, start, fingerprint(state, meta))
                 handle = ckpt.save(k + 1, state, meta)
             handle.add_done_callback(committed)
     ckpt.wait_all()
     ckpt.close()
-    state, meta = loop.capture(spec.steps)
+    state, meta = final_state(loop, spec.steps)
     save_state_npz(Path(job["final"]), state, meta)
     chan.send("done", spec.steps)
     return 0
@@ -142,7 +148,7 @@ def _record_reference(loop, spec: LoopSpec, out: Path, chan: _Channel) -> int:
         if (k + 1) % spec.every == 0 or k + 1 == spec.steps:
             state, meta = loop.capture(k + 1)
             steps[k + 1] = fingerprint(state, meta)
-    state, meta = loop.capture(spec.steps)
+    state, meta = final_state(loop, spec.steps)
     save_state_npz(out / "reference-final.npz", state, meta)
     (out / "reference.json").write_text(json.dumps(Reference(steps).to_json()))
     chan.send("done", spec.steps)
@@ -185,7 +191,7 @@ def zygote_main(argv: list[str]) -> int:
             if entry(fw).package in sys.modules:
                 _prepare_backend(fw, engines, threads, done)
     if getattr(make, "fork_safe", True):
-        make()                               # warm caches (datasets, lazy imports)
+        loop_maker(make, 1)()                # warm caches (datasets, lazy imports)
     os.write(fd, f"0 ready {os.getpid()}\n".encode())
     children: set[int] = set()
     for line in sys.stdin:

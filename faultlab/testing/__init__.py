@@ -8,7 +8,12 @@
   checkpoint, and returns a RunResult (`assert_ok()`: no torn, mixed or lost-committed
   checkpoint, final state bit-identical to an uninterrupted run).
 * `TrainingLoop`: what `make_loop()` returns -- step(k), capture(step), restore(state, meta);
-  `TorchCheckpointAdapter` does capture / restore for torch.
+  `TorchCheckpointAdapter` does capture / restore for torch. Or a script-style loop instead
+  of a factory: ``train(resume: ResumePoint | None, checkpoint, steps) -> state``, a plain
+  function that trains from ``resume.step`` and calls ``checkpoint(k, state)`` after step k.
+* `CrashVerdict` (alias `Verdict`): exact, mixed, torn (bytes that match no state the loop
+  saved), incomplete-state (exactly what the loop saved, but the resumed run differs: the
+  loop's capture / restore leave part of its state out), lost-committed, none.
 
 Every name is imported on first use, so that importing this package (as pytest does for the
 plugin) imports neither torch nor the crash harness. A worked example:
@@ -26,6 +31,7 @@ _EXPORTS = {
     "RunResult": ("faultlab.crash.kill", "RunResult"),
     "Phase": ("faultlab.checkpointing.api", "Phase"),
     "TrainingLoop": ("faultlab.crash.loops", "TrainingLoop"),
+    "ResumePoint": ("faultlab.crash.loops", "ResumePoint"),
     "CrashVerdict": ("faultlab.crash.verdicts", "CrashVerdict"),
     "Verdict": ("faultlab.crash.verdicts", "CrashVerdict"),     # the name users know
     "Resume": ("faultlab.checkpointing.adapter", "Resume"),

@@ -8,7 +8,17 @@ Installed with faultlab (entry point ``pytest11: "faultlab.testing.plugin" =
 
     def test_survives_kills(crash_lab):
         result = crash_lab.run(make_loop, kills=[KillPoint("committing", 2)], steps=12)
-        result.assert_ok()               # no torn / mixed / lost checkpoint; bit-identical end
+        result.assert_ok()               # no torn / mixed / lost checkpoint, no incomplete
+                                         # loop state; bit-identical end
+
+or a script-style loop, a plain function that trains from a resume point:
+
+    def train(resume, checkpoint, steps):  # resume: ResumePoint(step, state) or None
+        ...                               # build, seed, load resume.state, train from
+        checkpoint(k + 1, state)          # resume.step; after each step k
+        return state                      # the final state
+
+    crash_lab.run(train, kills=..., steps=12).assert_ok()
 
 `crash_lab` is session-scoped (hypothesis-friendly): the training code is imported once per
 loop factory into a zygote process, and the uninterrupted reference run of each (factory,
@@ -42,9 +52,12 @@ class CrashLab:
 
     def campaign(self, loop: str | Callable, *, steps: int = 12, every: int = 1,
                  preload: Sequence[str] = ()) -> KillCampaign:
-        """The KillCampaign of a loop factory (a module-level function or "module:function")."""
+        """The KillCampaign of a loop: a loop factory or a script-style loop (a module-level
+        function, or "module:function")."""
         from faultlab.checkpointing.api import checkpointer_names
-        from faultlab.crash import KillCampaign, LoopSpec, Zygote, factory_name
+        from faultlab.crash import KillCampaign, LoopSpec, Zygote, factory_name, is_script
+        if callable(loop):
+            is_script(loop)                  # a one-line error here, not in the zygote
         factory = factory_name(loop)
         key = (factory, steps, every)
         if key not in self._campaigns:
@@ -64,8 +77,11 @@ class CrashLab:
             engine: str = "faultlab", settings: Mapping | None = None, steps: int = 12,
             every: int = 1) -> RunResult:
         """Run the loop `steps` steps under `engine`, SIGKILLing it at each kill point in turn
-        (a restart per kill), then to the end; every recovery is classified and the final
-        state compared bit for bit with an uninterrupted run. Call `.assert_ok()` on it."""
+        (a restart per kill), then to the end; every recovery is classified (exact, torn,
+        mixed, lost-committed, or incomplete-state: a whole checkpoint of a loop that leaves
+        part of its state out) and the final state compared bit for bit with an uninterrupted
+        run. `loop`: a loop factory or a script-style loop (``train(resume, checkpoint,
+        steps) -> state``). Call `.assert_ok()` on the RunResult."""
         from faultlab.crash import KillPoint
         points = [k if isinstance(k, KillPoint) else KillPoint(**k) for k in kills]
         return self.campaign(loop, steps=steps, every=every).run(engine, points,
