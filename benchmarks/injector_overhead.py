@@ -4,7 +4,8 @@
 Usage:
     python benchmarks/injector_overhead.py [--workload resnet18] [--steps N] [--repeats R]
                                            [--infer-iters K] [--warmup W] [--threads T]
-                                           [--max-minutes M] [--json]
+                                           [--max-minutes M] [--own-iters N] [--own-batch B]
+                                           [--own-optimizer sgd|adam] [--own-only] [--json]
 
 A default run takes about a minute on an idle 2-core machine; on a busy one --max-minutes
 (default 5) cuts the number of repeats. With --threads 2 on 2 cores that other processes also
@@ -46,6 +47,31 @@ inference (one forward pass, eval mode, torch.no_grad, batch 16, NCHW 3x32x32)
                        position (its corrupted deep copy of the model; forward hooks on all 20
                        Conv2d layers). pytorchfi 0.6.0 never resets its layer counter, so
                        `reset_current_layer()` is called before every forward (included).
+
+own loop (faultlab.torch.Injector in a plain user training loop: the same ResNet-18, one fixed
+batch of --own-batch samples, zero_grad / forward / cross-entropy / backward / optimizer step;
+SGD with momentum 0.9 or Adam; each variant its own copy of model and optimizer; the RNG
+re-seeded from the step index, untimed, before every step so dropout masks agree; measured
+against the bounds of issue 12: armed-idle <= 1.005x, firing <= 1.05x the plain step)
+  own/plain            the user's step, no faultlab.
+  own/step-empty       `with injector.step(k):` around it, nothing armed.
+  own/armed-later      armed-idle: a fwd_output and a fwd_weight fault armed for a later step
+                       (no hook is installed in this step).
+  own/armed-replica    armed-idle: a permanent fwd_output fault on replica 1 of
+                       Injector(replicas=2) while replica 0 is computed: its hook is installed,
+                       called and removed every step and never fires.
+  own/fire-fwd-output  firing: a transient fwd_output fault (value SET 10 at one NCHW position of
+                       basicblock_2.basic_0.conv2's output), armed for the coming step outside
+                       the timed region.
+  own/fire-fwd-weight  firing: a transient fwd_weight bitflip (bit 22) at one (out, in, kh, kw)
+                       position of the same layer's weight, armed the same way.
+  own/pytorchfi        pytorchfi's declare_neuron_fi, the same value at the same element, its
+                       corrupted deep copy trained by the same loop with its own optimizer,
+                       reset_current_layer() before every step (timed).
+Printed with PASS/FAIL per bound (on the paired ratio, with its 95% CI), the injector's own
+per-step work timed alone for the armed-idle rows, and checks: the idle rows train
+bit-identically to the plain loop, the firing rows change the loss, faultlab's and pytorchfi's
+corrupted forward are bit-identical. --own-only runs this group alone.
 
 layer (one layer alone, forward -- or forward+backward for the backward site -- reported per
 call): the per-call costs that a whole training step's noise hides. fwd-plain / fwd-idle /
@@ -153,7 +179,8 @@ class Variant:
 
     def __init__(self, name: str, group: str, desc: str, one, baseline: str | None = None):
         self.name, self.group, self.desc, self.one = name, group, desc, one
-        self.baseline = baseline or {"train": "train/none", "infer": "infer/plain"}[group]
+        self.baseline = baseline or {"train": "train/none", "infer": "infer/plain",
+                                     "own": "own/plain"}[group]
         self.samples: list[list[float]] = []   # per repeat: ms of each iteration
 
 
@@ -430,6 +457,265 @@ def derived(rows, replicas: int) -> dict:
     return out
 
 
+
+# --- own loop: faultlab.torch.Injector in a plain user training loop --------------------------
+
+OWN_IDLE_BOUND = 1.005     # issue 12: armed-idle at most 1.005x the plain training step
+OWN_FIRE_BOUND = 1.05      # issue 12: firing at most 1.05x
+OWN_SET_VALUE = 10.0       # fwd_output value set by faultlab and by pytorchfi (stays finite)
+OWN_LAYER = FWD_LAYER.replace("basicblock_2_basic_0_", "basicblock_2.basic_0.")   # torch path
+
+
+def own_body(model, opt, x, y):
+    """The user's training step: what every own-loop variant times."""
+    opt.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+class OwnRun:
+    """One copy of the user's model and optimizer stepping through the same step indices as
+    the other own-loop variants. `wrap(step)` gives the context the step runs in (None: the
+    plain loop); `rearm(step)` runs untimed before the step (arming a transient fault for
+    it); `before()` runs inside the timed region (pytorchfi's layer-counter reset). The RNG
+    is re-seeded from the step index (untimed) before every step, so the model's dropout
+    draws the same masks in every variant."""
+
+    def __init__(self, model, opt, x, y, seed, wrap=None, rearm=None, before=None):
+        self.model, self.opt, self.x, self.y = model, opt, x, y
+        self.seed, self.wrap, self.rearm, self.before = seed, wrap, rearm, before
+        self.step = 0
+        self.losses: list[float] = []
+
+    def one(self) -> float:
+        s = self.step
+        if self.rearm is not None:
+            self.rearm(s)
+        torch.manual_seed(self.seed * 100003 + s)
+        model, opt, x, y = self.model, self.opt, self.x, self.y
+        t0 = time.perf_counter()
+        if self.before is not None:
+            self.before()
+        if self.wrap is None:
+            loss = own_body(model, opt, x, y)
+        else:
+            with self.wrap(s):
+                loss = own_body(model, opt, x, y)
+        dt = time.perf_counter() - t0
+        self.losses.append(loss.item())
+        self.step += 1
+        return dt
+
+
+def build_own(args, cfg):
+    """The own-loop variants: the benchmark's ResNet-18 trained by a plain loop (a fixed
+    batch, SGD with momentum or Adam), plain and under faultlab.torch.Injector, and
+    pytorchfi's corrupted copy trained the same way."""
+    import faultlab
+    import faultlab.torch as ft
+
+    seed_everything(cfg.seed)
+    base = build_workload(cfg, with_data=False).model.train()
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    b = args.own_batch
+    x = torch.rand((b, 3, cfg.input_size, cfg.input_size), generator=gen)
+    with torch.no_grad():
+        classes = base.eval()(x[:1]).shape[1]
+    base.train()
+    y = torch.randint(0, classes, (b,), generator=gen)
+
+    def make_opt(params):
+        if args.own_optimizer == "adam":
+            return torch.optim.Adam(params, lr=1e-3)
+        return torch.optim.SGD(params, lr=0.01, momentum=0.9)
+
+    def copy_pair():
+        m = copy.deepcopy(base).train()
+        return m, make_opt(m.parameters())
+
+    # positions in torch's layout: NCHW output, (out, in, kh, kw) weight
+    mod = dict(base.named_modules())[OWN_LAYER]
+    with torch.no_grad():
+        shapes = {}
+        h = mod.register_forward_hook(lambda m, a, o: shapes.update(out=tuple(o.shape)))
+        base.eval()(x)
+        h.remove()
+        base.train()
+    _, oc, oh, ow = shapes["out"]
+    opos = (0, oc // 2, oh // 2, ow // 2)
+    wpos = (mod.weight.shape[0] // 2, mod.weight.shape[1] // 2, 1, 1)
+
+    runs, variants = {}, []
+
+    def add(name, desc, run):
+        runs[name] = run
+        variants.append(Variant(name, "own", desc, run.one, "own/plain"))
+
+    m, o = copy_pair()
+    add("own/plain", f"plain user step: zero_grad, forward, cross-entropy, backward, "
+        f"{args.own_optimizer} step (batch {b})", OwnRun(m, o, x, y, cfg.seed))
+
+    m, o = copy_pair()
+    inj = ft.Injector(m, o, example_input=x)
+    add("own/step-empty", "with injector.step(k): around the step, nothing armed",
+        OwnRun(m, o, x, y, cfg.seed, wrap=inj.step))
+    injectors = {"own/step-empty": inj}
+
+    m, o = copy_pair()
+    inj = ft.Injector(m, o, example_input=x)
+    inj.arm([faultlab.fault("fwd_output", OWN_LAYER, step=10 ** 9, bit=FLIP_BIT,
+                            positions=[opos]),
+             faultlab.fault("fwd_weight", OWN_LAYER, step=10 ** 9, bit=FLIP_BIT,
+                            positions=[wpos])])
+    add("own/armed-later", "armed-idle: fwd_output + fwd_weight faults armed for a later step "
+        "(no hook installed this step)", OwnRun(m, o, x, y, cfg.seed, wrap=inj.step))
+    injectors["own/armed-later"] = inj
+
+    m, o = copy_pair()
+    inj = ft.Injector(m, o, replicas=2, example_input=x)      # injector.replica stays 0
+    inj.arm([faultlab.fault("fwd_output", OWN_LAYER, replica=1, duration="permanent",
+                            bit=FLIP_BIT, positions=[opos])])
+    add("own/armed-replica", f"armed-idle: permanent fwd_output fault on replica 1 of "
+        f"Injector(replicas=2) while replica 0 is computed: hook on {OWN_LAYER} installed, "
+        f"called, never fires", OwnRun(m, o, x, y, cfg.seed, wrap=inj.step))
+    injectors["own/armed-replica"] = inj
+
+    def transient(inj, **kw):
+        def rearm(s):          # untimed: a transient fault armed for the step about to run
+            inj.arm([faultlab.fault(step=s, **kw)])
+        return rearm
+
+    m, o = copy_pair()
+    inj = ft.Injector(m, o, example_input=x)
+    add("own/fire-fwd-output", f"firing: transient fwd_output SET {OWN_SET_VALUE:g} at "
+        f"{opos} (NCHW) of {OWN_LAYER}, armed (untimed) for each step",
+        OwnRun(m, o, x, y, cfg.seed, wrap=inj.step,
+               rearm=transient(inj, site="fwd_output", layer=OWN_LAYER, value="set",
+                               values=(OWN_SET_VALUE,), positions=[opos])))
+    injectors["own/fire-fwd-output"] = inj
+
+    m, o = copy_pair()
+    inj = ft.Injector(m, o, example_input=x)
+    add("own/fire-fwd-weight", f"firing: transient fwd_weight bitflip bit {FLIP_BIT} at "
+        f"{wpos} (out, in, kh, kw) of {OWN_LAYER}, armed (untimed) for each step",
+        OwnRun(m, o, x, y, cfg.seed, wrap=inj.step,
+               rearm=transient(inj, site="fwd_weight", layer=OWN_LAYER, bit=FLIP_BIT,
+                               positions=[wpos])))
+    injectors["own/fire-fwd-weight"] = inj
+
+    # pytorchfi: its constructor runs a profiling forward (global RNG, BN statistics in train
+    # mode) on the model it is given, and declare_neuron_fi trains nothing of the user's: it
+    # returns a deep copy with hooks. Give it its own copy in eval mode, train the corrupted
+    # copy with its own optimizer, reset its layer counter before every step (timed).
+    from pytorchfi.core import fault_injection
+    conv_names = [n for n, mm in base.named_modules() if isinstance(mm, torch.nn.Conv2d)]
+    layer_num = conv_names.index(OWN_LAYER)
+    with torch.random.fork_rng():
+        pfi = fault_injection(copy.deepcopy(base).eval(), b,
+                              input_shape=[3, cfg.input_size, cfg.input_size],
+                              layer_types=[torch.nn.Conv2d], use_cuda=False)
+        pm = pfi.declare_neuron_fi(batch=[opos[0]], layer_num=[layer_num], dim1=[opos[1]],
+                                   dim2=[opos[2]], dim3=[opos[3]], value=[OWN_SET_VALUE])
+    pm.train()
+    add("own/pytorchfi", f"pytorchfi {machine()['pytorchfi']} declare_neuron_fi: value "
+        f"{OWN_SET_VALUE:g} at layer_num {layer_num} {opos} every step, its corrupted copy "
+        f"trained by the same loop; reset_current_layer() per step (timed)",
+        OwnRun(pm, make_opt(pm.parameters()), x, y, cfg.seed, before=pfi.reset_current_layer))
+
+    # the same element, one forward each (untimed, fresh copies): faultlab == pytorchfi
+    torch.manual_seed(cfg.seed)
+    fm = copy.deepcopy(base).train()
+    finj = ft.Injector(fm, example_input=x)
+    finj.arm([faultlab.fault("fwd_output", OWN_LAYER, value="set", values=(OWN_SET_VALUE,),
+                             positions=[opos])])
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(0)
+        with finj.step(0):
+            fl_out = fm(x)
+        torch.manual_seed(0)
+        pfi.reset_current_layer()
+        pf_out = pm(x)
+        torch.manual_seed(0)
+        plain_out = copy.deepcopy(base).train()(x)
+    checks = {"own_faultlab_fwd_output_equals_pytorchfi": bool(torch.equal(fl_out, pf_out)),
+              "own_fault_changes_forward": not bool(torch.equal(fl_out, plain_out))}
+    info = {"layer": OWN_LAYER, "output_position_nchw": list(opos),
+            "weight_position": list(wpos), "batch": b, "optimizer": args.own_optimizer,
+            "pytorchfi_layer_num": layer_num}
+    return variants, runs, injectors, checks, info
+
+
+def own_checks(runs) -> dict:
+    """Idle variants train bit-identically to the plain loop; firing ones change the loss."""
+    ref = runs["own/plain"]
+    rsd = ref.model.state_dict()
+
+    def same(name):
+        r = runs[name]
+        sd = r.model.state_dict()
+        return r.losses == ref.losses and all(torch.equal(rsd[k], sd[k]) for k in rsd)
+
+    out = {f"{n}_bit_identical_to_plain": same(n)
+           for n in ("own/step-empty", "own/armed-later", "own/armed-replica")}
+    for n in ("own/fire-fwd-output", "own/fire-fwd-weight", "own/pytorchfi"):
+        out[f"{n}_changed_loss"] = runs[n].losses[0] != ref.losses[0]
+    out["own_losses_finite"] = all(all(np.isfinite(v) for v in r.losses) for r in runs.values())
+    return out
+
+
+def own_isolated(injectors, plain_ms: float, n: int = 2000) -> dict:
+    """The injector's own per-step work in the armed-idle variants, timed alone (`with
+    injector.step(k): pass`, n times, median of 5 blocks), as a ratio to the plain step: an
+    estimate far below the whole step's noise (it leaves out the call of an installed idle
+    hook, which returns at its replica check). Not for the firing variants: their cost
+    (resolving the fault, corrupting) is in the forward pass."""
+    out = {}
+    for name, inj in injectors.items():
+        if name.startswith("own/fire"):
+            continue
+        blocks = []
+        for _ in range(5):
+            tot = 0.0
+            for k in range(n):
+                t0 = time.perf_counter()
+                with inj.step(k):
+                    pass
+                tot += time.perf_counter() - t0
+            blocks.append(tot / n)
+        us = statistics.median(blocks) * 1e6
+        out[name] = {"us_per_step": round(us, 2), "ratio": 1 + us / (plain_ms * 1e3)}
+    return out
+
+
+def median_ci(vals):
+    """(median, 95% CI of the median by order statistics)."""
+    v = sorted(vals)
+    n = len(v)
+    half = 0.98 * n ** 0.5
+    lo, hi = max(0, int(n / 2 - half)), min(n - 1, int(np.ceil(n / 2 + half)))
+    return statistics.median(v), v[lo], v[hi]
+
+
+def own_verdicts(variants, rows) -> list[dict]:
+    by = {v.name: v for v in variants}
+    base = by["own/plain"]
+    out = []
+    for r in rows:
+        if r["group"] != "own" or r["variant"] == "own/plain":
+            continue
+        v = by[r["variant"]]
+        pairs = [a / b for ra, rb in zip(v.samples, base.samples) for a, b in zip(ra, rb)]
+        med, lo, hi = median_ci(pairs)
+        bound = OWN_FIRE_BOUND if r["variant"].startswith(("own/fire", "own/pytorchfi")) \
+            else OWN_IDLE_BOUND
+        out.append({"variant": r["variant"], "bound": bound, "paired": med, "ci": (lo, hi),
+                    "ratio": r["ratio"], "n": len(pairs),
+                    "verdict": "PASS" if med <= bound else "FAIL"})
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -445,9 +731,17 @@ def main(argv=None) -> int:
     p.add_argument("--max-minutes", type=float, default=5.0,
                    help="start no further repeat that would end past this much wall time; at "
                         "least one repeat always runs; 0 = no limit (5)")
+    p.add_argument("--own-iters", type=int, default=20,
+                   help="timed own-loop rounds per repeat (20)")
+    p.add_argument("--own-batch", type=int, default=32,
+                   help="the own loop's fixed batch size (32)")
+    p.add_argument("--own-optimizer", default="sgd", choices=("sgd", "adam"),
+                   help="the own loop's optimizer: SGD with momentum 0.9 or Adam (sgd)")
+    p.add_argument("--own-only", action="store_true",
+                   help="run the own-loop group only (faultlab.torch.Injector in a plain loop)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     args = p.parse_args(argv)
-    for k in ("steps", "repeats", "infer_iters", "threads"):
+    for k in ("steps", "repeats", "infer_iters", "threads", "own_iters", "own_batch"):
         if getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be at least 1")
     if args.warmup < 0 or args.max_minutes < 0:
@@ -466,15 +760,25 @@ def main(argv=None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     log("building trainers and models ...")
-    variants, runs, checks, info = build(args)
+    if args.own_only:
+        variants, runs, checks = [], {}, {}
+        info = {"config": default_config(args.workload, **REFERENCE[args.workload]).to_dict()}
+    else:
+        variants, runs, checks, info = build(args)
+    own_vars, own_runs, own_injectors, own_chk, own_info = build_own(
+        args, default_config(args.workload, **REFERENCE[args.workload]))
+    variants += own_vars
+    checks.update(own_chk)
+    info["own_loop"] = own_info
     train_v = [v for v in variants if v.group == "train"]
     infer_v = [v for v in variants if v.group == "infer"]
     layer_v = [v for v in variants if v.group == "layer"]
+    own_v = [v for v in variants if v.group == "own"]
 
     log(f"warm-up: {args.warmup} training steps per training variant, 10 forwards per "
         f"inference variant")
     for _ in range(args.warmup):
-        for v in train_v:
+        for v in train_v + own_v:
             v.one()
     for _ in range(10):
         for v in infer_v + layer_v:
@@ -493,7 +797,9 @@ def main(argv=None) -> int:
             break
         t_rep = time.perf_counter()
         for group, n in ((train_v, args.steps), (infer_v, args.infer_iters),
-                         (layer_v, args.infer_iters)):
+                         (layer_v, args.infer_iters), (own_v, args.own_iters)):
+            if not group:
+                continue
             for v in group:
                 v.samples.append([])
             gc.collect()
@@ -504,19 +810,25 @@ def main(argv=None) -> int:
                     v.samples[-1].append(v.one() * 1e3)
         last = time.perf_counter() - t_rep
         log(f"repeat {r + 1}/{args.repeats} done ({time.perf_counter() - t_start:.0f} s)")
-    done = len(train_v[0].samples)
+    done = len(own_v[0].samples)
 
-    checks.update(train_checks(runs))
+    if runs:
+        checks.update(train_checks(runs))
+    checks.update(own_checks(own_runs))
     rows = summarise(variants)
-    pred = derived(rows, info["config"]["replicas"])
+    pred = derived(rows, info["config"]["replicas"]) if runs else None
+    own_plain_ms = next(r["median_ms"] for r in rows if r["variant"] == "own/plain")
+    own_alone = own_isolated(own_injectors, own_plain_ms)
+    verdicts = own_verdicts(variants, rows)
     load1 = loadavg()
     usable = machine()["usable_cores"] or 1
     busy = None
     if load0 and load1 and max(load0[0], load1[0]) > usable + 0.5:
         busy = (f"the machine was busy (1-min load average {load0[0]} -> {load1[0]} on {usable} "
                 f"cores): other processes took CPU time, so absolute times are inflated and the "
-                f"whole-step ratios are noisy; trust 'paired' and the layer-level predictions "
-                f"more" + (", or rerun with --threads 1." if args.threads > 1 else "."))
+                f"whole-step ratios are noisy; trust 'paired'"
+                + (" and the layer-level predictions" if not args.own_only else "")
+                + " more" + (", or rerun with --threads 1." if args.threads > 1 else "."))
     doc = {
         "benchmark": "injector_overhead", "command": command,
         "date_utc": started.strftime("%Y-%m-%d %H:%M UTC"),
@@ -526,6 +838,10 @@ def main(argv=None) -> int:
         "max_minutes": args.max_minutes, "infer_iters": args.infer_iters,
         "warmup": args.warmup, "wall_s": round(time.perf_counter() - t_start, 1),
         "workload": info, "checks": checks, "derived": pred, "results": rows,
+        "own_loop": {"bounds": {"armed_idle": OWN_IDLE_BOUND, "firing": OWN_FIRE_BOUND},
+                     "verdicts": verdicts, "injector_alone": own_alone,
+                     "iters": args.own_iters, "batch": args.own_batch,
+                     "optimizer": args.own_optimizer},
         "notes": [
             "train/idle-*: a fault on replica 1 armed each step on a second TorchInjector "
             "(replicas = the configuration's) over the trainer's layers, whose current replica "
@@ -549,6 +865,17 @@ def main(argv=None) -> int:
             "and minimum of those over repeats; ratio = median / baseline median; ratio(min) = "
             "min / baseline min; paired = median over all rounds of (iteration / the baseline's "
             "iteration in the same round), the estimate least sensitive to load from elsewhere.",
+            "own/*: the benchmark's model trained by a plain user loop (fixed batch, "
+            "zero_grad / forward / cross-entropy / backward / optimizer step), each variant on "
+            "its own copy of the model and optimizer, the RNG re-seeded from the step index "
+            "(untimed) before every step so dropout draws the same masks everywhere. "
+            "own/fire-*: the transient fault is armed for the coming step outside the timed "
+            "region (arming validates; a loop arms once), so the timed step is the per-step "
+            "path of a step in which a transient fault fires. PASS/FAIL compares the paired "
+            "ratio (median over rounds of step / plain step of the same round) with the "
+            "bound; its 95% CI (order statistics) is printed beside it. 'injector alone' (armed-"
+            "idle rows) is the injector's own work per step, `with injector.step(k): pass` "
+            "timed by itself, as a ratio to the plain step.",
         ],
     }
     if args.json:
@@ -565,24 +892,45 @@ def main(argv=None) -> int:
     print(f"software python {m['python']}, torch {m['torch']}, pytorchfi {m['pytorchfi']}")
     print(f"command  {command}")
     cut = "" if done == args.repeats else f" (of {args.repeats}: --max-minutes reached)"
-    print(f"timing   {done} repeats{cut} x ({args.steps} training rounds + {args.infer_iters} "
-          f"inference rounds + {args.infer_iters} layer rounds), interleaved round-robin; "
-          f"{args.warmup} warm-up steps and 10 warm-up iterations per variant excluded; "
-          f"wall {doc['wall_s']} s")
+    oi = info["own_loop"]
+    own_desc = (f"{args.own_iters} own-loop rounds (batch {oi['batch']}, {oi['optimizer']})")
+    if args.own_only:
+        print(f"timing   {done} repeats{cut} x {own_desc}, interleaved round-robin; "
+              f"{args.warmup} warm-up steps per variant excluded; wall {doc['wall_s']} s")
+    else:
+        print(f"timing   {done} repeats{cut} x ({args.steps} training rounds + "
+              f"{args.infer_iters} inference rounds + {args.infer_iters} layer rounds + "
+              f"{own_desc}), interleaved round-robin; {args.warmup} warm-up steps and 10 "
+              f"warm-up iterations per variant excluded; wall {doc['wall_s']} s")
     print()
     print(table(rows))
     print()
     for r in rows:
         print(f"  {r['variant']:<20} {r['description']}")
+    if pred is not None:
+        print()
+        print("layer-level costs (paired, per call of the layer):")
+        for t, site in (("fwd", f"fwd_output on {FWD_LAYER}"),
+                        ("bwd", f"bwd_input on {BWD_LAYER}")):
+            print(f"  {site}: idle hook {pred[f'{t}_idle_hook_us_per_call']:+.1f} us, firing "
+                  f"(install + resolve + corrupt + remove) "
+                  f"{pred[f'{t}_firing_us_per_step']:+.1f} us")
+        print(f"  => predicted training ratios: idle-fwd "
+              f"{pred['train_idle_fwd_predicted_ratio']:.4f}, "
+              f"idle-bwd {pred['train_idle_bwd_predicted_ratio']:.4f}, fire-fwd "
+              f"{pred['train_fire_fwd_predicted_ratio']:.4f}, fire-bwd "
+              f"{pred['train_fire_bwd_predicted_ratio']:.4f}")
     print()
-    print("layer-level costs (paired, per call of the layer):")
-    for t, site in (("fwd", f"fwd_output on {FWD_LAYER}"), ("bwd", f"bwd_input on {BWD_LAYER}")):
-        print(f"  {site}: idle hook {pred[f'{t}_idle_hook_us_per_call']:+.1f} us, firing "
-              f"(install + resolve + corrupt + remove) {pred[f'{t}_firing_us_per_step']:+.1f} us")
-    print(f"  => predicted training ratios: idle-fwd {pred['train_idle_fwd_predicted_ratio']:.4f}, "
-          f"idle-bwd {pred['train_idle_bwd_predicted_ratio']:.4f}, fire-fwd "
-          f"{pred['train_fire_fwd_predicted_ratio']:.4f}, fire-bwd "
-          f"{pred['train_fire_bwd_predicted_ratio']:.4f}")
+    print(f"own loop vs the plain step ({own_plain_ms:.3f} ms; bounds: armed-idle "
+          f"<= {OWN_IDLE_BOUND}x, firing <= {OWN_FIRE_BOUND}x):")
+    for v in verdicts:
+        alone = own_alone.get(v["variant"])
+        extra = (f"; injector alone {alone['us_per_step']:.1f} us/step = "
+                 f"{alone['ratio']:.5f}x" if alone else "")
+        who = "pytorchfi, for comparison" if v["variant"] == "own/pytorchfi" else "faultlab"
+        print(f"  {v['variant']:<20} paired {v['paired']:.4f}x (95% CI {v['ci'][0]:.4f}-"
+              f"{v['ci'][1]:.4f}, n={v['n']}), ratio {v['ratio']:.4f}x  <= {v['bound']}x: "
+              f"{v['verdict']} ({who}){extra}")
     print()
     if busy:
         print(f"WARNING: {busy}")
