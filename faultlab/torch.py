@@ -16,7 +16,10 @@ Names are imported on first use, so ``import faultlab.torch`` does not import to
 * ``Checkpointer(path, every=N, model=, optimizer=, scheduler=, data=, extra=)``: the
   checkpoint engine and the adapter as one object for the loop you keep: ``start =
   ckpt.resume()``, ``ckpt.step(step + 1)`` saves every N steps, ``ckpt.stats``
-  (``CheckpointStats``) reports the stall (docs/checkpointing.md).
+  (``CheckpointStats``) reports the stall (docs/checkpointing.md);
+* ``Protector(model, optimizer, step_fn, batches=..., every=N)``: detection, rollback to the
+  last checkpoint and deterministic replay for the loop you keep; ``prot.report``
+  (``ProtectionReport``) says what happened (docs/torch.md, "Protecting your loop").
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ _EXPORTS = {
     "fault": "faultlab.faults",
     "Checkpointer": "faultlab.backends.torch.own_checkpointer",
     "CheckpointStats": "faultlab.backends.torch.own_checkpointer",
+    "Protector": "faultlab.backends.torch.protector",
+    "ProtectionReport": "faultlab.backends.torch.protector",
 }
 
 __all__ = sorted(_EXPORTS)
