@@ -195,6 +195,19 @@ class Injector:
             u.site in _ACTIVATION_SITES for u, _, _ in checked)
         return [u for u, _, _ in checked]
 
+    @contextlib.contextmanager
+    def only(self, faults):
+        """Within the block, deliver only those of the armed faults that are in `faults` (the
+        same objects `armed` lists); the rest stay armed and fire again after it. A recovery
+        replaying steps uses it so that a transient fault does not strike twice."""
+        keep = {id(f) for f in faults}
+        saved = self._armed
+        self._armed = [t for t in saved if id(t[0]) in keep]
+        try:
+            yield self
+        finally:
+            self._armed = saved
+
     def disarm(self) -> None:
         """Forget every armed fault (and remove any hook)."""
         self.end()

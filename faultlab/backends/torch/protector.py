@@ -255,14 +255,8 @@ class _LoopTrainer(TrainerBase):
         if inj is None:
             yield
             return
-        saved = inj._armed
-        ids = {id(f) for f in firing}
-        inj._armed = [t for t in saved if id(t[0]) in ids]
-        try:
-            with inj.step(step):
-                yield
-        finally:
-            inj._armed = saved
+        with inj.only(firing), inj.step(step):
+            yield
 
     def _signals(self, step: int, loss) -> Signals:
         """The step's signals, one host transfer: floats as float64 bits beside the int64
