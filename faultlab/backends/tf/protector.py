@@ -39,11 +39,8 @@ them with the step's loss into one float64 vector, and one ``.numpy()`` brings i
 
 from __future__ import annotations
 
-import json
-import operator
 import os
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,38 +48,25 @@ import numpy as np
 from faultlab.backends.tf.runtime import tf  # noqa: I001  (before keras: see runtime.py)
 import keras  # noqa: E402
 
-from faultlab.backends.base import EvalMetrics, StepMetrics, TrainerBase
+from faultlab.backends.base import StepMetrics
 from faultlab.backends.tf.adapter import TFCheckpointAdapter
 from faultlab.backends.tf.variables import components
-from faultlab.detectors import DetectorSuite, Signals, default_suite
-from faultlab.errors import SpecError, printable
+from faultlab.detectors import DetectorSuite, Signals
+from faultlab.errors import SpecError
 from faultlab.faults import FaultSpec
-from faultlab.replay.own_loop import ProtectionReport, stateful, whole
-from faultlab.replay.rollback import Policy, ProtectedRun
-from faultlab.replay.rollback import Protector as _Recovery
+from faultlab.replay.own_loop import OwnLoopProtector, OwnLoopTrainer, ProtectionReport
+from faultlab.replay.rollback import Policy
 
 __all__ = ["Protector", "ProtectionReport"]
 
-_META = "__protector_meta__"          # the adapter's JSON meta, carried as a uint8 array
 _UNSET = -1.0                         # the gradient-norm variable before any step wrote it
 
 
-class _LoopTrainer(TrainerBase):
+class _LoopTrainer(OwnLoopTrainer):
     """The user's Keras loop behind the trainer contract the recovery Protector drives."""
 
-    config = None
-
     def __init__(self, p: "Protector"):
-        self.p = p
-        self.signal_spec = None
-        self.lr_scale = 1.0
-        self.next_step = 0
-        self.recorded: dict[int, Any] | None = None   # step form: batches kept for replays
-        self._it = None
-        self._it_step = 0
-        self._epochs: list[int] = []       # steps at which an iteration of `batches` began
-        self.first_checksum: dict[int, tuple] = {}
-        self.differs: set[int] = set()
+        super().__init__(p)
         self._fns: dict = {}
         self._checked_trace = False
         opt, strategy = p.optimizer, p.strategy
@@ -135,61 +119,6 @@ class _LoopTrainer(TrainerBase):
                  and len(v.shape) > 0 and v.dtype in ("float16", "bfloat16", "float32",
                                                       "float64")]
         self.kernel_names, self._named, self._other = names, named, other
-
-    # --- batches ----------------------------------------------------------------------------
-
-    def _batch(self, step: int):
-        p = self.p
-        if self.recorded is not None:
-            try:
-                return self.recorded[step]
-            except KeyError:
-                raise SpecError(f"Protector: the batch of step {step} is no longer held (the "
-                                f"step form keeps the batches since the second newest "
-                                f"checkpoint)") from None
-        if p.batch_fn is not None:
-            return p.batch_fn(step)
-        if self._it is None:
-            self._reiterate()
-        while True:
-            try:
-                batch = next(self._it)
-            except StopIteration:       # an epoch ended: the next one, as `for` would
-                self._new_iter(self._it_step)
-                try:
-                    batch = next(self._it)
-                except StopIteration:
-                    raise SpecError(f"Protector: batches yielded nothing for step "
-                                    f"{self._it_step}") from None
-            self._it_step += 1
-            if self._it_step > step:    # earlier ones: steps a policy skipped
-                return batch
-
-    def _new_iter(self, step: int) -> None:
-        if step not in self._epochs:
-            self._epochs.append(step)
-        self._it, self._it_step = iter(self.p.batches), step
-
-    def _reiterate(self) -> None:
-        """The iterator after a restore (state before step `next_step`): with a data
-        position, a fresh iteration resumes where the restored position is; without one, the
-        iteration that covers the step is made again and fast-forwarded (it must yield the
-        same batches: a list, a tf.data pipeline with a fixed seed...)."""
-        step = self.next_step
-        starts = [s for s in self._epochs if s <= step]
-        if not starts or max(starts) == step:
-            self._new_iter(step)
-            return
-        self._it, self._it_step = iter(self.p.batches), step
-        if self.p.has_position:
-            return
-        for s in range(max(starts), step):
-            try:
-                next(self._it)
-            except StopIteration:
-                raise SpecError(f"Protector: batches ran out at step {s} while replaying "
-                                f"(they yielded more the first time); give data= your data "
-                                f"position") from None
 
     # --- the step ----------------------------------------------------------------------------
 
@@ -298,46 +227,19 @@ class _LoopTrainer(TrainerBase):
                        param_norm=param_norm,
                        replica_checksums=checksums if spec.replicas else None)
 
-    def _note_checksum(self, step: int, checksum: tuple) -> None:
-        first = self.first_checksum.get(step)
-        if first is None:
-            self.first_checksum[step] = checksum
-        elif first != checksum:
-            self.differs.add(step)
-
     # --- state --------------------------------------------------------------------------------
 
-    def get_state(self) -> dict[str, np.ndarray]:
-        """The adapter's capture (snapshots of the variables, never changed by later updates:
-        TF variables are copy-on-write) and its meta."""
+    def _capture(self, step: int) -> tuple[dict, dict]:
+        """Snapshots of the variables, never changed by later updates (TF variables are
+        copy-on-write)."""
         p = self.p
-        step = p._run.start + len(p._run.losses)    # the recovery checkpoints before `step`
-        at = self._it_step if self._it is not None else self.next_step
-        if p.batches is not None and at < step:
-            self._batch(step - 1)        # a skipped step's batch is consumed before saving
-        self.next_step = step
-        arrays, meta = p.adapter.capture(step, data_position=p.get_position(), extra=_plain(p.extra))
-        arrays[_META] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8).copy()
-        p.prune(step)
-        return arrays
+        return p.adapter.capture(step, data_position=p.get_position(), extra=_plain(p.extra))
 
-    def set_state(self, state: Mapping[str, np.ndarray]) -> None:
-        p = self.p
-        meta = json.loads(np.asarray(state[_META]).tobytes().decode())
-        arrays = {k: v for k, v in state.items() if k != _META}
-        resume = p.adapter.restore(arrays, meta)
-        if self.recorded is None:
-            p.set_position(resume.data_position)
-        if p.extra is not None:
-            _restore_into(p.extra, resume.extra)
-        self.next_step = resume.step
-        self._it = None
-
-    def evaluate(self) -> EvalMetrics:
-        raise SpecError("Protector does not evaluate: your loop keeps its own validation")
+    def _restore_extra(self, live: MutableMapping, saved: Mapping) -> None:
+        _restore_into(live, saved)
 
 
-class Protector:
+class Protector(OwnLoopProtector):
     """Detection every step, rollback and deterministic replay for your own Keras 3 loop.
 
     model, optimizer: yours (a built Keras model; a Keras optimizer, which the Protector
@@ -376,6 +278,10 @@ class Protector:
     close() (or ``with``) gives the optimizer its own all-reduce back and removes the
     temporary checkpoints.
     """
+
+    _ITERABLE_HINT = "the dataset or list itself"
+    _ITERABLE_EXAMPLE = "a tf.data.Dataset"
+    _DATA_HINT = "a dict of your own or a (get, set) pair"
 
     def __init__(self, model, optimizer, step_fn: Callable[[Any], Any], *, batches=None,
                  every: int = 10, strategy=None, data=None, extra: MutableMapping | None = None,
@@ -430,206 +336,56 @@ class Protector:
             with strategy.scope():              # as its first apply would (zeros, no RNG)
                 optimizer.build(model.trainable_variables)
         self.replicas = int(strategy.num_replicas_in_sync)
-        self.batch_fn = self.batches = None
-        if batches is not None:
-            if hasattr(batches, "__iter__"):
-                if hasattr(batches, "__next__") and iter(batches) is batches:
-                    raise SpecError(f"Protector: batches is a one-shot iterator "
-                                    f"({type(batches).__name__}) that cannot be re-iterated "
-                                    f"after a rollback; pass the dataset or list itself, or "
-                                    f"batch_fn(step)")
-                self.batches = batches
-            elif callable(batches):
-                self.batch_fn = batches
-            else:
-                raise SpecError(f"Protector: batches must be batch_fn(step) or a re-iterable "
-                                f"such as a tf.data.Dataset, got {type(batches).__name__}")
-        n = whole(every)
-        if n is None or n < 1:
-            raise SpecError(f"Protector(every={every!r}): every must be a whole number of "
-                            f"steps, at least 1")
-        every = n
-        self._get = self._set = None
-        self.has_position = data is not None
-        data_obj = None
-        if isinstance(data, tuple) and len(data) == 2 and all(map(callable, data)):
-            self._get, self._set = data
-        elif isinstance(data, MutableMapping):
-            self._get = lambda d=data: dict(d)
-            self._set = lambda v, d=data: (d.clear(), d.update(v or {}))
-        elif data is not None:
-            if not stateful(data):
-                raise SpecError(f"Protector(data=...): a {type(data).__name__} has no "
-                                f"state_dict() / load_state_dict(); pass a dict of your own "
-                                f"or a (get, set) pair")
-            data_obj = data
-        if extra is not None and not isinstance(extra, MutableMapping):
-            raise SpecError(f"Protector(extra=...): pass a dict (restored in place), not a "
-                            f"{type(extra).__name__}")
-        try:
-            policy = Policy(policy)
-        except ValueError:
-            raise SpecError(f"Protector(policy={policy!r}): valid policies are "
-                            f"{', '.join(p.value for p in Policy)}") from None
+        self._check_batches(batches)
+        every = self._check_every(every)
+        data_obj = self._check_data(data)
+        self._check_extra(extra)
+        policy = self._check_policy(policy)
         if policy is Policy.LOWER_LR and not isinstance(optimizer._learning_rate,
                                                         keras.Variable):
             raise SpecError("Protector(policy='lower_lr'): the optimizer's learning rate is a "
                             "schedule; lower_lr needs a plain learning rate")
         faults = list(faults)
-        if injector is not None:
-            from faultlab.backends.tf.injector import TFInjector
-            if not isinstance(injector, TFInjector) or injector.model is not model:
-                raise SpecError("Protector(injector=...): pass the faultlab.keras.Injector "
-                                "built for this model")
-        if faults:
-            if injector is None:
-                raise SpecError("Protector(faults=...): faults need injector= (the "
-                                "faultlab.keras.Injector that delivers them)")
-            bad = [f for f in faults if not isinstance(f, FaultSpec)]
-            if bad:
-                raise SpecError(f"Protector(faults=...): FaultSpec values (faultlab.fault), "
-                                f"got {type(bad[0]).__name__}")
-            injector.validate(faults)
-        if isinstance(detectors, DetectorSuite):
-            suite = detectors
-        else:
-            known = ("bound", "z", "window", "warmup", "tol")
-            bad = [k for k in thresholds if k not in known]
-            if bad:
-                raise SpecError(f"Protector: unknown argument {bad[0]!r} (thresholds are "
-                                f"{', '.join(known)})")
-            suite = default_suite(detectors, **thresholds)
-        if directory is not None:
-            d = Path(directory)
-            if d.exists() and not d.is_dir():
-                raise SpecError(f"Protector(directory={printable(d)}): not a directory")
+        _check_injector(injector, model, faults)
+        suite = self._check_suite(detectors, thresholds)
+        self._check_directory(directory)
         self.every, self.policy, self.injector, self.faults = every, policy, injector, faults
         self.extra = extra
         self.adapter = TFCheckpointAdapter(model, optimizer, data=data_obj,
                                            generators=generators)
-        self.trainer = _LoopTrainer(self)
-        try:
-            self._recovery = _Recovery(self.trainer, suite, every, policy, directory=directory)
-        except BaseException:
-            self.trainer.close()
-            raise
-        self.suite = suite
-        self._report: ProtectionReport | None = None
-        self._run = None
-        self._gen = None
-        self._closed = False
+        self._start(_LoopTrainer(self), suite, directory)
 
-    # --- data position --------------------------------------------------------------------
+    def _armed(self) -> list:
+        return self.faults
 
-    def get_position(self):
-        return self._get() if self._get is not None else None
+    def _after_run(self) -> None:
+        self._disarm()
 
-    def set_position(self, value) -> None:
-        if self._set is not None:
-            self._set(value)
+    def _release(self) -> None:
+        """Give the optimizer its own all-reduce back; disarm the injector."""
+        self.trainer.close()
+        self._disarm()
 
-    def prune(self, step: int) -> None:
-        """Forget what only steps before the second newest checkpoint needed."""
-        keep = step - self.every
-        t = self.trainer
-        for held in (t.recorded, t.first_checksum):
-            for s in [s for s in held or () if s < keep]:
-                del held[s]
+    def _disarm(self) -> None:
+        if self.injector is not None:
+            self.injector.disarm()
 
-    # --- running ----------------------------------------------------------------------------
 
-    def run(self, steps: int, start: int | None = None) -> ProtectionReport:
-        """Train steps start..start+steps-1 under protection (start: where the last run
-        ended, 0 at first); returns the report of this run."""
-        self._check_open()
-        if self.batches is None and self.batch_fn is None:
-            raise SpecError("Protector.run needs batches= (batch_fn(step) or a re-iterable); "
-                            "without it, hand each batch in with prot.step(step, batch)")
-        if self._gen is not None:
-            raise SpecError("Protector: run() after step(): use one form per protector")
-        n = whole(steps)
-        if n is None or n < 0:
-            raise SpecError(f"Protector.run(steps={steps!r}): a whole number of steps")
-        t = self.trainer
-        start = t.next_step if start is None else operator.index(start)
-        t.next_step = start
-        self._run = ProtectedRun(start)
-        try:
-            for _ in self._recovery.steps(start, start + n, self.faults, self._run):
-                pass
-        finally:
-            self._absorb(self._run)
-            if self.injector is not None:
-                self.injector.disarm()
-        return self._report
-
-    def step(self, step: int, batch) -> bool:
-        """Run step `step` on `batch` under protection (steps in order, from any first one).
-        Returns False when the policy stopped training: end your loop then."""
-        self._check_open()
-        if self.batches is not None or self.batch_fn is not None:
-            raise SpecError("Protector.step(step, batch) is for protectors built without "
-                            "batches=; this one draws its own batches: call run(steps)")
-        step = operator.index(step)
-        t = self.trainer
-        if self._gen is None:
-            t.recorded = {}
-            t.next_step = step
-            self._run = ProtectedRun(step)
-            self._gen = self._recovery.steps(step, 2**62, self.faults, self._run)
-            self._expect = step
-        if self._run.stopped_at is not None:
-            return False
-        if step != self._expect:
-            raise SpecError(f"Protector.step: expected step {self._expect}, got {step} (steps "
-                            f"are handed in order)")
-        t.recorded[step] = batch
-        try:
-            next(self._gen)
-        except BaseException:
-            self._run.stopped_at = step
-            raise
-        self._expect = step + 1
-        self._absorb(self._run)
-        return self._run.stopped_at is None
-
-    def _absorb(self, run) -> None:
-        det_steps = {d.step for d in run.detections}
-        self._report = ProtectionReport(run.start, run.losses, run.detections, run.stopped_at,
-                                        sorted(self.trainer.differs - det_steps))
-
-    @property
-    def report(self) -> ProtectionReport:
-        """What protection did so far (ProtectionReport)."""
-        if self._report is None:
-            return ProtectionReport(self.trainer.next_step)
-        return self._report
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise SpecError("Protector is closed")
-
-    def close(self) -> None:
-        """Wait for checkpoints in flight, give the optimizer its all-reduce back, remove the
-        temporary checkpoints."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            if self._recovery.engine is not None:
-                self._recovery.engine.wait_all()
-        finally:
-            self._recovery.close()
-            self.trainer.close()
-            if self.injector is not None:
-                self.injector.disarm()
-            self._gen = None
-
-    def __enter__(self) -> "Protector":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+def _check_injector(injector, model, faults: list) -> None:
+    if injector is not None:
+        from faultlab.backends.tf.injector import TFInjector
+        if not isinstance(injector, TFInjector) or injector.model is not model:
+            raise SpecError("Protector(injector=...): pass the faultlab.keras.Injector "
+                            "built for this model")
+    if faults:
+        if injector is None:
+            raise SpecError("Protector(faults=...): faults need injector= (the "
+                            "faultlab.keras.Injector that delivers them)")
+        bad = [f for f in faults if not isinstance(f, FaultSpec)]
+        if bad:
+            raise SpecError(f"Protector(faults=...): FaultSpec values (faultlab.fault), "
+                            f"got {type(bad[0]).__name__}")
+        injector.validate(faults)
 
 
 _UNSIGNED = {2: tf.uint16, 4: tf.uint32, 8: tf.uint64}

@@ -21,7 +21,6 @@ is built.
 
 from __future__ import annotations
 
-import operator
 import os
 import threading
 import time
@@ -37,6 +36,8 @@ from faultlab.checkpointing.api import SaveFuture
 from faultlab.checkpointing.engine import CheckpointEngine
 from faultlab.checkpointing.recovery import recover
 from faultlab.errors import CheckpointError, printable
+from faultlab.replay.own_loop import stateful as _stateful
+from faultlab.replay.own_loop import whole as _whole
 
 __all__ = ["CheckpointStats", "Checkpointer"]
 
@@ -441,22 +442,6 @@ def _first_iterator_draws_nothing(loader) -> None:
                 gen.set_state(state)
 
     loader._get_iterator = first_iterator
-
-
-def _whole(value) -> int | None:
-    """`value` as an int when it is a whole number (int, NumPy or 0-d torch integer), else
-    None (bools and floats included)."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
-def _stateful(obj) -> bool:
-    return callable(getattr(obj, "state_dict", None)) and \
-        callable(getattr(obj, "load_state_dict", None))
 
 
 def _check_objects(obj, kind: str, ok, what: str, required: bool = False) -> None:

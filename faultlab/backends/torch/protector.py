@@ -37,54 +37,36 @@ injector's armed list is narrowed to the faults the recovery says fire, for that
 from __future__ import annotations
 
 import contextlib
-import json
-import operator
 import os
 import random
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from faultlab.backends.base import EvalMetrics, StepMetrics, TrainerBase
+from faultlab.backends.base import StepMetrics
 from faultlab.backends.torch.adapter import TorchCheckpointAdapter
-from faultlab.detectors import DetectorSuite, Signals, default_suite
-from faultlab.errors import SpecError, printable
-from faultlab.replay.own_loop import ProtectionReport
+from faultlab.detectors import DetectorSuite, Signals
+from faultlab.errors import SpecError
+from faultlab.replay.own_loop import OwnLoopProtector, OwnLoopTrainer, ProtectionReport
 from faultlab.replay.own_loop import stateful as _stateful
-from faultlab.replay.own_loop import whole as _whole
-from faultlab.replay.rollback import Policy, ProtectedRun
-from faultlab.replay.rollback import Protector as _Recovery
 
 __all__ = ["Protector", "ProtectionReport"]
 
 #: modules whose weight's Adam first moment the history bound watches (as TorchTrainer's)
 _KERNELS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_META = "__protector_meta__"          # the adapter's JSON meta, carried as a uint8 array
 _INTS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-class _LoopTrainer(TrainerBase):
+class _LoopTrainer(OwnLoopTrainer):
     """The user's loop behind the trainer contract the recovery Protector drives."""
 
-    config = None
-
     def __init__(self, p: "Protector"):
-        self.p = p
-        self.signal_spec = None
-        self.lr_scale = 1.0
-        self.next_step = 0                 # the step the state is before
-        self.recorded: dict[int, Any] | None = None   # step form: batches kept for replays
-        self._it = None                    # the batch iterator (re-iterable form)
-        self._it_step = 0                  # the step of its next batch
-        self._epochs: dict[int, tuple] = {}   # step -> generator states an iteration began at
+        super().__init__(p)
         self._gnorm = None                 # the gradient norm, taken in the optimizer pre-hook
         self._saved_lr: list | None = None
-        self.first_checksum: dict[int, int] = {}
-        self.differs: set[int] = set()
         self._kernel = {id(m.weight): n for n, m in p.model.named_modules()
                         if isinstance(m, _KERNELS) and isinstance(getattr(m, "weight", None),
                                                                   torch.Tensor)}
@@ -115,71 +97,22 @@ class _LoopTrainer(TrainerBase):
                 g["lr"] = lr
             self._saved_lr = None
 
-    # --- batches ----------------------------------------------------------------------------
+    # --- batches: an iteration starts from the global generators' states ---------------
 
-    def _batch(self, step: int):
-        p = self.p
-        if self.recorded is not None:
-            try:
-                return self.recorded[step]
-            except KeyError:
-                raise SpecError(f"Protector: the batch of step {step} is no longer held (the "
-                                f"step form keeps the batches since the second newest "
-                                f"checkpoint)") from None
-        if p.batch_fn is not None:
-            return p.batch_fn(step)
-        if self._it is None:
-            self._reiterate()
-        while True:
-            try:
-                batch = next(self._it)
-            except StopIteration:       # an epoch ended: the next one, as `for` would
-                self._new_iter(self._it_step)
-                try:
-                    batch = next(self._it)
-                except StopIteration:
-                    raise SpecError(f"Protector: batches yielded nothing for step "
-                                    f"{self._it_step}") from None
-            self._it_step += 1
-            if self._it_step > step:    # earlier ones: steps a policy skipped
-                return batch
+    def _iteration_state(self) -> tuple:
+        """A DataLoader draws its base seed, a RandomSampler its shuffle seed, from the
+        global generator when it is iterated."""
+        return _rng_state(self._cuda())
 
-    def _new_iter(self, step: int) -> None:
-        """iter(batches) where the user's loop makes it (the run's first step, an epoch's
-        end), remembering the generators' states it starts from: a DataLoader draws its
-        base seed, a RandomSampler its shuffle seed, from the global generator."""
-        self._epochs[step] = _rng_state(self._cuda())
-        self._it, self._it_step = iter(self.p.batches), step
-
-    def _reiterate(self) -> None:
-        """The iterator after a restore (state before step `next_step`). Where the run made
-        one at this step, make it the same way. Else, from the data position restored, the
-        iterator resumes where the checkpoint was (a re-created one must not move the
-        restored generators); without a data position, the iteration that covers this step
-        is made again from the generators' states it started from and fast-forwarded."""
-        step = self.next_step
-        starts = [s for s in self._epochs if s <= step]
-        if not starts or max(starts) == step:
-            self._new_iter(step)
-            return
+    @contextlib.contextmanager
+    def _generators_at(self, state: tuple | None):
         saved = _rng_state(self._cuda())
         try:
-            if self.p.has_position:
-                self._it = iter(self.p.batches)
-            else:
-                first = max(starts)
-                _set_rng_state(self._epochs[first])
-                self._it = iter(self.p.batches)
-                for s in range(first, step):
-                    try:
-                        next(self._it)
-                    except StopIteration:
-                        raise SpecError(f"Protector: batches ran out at step {s} while "
-                                        f"replaying (they yielded more the first time); "
-                                        f"give data= your data position") from None
+            if state is not None:
+                _set_rng_state(state)
+            yield
         finally:
             _set_rng_state(saved)
-        self._it_step = step
 
     def _cuda(self) -> list[int]:
         return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
@@ -269,46 +202,19 @@ class _LoopTrainer(TrainerBase):
                     out.append((self._kernel.get(id(q)) if k == "exp_avg" else None, v))
         return out
 
-    def _note_checksum(self, step: int, checksum: int) -> None:
-        first = self.first_checksum.get(step)
-        if first is None:
-            self.first_checksum[step] = checksum
-        elif first != checksum:
-            self.differs.add(step)
-
     # --- state --------------------------------------------------------------------------------
 
-    def get_state(self) -> dict[str, np.ndarray]:
-        """The adapter's capture (copies: the engine writes them borrowed) and its meta."""
+    def _capture(self, step: int) -> tuple[dict, dict]:
+        """Copies: the engine writes them borrowed."""
         p = self.p
-        step = p._run.start + len(p._run.losses)    # the recovery checkpoints before `step`
-        at = self._it_step if self._it is not None else self.next_step
-        if p.batches is not None and at < step:
-            self._batch(step - 1)        # a skipped step's batch is consumed before saving
-        self.next_step = step
-        arrays, meta = p.adapter.capture(step, data_position=p.get_position(),
-                                         extra=p.extra, copy=True)
-        arrays[_META] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8).copy()
-        p.prune(step)
-        return arrays
+        return p.adapter.capture(step, data_position=p.get_position(), extra=p.extra,
+                                 copy=True)
 
-    def set_state(self, state: Mapping[str, np.ndarray]) -> None:
-        p = self.p
-        meta = json.loads(np.asarray(state[_META]).tobytes().decode())
-        arrays = {k: v for k, v in state.items() if k != _META}
-        resume = p.adapter.restore(arrays, meta)
-        if self.recorded is None:
-            p.set_position(resume.data_position)
-        if p.extra is not None:
-            _restore_into(p.extra, resume.extra)
-        self.next_step = resume.step
-        self._it = None
-
-    def evaluate(self) -> EvalMetrics:
-        raise SpecError("Protector does not evaluate: your loop keeps its own validation")
+    def _restore_extra(self, live: MutableMapping, saved: Mapping) -> None:
+        _restore_into(live, saved)
 
 
-class Protector:
+class Protector(OwnLoopProtector):
     """Detection every step, rollback and deterministic replay for your own training loop.
 
     model, optimizer: yours. step_fn(batch) -> loss: runs one training step on one batch
@@ -343,6 +249,10 @@ class Protector:
     ``with``) removes them and the temporary checkpoints.
     """
 
+    _ITERABLE_HINT = "the loader or iterable itself"
+    _ITERABLE_EXAMPLE = "a DataLoader"
+    _DATA_HINT = "a stateful sampler or loader, a dict of your own, or a (get, set) pair"
+
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  step_fn: Callable[[Any], Any], *, batches=None, data=None, every: int = 10,
                  directory: str | os.PathLike | None = None, scheduler=None,
@@ -363,196 +273,44 @@ class Protector:
             raise SpecError(f"Protector: step_fn must be a function of one batch that runs "
                             f"the step and returns the loss, got {type(step_fn).__name__}")
         self.model, self.optimizer, self.step_fn = model, optimizer, step_fn
-        self.batch_fn = self.batches = None
-        if batches is not None:
-            if hasattr(batches, "__iter__"):
-                if hasattr(batches, "__next__") and iter(batches) is batches:
-                    raise SpecError(f"Protector: batches is a one-shot iterator "
-                                    f"({type(batches).__name__}) that cannot be re-iterated "
-                                    f"after a rollback; pass the loader or iterable itself, "
-                                    f"or batch_fn(step)")
-                self.batches = batches
-            elif callable(batches):
-                self.batch_fn = batches
-            else:
-                raise SpecError(f"Protector: batches must be batch_fn(step) or a re-iterable "
-                                f"such as a DataLoader, got {type(batches).__name__}")
-        n = _whole(every)
-        if n is None or n < 1:
-            raise SpecError(f"Protector(every={every!r}): every must be a whole number of "
-                            f"steps, at least 1")
-        every = n
-        self._get = self._set = None
-        self.has_position = data is not None
-        data_obj = None
-        if isinstance(data, tuple) and len(data) == 2 and all(map(callable, data)):
-            self._get, self._set = data
-        elif isinstance(data, MutableMapping):
-            self._get = lambda d=data: dict(d)
-            self._set = lambda v, d=data: (d.clear(), d.update(v or {}))
-        elif data is not None:
-            if not _stateful(data):
-                raise SpecError(f"Protector(data=...): a {type(data).__name__} has no "
-                                f"state_dict() / load_state_dict(); pass a stateful sampler or "
-                                f"loader, a dict of your own, or a (get, set) pair")
-            data_obj = data
-        if scheduler is not None:
-            for s in (scheduler.values() if isinstance(scheduler, Mapping) else [scheduler]):
-                if not _stateful(s):
-                    raise SpecError(f"Protector(scheduler=...): a {type(s).__name__} has no "
-                                    f"state_dict() / load_state_dict()")
-        if extra is not None and not isinstance(extra, MutableMapping):
-            raise SpecError(f"Protector(extra=...): pass a dict (restored in place), not a "
-                            f"{type(extra).__name__}")
-        try:
-            policy = Policy(policy)
-        except ValueError:
-            raise SpecError(f"Protector(policy={policy!r}): valid policies are "
-                            f"{', '.join(p.value for p in Policy)}") from None
-        if injector is not None:
-            from faultlab.backends.torch.own_loop import Injector
-            if not isinstance(injector, Injector) or injector.model is not model:
-                raise SpecError("Protector(injector=...): pass the faultlab.torch.Injector "
-                                "built for this model")
-        if isinstance(detectors, DetectorSuite):
-            suite = detectors
-        else:
-            known = ("bound", "z", "window", "warmup", "tol")
-            bad = [k for k in thresholds if k not in known]
-            if bad:
-                raise SpecError(f"Protector: unknown argument {bad[0]!r} (thresholds are "
-                                f"{', '.join(known)})")
-            suite = default_suite(detectors, **thresholds)
-        if directory is not None:
-            d = Path(directory)
-            if d.exists() and not d.is_dir():
-                raise SpecError(f"Protector(directory={printable(d)}): not a directory")
+        self._check_batches(batches)
+        every = self._check_every(every)
+        data_obj = self._check_data(data)
+        _check_schedulers(scheduler)
+        self._check_extra(extra)
+        policy = self._check_policy(policy)
+        _check_injector(injector, model)
+        suite = self._check_suite(detectors, thresholds)
+        self._check_directory(directory)
         self.every, self.policy, self.injector, self.extra = every, policy, injector, extra
         self.adapter = TorchCheckpointAdapter(model, optimizer, scheduler=scheduler,
                                               data=data_obj, generators=generators)
-        self.trainer = _LoopTrainer(self)
-        self._recovery = _Recovery(self.trainer, suite, every, policy, directory=directory)
-        self.suite = suite
-        self._report: ProtectionReport | None = None
-        self._run = None            # the recovery's ProtectedRun
-        self._gen = None            # step form: the recovery's step generator
-        self._closed = False
+        self._start(_LoopTrainer(self), suite, directory)
 
-    # --- data position --------------------------------------------------------------------
-
-    def get_position(self):
-        return self._get() if self._get is not None else None
-
-    def set_position(self, value) -> None:
-        if self._set is not None:
-            self._set(value)
-
-    def prune(self, step: int) -> None:
-        """At a checkpoint before `step`: forget what only steps before the second newest
-        checkpoint needed (they are never replayed): their first checksums and, in the step
-        form, their batches."""
-        keep = step - self.every
-        t = self.trainer
-        for held in (t.recorded, t.first_checksum):
-            for s in [s for s in held or () if s < keep]:
-                del held[s]
-
-    # --- running ----------------------------------------------------------------------------
-
-    def run(self, steps: int, start: int | None = None) -> ProtectionReport:
-        """Train steps start..start+steps-1 under protection (start: where the last run
-        ended, 0 at first); returns the report of this run."""
-        self._check_open()
-        if self.batches is None and self.batch_fn is None:
-            raise SpecError("Protector.run needs batches= (batch_fn(step) or a re-iterable); "
-                            "without it, hand each batch in with prot.step(step, batch)")
-        if self._gen is not None:
-            raise SpecError("Protector: run() after step(): use one form per protector")
-        n = _whole(steps)
-        if n is None or n < 0:
-            raise SpecError(f"Protector.run(steps={steps!r}): a whole number of steps")
-        steps = n
-        t = self.trainer
-        start = t.next_step if start is None else operator.index(start)
-        t.next_step = start
-        self._run = ProtectedRun(start)
-        try:
-            for _ in self._recovery.steps(start, start + steps, self._faults(), self._run):
-                pass
-        finally:
-            self._absorb(self._run)
-        return self._report
-
-    def step(self, step: int, batch) -> bool:
-        """Run step `step` on `batch` under protection (steps in order, from any first one).
-        Returns False when the policy stopped training, at this step (its anomaly was not
-        transient) or earlier (nothing is run): end your loop then."""
-        self._check_open()
-        if self.batches is not None or self.batch_fn is not None:
-            raise SpecError("Protector.step(step, batch) is for protectors built without "
-                            "batches=; this one draws its own batches: call run(steps)")
-        step = operator.index(step)
-        t = self.trainer
-        if self._gen is None:
-            t.recorded = {}
-            t.next_step = step
-            self._run = ProtectedRun(step)
-            self._gen = self._recovery.steps(step, 2**62, self._faults(), self._run)
-            self._expect = step
-        if self._run.stopped_at is not None:
-            return False
-        if step != self._expect:
-            raise SpecError(f"Protector.step: expected step {self._expect}, got {step} (steps "
-                            f"are handed in order)")
-        t.recorded[step] = batch
-        try:
-            next(self._gen)
-        except BaseException:
-            self._run.stopped_at = step    # the step raised: the run cannot go on
-            raise
-        self._expect = step + 1
-        self._absorb(self._run)
-        return self._run.stopped_at is None
-
-    def _faults(self) -> list:
+    def _armed(self) -> list:
         return list(self.injector.armed) if self.injector is not None else []
 
-    def _absorb(self, run) -> None:
-        t = self.trainer
-        det_steps = {d.step for d in run.detections}
-        self._report = ProtectionReport(run.start, run.losses, run.detections, run.stopped_at,
-                                        sorted(t.differs - det_steps))
+    def _release(self) -> None:
+        """Remove the optimizer hooks; the adapter's resources."""
+        self.trainer.close()
+        self.adapter.close()
 
-    @property
-    def report(self) -> ProtectionReport:
-        """What protection did so far (ProtectionReport)."""
-        if self._report is None:
-            return ProtectionReport(self.trainer.next_step)
-        return self._report
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise SpecError("Protector is closed")
+def _check_schedulers(scheduler) -> None:
+    if scheduler is None:
+        return
+    for s in (scheduler.values() if isinstance(scheduler, Mapping) else [scheduler]):
+        if not _stateful(s):
+            raise SpecError(f"Protector(scheduler=...): a {type(s).__name__} has no "
+                            f"state_dict() / load_state_dict()")
 
-    def close(self) -> None:
-        """Wait for checkpoints in flight, remove the hooks (and the temporary checkpoints)."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            if self._recovery.engine is not None:
-                self._recovery.engine.wait_all()
-        finally:
-            self._recovery.close()
-            self.trainer.close()
-            self.adapter.close()
-            self._gen = None
 
-    def __enter__(self) -> "Protector":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+def _check_injector(injector, model) -> None:
+    if injector is not None:
+        from faultlab.backends.torch.own_loop import Injector
+        if not isinstance(injector, Injector) or injector.model is not model:
+            raise SpecError("Protector(injector=...): pass the faultlab.torch.Injector "
+                            "built for this model")
 
 
 def _norm(tensors: list) -> torch.Tensor | None:
