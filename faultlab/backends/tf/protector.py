@@ -50,7 +50,7 @@ import keras  # noqa: E402
 
 from faultlab.backends.base import StepMetrics
 from faultlab.backends.tf.adapter import TFCheckpointAdapter
-from faultlab.backends.tf.variables import components
+from faultlab.backends.tf.variables import checksum, components
 from faultlab.detectors import DetectorSuite, Signals
 from faultlab.errors import SpecError
 from faultlab.faults import FaultSpec
@@ -181,7 +181,7 @@ class _LoopTrainer(OwnLoopTrainer):
                 row.append(tf.add_n([tf.norm(tf.cast(tf.convert_to_tensor(v), tf.float64))
                                      for v in tvars]))
             row = [tf.cast(t, tf.float64) for t in row]
-            row.append(_checksum(tvars))
+            row.append(checksum(tvars))
             return tf.stack(row)
 
         @tf.function(autograph=False)
@@ -388,21 +388,6 @@ def _check_injector(injector, model, faults: list) -> None:
         injector.validate(faults)
 
 
-_UNSIGNED = {2: tf.uint16, 4: tf.uint32, 8: tf.uint64}
-
-
-def _checksum(variables):
-    """An exact, order-independent checksum of a replica's copy of `variables` (as the
-    built-in trainer's): the sum of every element's bit pattern as an unsigned integer of its
-    width, wrapping, kept to 52 bits so that float64 carries it exactly."""
-    groups: dict = {}
-    for v in variables:
-        t = tf.convert_to_tensor(v)
-        t = tf.bitcast(t, _UNSIGNED[t.dtype.size]) if t.dtype.size > 1 else tf.cast(t, tf.uint8)
-        groups.setdefault(t.dtype, []).append(tf.reshape(t, [-1]))
-    sums = [tf.cast(tf.reduce_sum(tf.concat(ts, 0)), tf.uint64) for ts in groups.values()]
-    return tf.cast(tf.bitwise.bitwise_and(tf.add_n(sums), tf.constant((1 << 52) - 1, tf.uint64)),
-                   tf.float64)
 
 
 def _plain(value):

@@ -55,6 +55,7 @@ from faultlab.workloads import data as datamod  # noqa: E402
 from faultlab.backends.tf import models as tf_models  # noqa: E402
 from faultlab.backends.tf.optimizer import FaultlabAdam  # noqa: E402
 from faultlab.backends.tf.strategy import select_strategy  # noqa: E402
+from faultlab.backends.tf.variables import checksum  # noqa: E402
 from faultlab.workloads.base import WorkloadConfig, is_user_workload, load_user_workload, lr_schedule  # noqa: E402
 
 __all__ = ["TFWorkload", "TFTrainer", "build_workload", "operand_shapes", "select_strategy",
@@ -298,7 +299,7 @@ class TFTrainer(TrainerBase):
             row.append(tf.reduce_max(tf.stack(abft)) if abft else 0.0)
         row = [tf.cast(t, tf.float64) for t in row]
         if replicas:
-            row.append(_checksum(self.model.trainable_variables))
+            row.append(checksum(self.model.trainable_variables))
         return tf.stack(row)
 
     def _signals(self, step: int, key: tuple, packed: np.ndarray):
@@ -437,23 +438,6 @@ class TFTrainer(TrainerBase):
 _CAPTURE = threading.local()
 
 
-def _checksum(variables):
-    """An exact, order-independent checksum of a replica's copy of `variables`: the sum of
-    every element's bit pattern as an unsigned integer of its width (wrapping, so exact and
-    independent of summation order), kept to 52 bits so float64 carries it exactly. Identical
-    copies give identical sums, on any device. Variables of one width are concatenated and
-    summed at once: on small models the op count, not the data, is the cost."""
-    groups: dict = {}
-    for v in variables:
-        t = tf.convert_to_tensor(v)
-        t = tf.bitcast(t, _UNSIGNED[t.dtype.size]) if t.dtype.size > 1 else tf.cast(t, tf.uint8)
-        groups.setdefault(t.dtype, []).append(tf.reshape(t, [-1]))
-    sums = [tf.cast(tf.reduce_sum(tf.concat(ts, 0)), tf.uint64) for ts in groups.values()]
-    return tf.cast(tf.bitwise.bitwise_and(tf.add_n(sums), tf.constant((1 << 52) - 1, tf.uint64)),
-                   tf.float64)
-
-
-_UNSIGNED = {2: tf.uint16, 4: tf.uint32, 8: tf.uint64}
 
 
 def _pack(strategy, rows, loss, correct):

@@ -122,3 +122,22 @@ def cached(holder, attr: str, variables: Sequence) -> VariableSet:
         vs = VariableSet(variables)
         setattr(holder, attr, vs)
     return vs
+
+
+def checksum(variables):
+    """An exact, order-independent checksum of a replica's copy of `variables`: the sum of
+    every element's bit pattern as an unsigned integer of its width (wrapping, so exact and
+    independent of summation order), kept to 52 bits so float64 carries it exactly. Identical
+    copies give identical sums, on any device. Variables of one width are concatenated and
+    summed at once: on small models the op count, not the data, is the cost."""
+    groups: dict = {}
+    for v in variables:
+        t = tf.convert_to_tensor(v)
+        t = tf.bitcast(t, _UNSIGNED[t.dtype.size]) if t.dtype.size > 1 else tf.cast(t, tf.uint8)
+        groups.setdefault(t.dtype, []).append(tf.reshape(t, [-1]))
+    sums = [tf.cast(tf.reduce_sum(tf.concat(ts, 0)), tf.uint64) for ts in groups.values()]
+    return tf.cast(tf.bitwise.bitwise_and(tf.add_n(sums), tf.constant((1 << 52) - 1, tf.uint64)),
+                   tf.float64)
+
+
+_UNSIGNED = {2: tf.uint16, 4: tf.uint32, 8: tf.uint64}
