@@ -7,7 +7,6 @@ uninterrupted one (data order, dropout masks, Adadelta state, StepLR)."""
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 
@@ -18,41 +17,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cnn_loop  # noqa: E402
 
 import faultlab.torch as ft  # noqa: E402
+import without_faultlab  # noqa: E402
 
 pytestmark = pytest.mark.framework("torch")
 
 EPOCHS = 2
 
 
-class _Null:
-    """Stands in for faultlab.torch in the loop: the loop without faultlab."""
-
-    class Injector:
-        def __init__(self, *a, **k):
-            pass
-
-        def arm(self, faults):
-            assert not faults
-
-        def step(self, step):
-            return contextlib.nullcontext()
-
-    class Checkpointer(Injector):
-        def resume(self):
-            return 0
-
-        def step(self, *a, **k):
-            pass
-
-        def close(self):
-            pass
-
-
 @pytest.fixture(scope="module")
 def cnn_plain():
     """The loop without faultlab's lines."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cnn_loop, "ft", _Null)
+        mp.setattr(cnn_loop, "ft", without_faultlab)
         return cnn_loop.train(None, epochs=EPOCHS)
 
 

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 
@@ -25,41 +24,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import word_lm  # noqa: E402
 
 import faultlab.torch as ft  # noqa: E402
+import without_faultlab  # noqa: E402
 
 pytestmark = pytest.mark.framework("torch")
 
 FLIP_STEP = 6
 
 
-class _Null:
-    """Stands in for faultlab.torch in the loop: the loop without faultlab."""
-
-    class Injector:
-        def __init__(self, *a, **k):
-            pass
-
-        def arm(self, faults):
-            assert not faults
-
-        def step(self, step):
-            return contextlib.nullcontext()
-
-    class Checkpointer(Injector):
-        def resume(self):
-            return 0
-
-        def step(self, *a, **k):
-            pass
-
-        def close(self):
-            pass
-
-
 @pytest.fixture(scope="module")
 def lm_plain():
     """The loop without faultlab's lines."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(word_lm, "ft", _Null)
+        mp.setattr(word_lm, "ft", without_faultlab)
         return word_lm.train(None)
 
 
@@ -117,18 +93,13 @@ def test_lm_checkpointer_resume_is_bit_identical(lm_plain, tmp_path):
     assert same_state(rest, lm_plain)
 
 
-needs_protector = pytest.mark.skipif(not hasattr(ft, "Protector"),
-                                     reason="faultlab.torch.Protector is not in this faultlab")
 
-
-@needs_protector
 def test_lm_protected_clean_run_is_the_plain_run(lm_plain):
     run = word_lm.train_protected()
     assert run["losses"] == lm_plain["losses"] and run["val_ppl"] == lm_plain["val_ppl"]
     assert same_state(run, lm_plain) and not run["report"].detections
 
 
-@needs_protector
 @pytest.mark.parametrize("step", [12, 16])            # 16: the rollback crosses an epoch's end
 def test_lm_protector_rolls_back_a_transient_nan(lm_plain, step):
     nan = ft.fault("grad_wt", "rnn", tensor="weight_hh_l0", step=step, value="nan", count=1)

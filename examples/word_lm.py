@@ -334,9 +334,6 @@ def demo_checkpoint(tmp: Path) -> None:
 
 
 def demo_protect(tmp: Path) -> None:
-    if not hasattr(ft, "Protector"):
-        print("(c) faultlab.torch.Protector is not in this faultlab: skipped")
-        return
     print("(c) faultlab.torch.Protector: a transient NaN in a gradient at step 12")
     plain = train(tmp / "plain.ckpt")
     nan = ft.fault("grad_wt", "rnn", tensor="weight_hh_l0", step=12, value="nan", count=1)

@@ -1424,10 +1424,9 @@ class Summary:
 
     @property
     def real_failures(self) -> list:
-        return [f for f in self.failures if not f.pending]
-
-    def pending_failures(self, label: str) -> list:
-        return [f for f in self.failures if f.pending == label]
+        """Every failure: the size and workload checks (tagged with the issue-11 item they
+        test) are strict now that both are in faultlab."""
+        return list(self.failures)
 
     def line(self) -> str:
         by = ", ".join(f"{k}={v}" for k, v in sorted(self.refused_by.items())) or "-"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import inspect
 import json
 import os
 import sys
@@ -37,16 +36,6 @@ cf = _fuzz_module()
 QUICK_CASES, QUICK_SEED, QUICK_CLI = 250, 20231, 10
 
 
-def _landed(label: str) -> bool:
-    """Whether the fix a pending check waits for is in this tree (then the check is strict)."""
-    if label == cf.PENDING_WORKLOAD:
-        from faultlab.campaigns import load_campaign
-        return "allow_workloads" in inspect.signature(load_campaign).parameters
-    if label == cf.PENDING_SIZE:
-        return importlib.util.find_spec("faultlab.workloads.estimate") is not None
-    return True
-
-
 def _show(capsys, text: str) -> None:
     with capsys.disabled():
         print("\n" + text)
@@ -62,16 +51,6 @@ def _judge(summary) -> None:
     real = summary.real_failures
     assert not real, (f"{len(real)} failure(s):\n" + "\n".join(f.line() for f in real[:25]) +
                       "\n" + summary.line())
-    waiting = []
-    for label in (cf.PENDING_WORKLOAD, cf.PENDING_SIZE):
-        fails = summary.pending_failures(label)
-        if fails and _landed(label):
-            pytest.fail(f"{len(fails)} {label} failure(s) although its fix is in:\n" +
-                        "\n".join(f.line() for f in fails[:25]))
-        if fails:
-            waiting.append(f"{label}: {len(fails)}")
-    if waiting:
-        pytest.xfail("pending fixes of issue 11 not in this tree: " + ", ".join(waiting))
 
 
 def _run(tmp_path_factory, cases: int, seed: int, cli: int):
