@@ -7,29 +7,46 @@ import json
 from dataclasses import dataclass
 
 from faultlab.faults import FaultSpec
+from faultlab.process_faults import ProcessFault
 from faultlab.workloads.base import WorkloadConfig
 
 
 @dataclass(frozen=True)
 class Trial:
-    """One experiment. No faults = a fault-free control trial (it must match the golden run)."""
+    """One experiment. No faults, value or process = a fault-free control trial (it must match
+    the golden run)."""
 
     trial_id: str
     workload: WorkloadConfig
     faults: tuple[FaultSpec, ...] = ()
     horizon: int | None = None     # steps to run after the first injection; None = to the end
     source: str = ""               # "file:row" the trial came from, for messages
-    locations: tuple = ()          # per fault: {field: "file:row: column 'x'"} for messages
+    #: per fault, value faults then process faults: {field: "file:row: column 'x'"}
+    locations: tuple = ()
+    #: ranks killed or hung (faultlab/process_faults.py), besides the value faults
+    process_faults: tuple[ProcessFault, ...] = ()
 
     def where(self, fault_index: int, field: str | None) -> str:
-        """The file position that defines `field` of fault `fault_index` (for errors)."""
+        """The file position that defines `field` of fault `fault_index` (for errors); the
+        process faults are numbered after the value faults (see :meth:`process_where`)."""
         if field and fault_index < len(self.locations):
             return self.locations[fault_index].get(field, self.source)
         return self.source
 
+    def process_where(self, index: int, field: str | None) -> str:
+        """The file position that defines `field` of process fault `index`."""
+        return self.where(len(self.faults) + index, field)
+
+    @property
+    def is_control(self) -> bool:
+        """No fault of either kind: the trial must reproduce the golden run."""
+        return not self.faults and not self.process_faults
+
     @property
     def inject_step(self) -> int | None:
-        return min((f.step for f in self.faults), default=None)
+        """The first step any fault, value or process, fires at (None for a control)."""
+        return min([f.step for f in self.faults] + [p.step for p in self.process_faults],
+                   default=None)
 
     @property
     def end_step(self) -> int:
@@ -41,11 +58,19 @@ class Trial:
         return min(total, start + self.horizon + 1)
 
     def describe_faults(self) -> list[dict]:
-        return [fault_to_dict(f) for f in self.faults]
+        """JSON-able faults: the value faults (fault_to_dict), then the process faults
+        (ProcessFault.to_dict, keyed "process")."""
+        return ([fault_to_dict(f) for f in self.faults]
+                + [p.to_dict() for p in self.process_faults])
 
     def digest(self) -> str:
-        blob = json.dumps({"w": self.workload.to_dict(), "f": self.describe_faults(),
-                           "h": self.horizon}, sort_keys=True).encode()
+        """Names the trial; a trial without process faults has the digest it had before they
+        existed."""
+        body = {"w": self.workload.to_dict(), "f": [fault_to_dict(f) for f in self.faults],
+                "h": self.horizon}
+        if self.process_faults:
+            body["p"] = [p.to_dict() for p in self.process_faults]
+        blob = json.dumps(body, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -16,7 +16,7 @@ from faultlab.workloads.allow import check_allowed
 from faultlab.workloads.base import (BUILTINS, WorkloadConfig, check_options, default_config,
                                      is_user_workload, parse_options)
 from faultlab.workloads.data import check_dataset
-from faultlab.workloads.estimate import check_fits
+from faultlab.workloads.estimate import check_fits, check_processes
 
 MAX_INT = 2**31 - 1          # counts, sizes, steps, indices
 MAX_SEED = 2**63 - 1         # seeds fit a signed 64-bit integer (torch and tf both take it)
@@ -27,7 +27,8 @@ MAX_NAME = 200               # characters of a layer, workload, dataset or trial
 ISCA_ARTIFACT_MODELS = ("resnet18_sgd", "resnet18_nobn", "effnet", "densenet", "nfnet")
 
 #: integer workload settings: allowed range
-WORKLOAD_INTS = {"replicas": (1, 65536), "per_replica_batch": (1, MAX_INT),
+WORKLOAD_INTS = {"replicas": (1, 65536), "processes": (1, 65536), "nodes": (1, 65536),
+                 "per_replica_batch": (1, MAX_INT),
                  "width": (1, MAX_INT), "input_size": (1, MAX_INT),
                  "steps_per_epoch": (1, MAX_INT), "epochs": (1, MAX_INT),
                  "eval_samples": (1, MAX_INT), "checkpoint_every": (0, MAX_INT),
@@ -246,14 +247,23 @@ def read_workload(rec: Record, name_col: str, lr_col: str, framework: str | None
     kw["options"] = rec.get("options", parse_options)
     file_fw = rec.get("framework", choice_parser(Framework, "framework"))
     kw["framework"] = framework or file_fw
+    if kw["processes"] is not None and kw["processes"] > 1 and kw["replicas"] is None:
+        kw["replicas"] = kw["processes"]        # one data-parallel replica per rank
     if inherit is not None and inherit.workload == name:
         for k, v in kw.items():
             if v is None and k != "framework":
                 kw[k] = getattr(inherit, k)
         if kw["framework"] is None:
             kw["framework"] = inherit.framework
-    with rec.at(name_col):
+    procs = kw["processes"]
+    if procs is not None and procs > 1 and kw["replicas"] not in (None, procs):
+        raise rec.error("replicas" if rec.has("replicas") else "processes",
+                        f"replicas {kw['replicas']} must equal processes {procs} (one "
+                        f"data-parallel replica per rank)")
+    try:
         cfg = default_config(name, **kw)
+    except SpecError as e:         # a setting the configuration refuses, at its cell
+        raise rec.error(e.field if e.field in rec.cells else name_col, str(e)) from None
     if inherit is not None and cfg == inherit:
         return cfg                      # checked on the trial's first row
     with rec.at("options" if rec.has("options") else name_col):
@@ -266,6 +276,10 @@ def read_workload(rec: Record, name_col: str, lr_col: str, framework: str | None
         # nothing of it is imported unless allowed (faultlab/workloads/allow.py)
         with rec.at(name_col):
             check_allowed(name)
+        try:
+            check_processes(cfg)        # more ranks than this machine can run
+        except SpecError as e:
+            raise rec.error(e.field if e.field in rec.cells else name_col, str(e)) from None
     else:
         try:
             check_fits(cfg)             # sizes this machine cannot hold (workloads/estimate.py)

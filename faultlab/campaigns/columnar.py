@@ -19,18 +19,32 @@ from faultlab.errors import CampaignError, FaultlabError, SpecError, printable
 from faultlab.faults import (LAYOUT_BITS, UNSUPPORTED_SITES, BitLayout, DurationKind, FaultSpec,
                              PositionMode, PositionSpec, Site, ValueModel, ValueSpec,
                              isca_fault)
+from faultlab.process_faults import (PROCESS_SITES, KillPhase, ProcessFault, ProcessKind,
+                                     check_process_fault)
 from faultlab.trials import Trial
 from faultlab.workloads.base import WorkloadConfig, format_options
 
 #: columns of a trial's workload (rows of one trial must agree on them)
-WORKLOAD_COLUMNS = ("framework", "workload", "replicas", "per_replica_batch", "width",
-                    "input_size", "dataset", "steps_per_epoch", "epochs", "eval_samples",
-                    "checkpoint_every", "lr", "seed", "options", "horizon")
+WORKLOAD_COLUMNS = ("framework", "workload", "replicas", "processes", "nodes",
+                    "per_replica_batch", "width", "input_size", "dataset", "steps_per_epoch",
+                    "epochs", "eval_samples", "checkpoint_every", "lr", "seed", "options",
+                    "horizon")
 FAULT_COLUMNS = ("site", "layer", "tensor", "replica", "epoch", "step", "value", "bit", "bits",
                  "stuck", "factor", "values", "ramp", "layout", "positions", "position_mode",
                  "count", "groups", "duration", "duration_steps", "probability", "fault_seed",
-                 "stage", "fmodel")
+                 "stage", "fmodel", "phase", "node")
 COLUMNS = ("trial",) + WORKLOAD_COLUMNS + FAULT_COLUMNS
+#: fault columns of value faults only: a process-fault row (site kill, hang, kill_node)
+#: refuses them
+VALUE_FAULT_COLUMNS = ("value", "bit", "bits", "stuck", "factor", "values", "ramp", "layout",
+                       "positions", "position_mode", "count", "groups", "duration",
+                       "duration_steps", "probability", "layer", "tensor", "fmodel", "stage",
+                       "fault_seed")
+#: fault columns of process faults only: a value-fault row refuses them
+PROCESS_FAULT_COLUMNS = ("phase", "node")
+#: the column that sets each field of a process fault (check_process_fault's SpecError.field)
+_PROCESS_FIELD_COLUMNS = {"process": "site", "rank": "replica", "node": "node",
+                          "phase": "phase", "step": "step"}
 
 #: tensors a state site may name
 _TENSORS = {Site.PARAM: ("weight", "bias"), Site.OPT_STATE: ("m", "v")}
@@ -58,6 +72,12 @@ class _Group:
     faults: list[FaultSpec]
     control: bool
     locations: list[dict] = field(default_factory=list)
+    process_faults: list[ProcessFault] = field(default_factory=list)
+    process_locations: list[dict] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return len(self.faults) + len(self.process_faults)
 
 
 def parse_columnar(text: str, path: str = "<campaign>",
@@ -106,25 +126,33 @@ def parse_columnar(text: str, path: str = "<campaign>",
         cfg = read_workload(rec, "workload", "lr", fw, inherit=group.cfg if group else None)
         horizon = rec.get("horizon", parse_int, 0, MAX_INT,
                           default=group.horizon if group else None)
-        fault = _columnar_fault(rec, cfg, tid, len(group.faults) if group else 0)
-        where = _fault_locations(rec) if fault else None
+        fault = _columnar_fault(rec, cfg, tid, group.rows if group else 0)
         if group is None:
-            groups[tid] = _Group(row, explicit, cfg, horizon, [fault] if fault else [],
-                                 fault is None, [where] if fault else [])
-            continue
-        _agree(rec, tid, group, cfg, horizon)
-        if group.control or fault is None:
-            raise rec.error("trial", f"trial {tid} mixes a fault-free control row with other "
-                                     f"rows (first on row {group.row}); a control trial has "
-                                     f"exactly one row")
-        group.faults.append(fault)
-        group.locations.append(where)
+            group = groups[tid] = _Group(row, explicit, cfg, horizon, [], fault is None)
+        else:
+            _agree(rec, tid, group, cfg, horizon)
+            if group.control or fault is None:
+                raise rec.error("trial", f"trial {tid} mixes a fault-free control row with "
+                                         f"other rows (first on row {group.row}); a control "
+                                         f"trial has exactly one row")
+        if isinstance(fault, ProcessFault):
+            group.process_faults.append(fault)
+            group.process_locations.append(_process_locations(rec))
+        elif fault is not None:
+            group.faults.append(fault)
+            group.locations.append(_fault_locations(rec))
     if not groups:
         raise CampaignError("no trials (only a header)", file=path, row=header_row)
     return [Trial(tid, g.cfg, tuple(g.faults), horizon=g.horizon,
                   source=CampaignError("", file=path, row=g.row).where,
-                  locations=tuple(g.locations))
+                  locations=tuple(g.locations + g.process_locations),
+                  process_faults=tuple(g.process_faults))
             for tid, g in groups.items()]
+
+
+def _process_locations(rec: Record) -> dict[str, str]:
+    """Where each field of a process fault (check_process_fault's `field`) is set."""
+    return {k: rec.place(c) for k, c in _PROCESS_FIELD_COLUMNS.items()}
 
 
 def _fault_locations(rec: Record) -> dict[str, str]:
@@ -146,16 +174,27 @@ def _agree(rec: Record, tid: str, group: _Group, cfg: WorkloadConfig,
            horizon: int | None) -> None:
     """Rows of one trial must describe the same workload."""
     if cfg != group.cfg or horizon != group.horizon:
-        mine = dict(cfg.to_dict(), horizon=horizon)
-        first = dict(group.cfg.to_dict(), horizon=group.horizon)
-        col = next(k for k in ("workload",) + tuple(mine) if mine[k] != first[k])
+        # to_dict leaves processes and nodes out when they are 1: compare them always
+        mine = dict(cfg.to_dict(), processes=cfg.processes, nodes=cfg.nodes, horizon=horizon)
+        first = dict(group.cfg.to_dict(), processes=group.cfg.processes,
+                     nodes=group.cfg.nodes, horizon=group.horizon)
+        col = next(k for k in ("workload", "processes", "nodes") + tuple(mine)
+                   if mine[k] != first[k])
         raise rec.error(col, f"rows of trial {tid} disagree on {col}: "
                              f"{show(str(mine[col]))} here, {show(str(first[col]))} on row "
                              f"{group.row}")
 
 
-def _columnar_fault(rec: Record, cfg: WorkloadConfig, tid: str, index: int) -> FaultSpec | None:
-    """The fault a row describes; None for a fault-free control row."""
+def _columnar_fault(rec: Record, cfg: WorkloadConfig, tid: str,
+                    index: int) -> FaultSpec | ProcessFault | None:
+    """The fault a row describes, a value or a process fault; None for a fault-free control
+    row."""
+    if rec.has("site") and rec.cells["site"][1].lower() in PROCESS_SITES:
+        return _process_fault(rec, cfg)
+    for col in PROCESS_FAULT_COLUMNS:
+        if rec.has(col):
+            raise rec.error(col, f"{col} applies only to process-fault rows (site "
+                                 f"{', '.join(PROCESS_SITES)})")
     isca = rec.has("fmodel") or rec.has("stage")
     native = rec.has("site") or rec.has("value")
     if isca and native:
@@ -189,6 +228,40 @@ def _columnar_fault(rec: Record, cfg: WorkloadConfig, tid: str, index: int) -> F
     with rec.at("fmodel" if isca else "site"):
         return FaultSpec(site, vspec, pspec, layer=layer, tensor=tensor, replica=replica,
                          step=step, duration=duration, seed=seed)
+
+
+def _process_fault(rec: Record, cfg: WorkloadConfig) -> ProcessFault:
+    """A row whose site is kill, hang or kill_node: the rank (`replica`) or the node (`node`),
+    the step (`epoch`, `step`) and the phase."""
+    kind = ProcessKind(rec.cells["site"][1].lower())
+    for col in VALUE_FAULT_COLUMNS:
+        if rec.has(col):
+            raise rec.error(col, f"a {kind.value} row takes no value-fault columns")
+    if kind is ProcessKind.KILL_NODE:
+        if rec.has("replica"):
+            raise rec.error("replica", "a kill_node row names its node in column node, not a "
+                                       "rank in column replica")
+        node = rec.require("node", parse_int, 0, MAX_INT, why=" for a kill_node row")
+        rank = None
+    else:
+        if rec.has("node"):
+            raise rec.error("node", f"a {kind.value} row names its rank in column replica, "
+                                    f"not a node")
+        node = None
+        rank = rec.get("replica", parse_int, 0, MAX_INT, default=0)
+        if rank >= cfg.processes:
+            n = cfg.processes
+            raise rec.error("replica", f"replica {rank} is out of range 0..{n - 1}: a "
+                                       f"{kind.value} row's replica is the rank, and the "
+                                       f"workload has {n} process{'es' if n != 1 else ''}")
+    _, step = read_when(rec, cfg, "replica", "epoch", "step", False)
+    phase = rec.get("phase", choice_parser(KillPhase, "kill phase"), default=KillPhase.STEP)
+    try:
+        fault = ProcessFault(kind, step, rank=rank, node=node, phase=phase)
+        check_process_fault(fault, cfg)
+    except SpecError as e:
+        raise rec.error(_PROCESS_FIELD_COLUMNS.get(e.field, "site"), str(e)) from None
+    return fault
 
 
 _NOT_WITH_FMODEL = ("tensor", "bit", "bits", "stuck", "factor", "ramp", "layout",
@@ -328,13 +401,17 @@ def format_columnar(trials: Iterable[Trial]) -> str:
                 "horizon": "" if t.horizon is None else str(t.horizon)}
         for col in WORKLOAD_INTS:
             base[col] = str(getattr(cfg, col))
-        for f in t.faults or (None,):
+        for f in t.faults or (() if t.process_faults else (None,)):
             row = dict(base)
             if f is not None:
                 if f.site in UNSUPPORTED_SITES:     # the reader would refuse it
                     raise SpecError(f"trial {t.trial_id}: site {f.site.value} is not "
                                     f"supported yet: no backend injects into it", "site")
                 row.update(_fault_cells(f, cfg))
+            w.writerow([row.get(c, "") for c in COLUMNS])
+        for p in t.process_faults:
+            row = dict(base)
+            row.update(_process_cells(p, cfg))
             w.writerow([row.get(c, "") for c in COLUMNS])
     return out.getvalue()
 
@@ -358,6 +435,16 @@ def write_columnar(trials: Iterable[Trial], path: str | os.PathLike) -> Path:
         raise FaultlabError(f"{printable(out)}: cannot write the campaign: "
                             f"{e.strerror or e}") from None
     return out
+
+
+def _process_cells(p: ProcessFault, cfg: WorkloadConfig) -> dict[str, str]:
+    row = {"site": p.kind.value, "epoch": str(p.step // cfg.steps_per_epoch),
+           "step": str(p.step % cfg.steps_per_epoch), "phase": p.phase.value}
+    if p.kind is ProcessKind.KILL_NODE:
+        row["node"] = str(p.node)
+    else:
+        row["replica"] = str(p.rank)
+    return row
 
 
 def _fault_cells(f: FaultSpec, cfg: WorkloadConfig) -> dict[str, str]:

@@ -36,7 +36,8 @@ class Campaign:
         """What `faultlab validate` reports: path, format, digest, trial and fault counts, and
         the framework:workload pairs it runs."""
         return {"campaign": self.path, "format": self.format, "digest": self.digest,
-                "trials": len(self.trials), "faults": sum(len(t.faults) for t in self.trials),
+                "trials": len(self.trials), "faults": sum(len(t.faults) + len(t.process_faults)
+                                                for t in self.trials),
                 "workloads": sorted({f"{t.workload.framework.value}:{t.workload.workload}"
                                      for t in self.trials})}
 

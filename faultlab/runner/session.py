@@ -17,6 +17,7 @@ from faultlab.backends import load_backend
 from faultlab.backends.base import Backend, TrainerBase, check_fault
 from faultlab.errors import SpecError
 from faultlab.outcomes import OutcomeRules, classify
+from faultlab.process_faults import check_process_fault
 from faultlab.results.store import TrialResult
 from faultlab.trials import Trial
 from faultlab.workloads.base import WorkloadConfig
@@ -176,7 +177,8 @@ class Session:
 
 def validate_trials(trials, session: Session | None = None) -> None:
     """Check every trial's workload size against this machine (workloads/estimate.py), then
-    every fault of every trial against its workload's operand shapes. Errors are one line
+    every fault of every trial against its workload's operand shapes, and every process fault
+    against its workload's ranks, nodes and length (check_process_fault). Errors are one line
     placed at the trial's row."""
     session = session or Session()
     tables: dict[str, object] = {}
@@ -198,3 +200,8 @@ def validate_trials(trials, session: Session | None = None) -> None:
                 check_fault(tables[key], f, t.workload)
             except SpecError as e:
                 raise SpecError(f"{t.where(i, e.field)}: {e}", e.field) from None
+        for j, p in enumerate(t.process_faults):
+            try:
+                check_process_fault(p, t.workload)
+            except SpecError as e:
+                raise SpecError(f"{t.process_where(j, e.field)}: {e}", e.field) from None

@@ -35,14 +35,30 @@ class WorkloadConfig:
     eval_samples: int = 512
     checkpoint_every: int = 0        # steps between golden checkpoints; 0 = every epoch
     options: tuple[tuple[str, str], ...] = ()   # extra settings of a user workload
+    #: training processes (ranks, torch.distributed); each trains one data-parallel replica,
+    #: so when processes > 1, replicas == processes. 1: every replica in this one process
+    processes: int = 1
+    #: logical machines the ranks are spread over: node n holds the processes // nodes
+    #: consecutive ranks n * (processes // nodes) ...; a node kill kills them all together
+    nodes: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "framework", parse_enum(Framework, self.framework, "framework"))
         for name in ("replicas", "per_replica_batch", "width", "input_size", "steps_per_epoch",
-                     "epochs", "eval_samples"):
+                     "epochs", "eval_samples", "processes", "nodes"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise SpecError(f"{name} must be a positive integer, got {v!r}")
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise SpecError(f"{name} must be a positive integer, got {v!r}", name)
+        if self.processes > 1 and self.replicas != self.processes:
+            raise SpecError(f"replicas {self.replicas} must equal processes {self.processes} "
+                            f"(one data-parallel replica per rank)", "replicas")
+        if self.processes % self.nodes:
+            raise SpecError(f"nodes {self.nodes} must divide processes {self.processes} (each "
+                            f"node holds the same number of consecutive ranks)", "nodes")
+        if self.processes > 1 and self.framework.value == "tf":
+            raise SpecError("TensorFlow multi-worker training is out of scope: processes must "
+                            "be 1 for framework tf (use replicas for MirroredStrategy)",
+                            "processes")
         if self.checkpoint_every < 0:
             raise SpecError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if not self.lr > 0:
@@ -61,13 +77,32 @@ class WorkloadConfig:
     def checkpoint_interval(self) -> int:
         return self.checkpoint_every or self.steps_per_epoch
 
+    @property
+    def ranks_per_node(self) -> int:
+        """Consecutive ranks each node holds (processes // nodes)."""
+        return self.processes // self.nodes
+
+    def node_of(self, rank: int) -> int:
+        """The node that holds `rank`."""
+        return rank // self.ranks_per_node
+
+    def node_ranks(self, node: int) -> tuple[int, ...]:
+        """The ranks node `node` holds."""
+        per = self.ranks_per_node
+        return tuple(range(node * per, (node + 1) * per))
+
     def option(self, key: str, default: str | None = None) -> str | None:
         return dict(self.options).get(key, default)
 
     def to_dict(self) -> dict:
+        """Every setting, JSON-able; `processes` and `nodes` only when they differ from 1 (so
+        a single-process configuration's key() is what it was before they existed)."""
         d = dataclasses.asdict(self)
         d["framework"] = self.framework.value
         d["options"] = dict(self.options)
+        for name in ("processes", "nodes"):
+            if d[name] == 1:
+                del d[name]
         return d
 
     def key(self) -> str:
@@ -303,7 +338,8 @@ def lr_schedule(config: WorkloadConfig):
 
 
 def default_config(name: str, **overrides) -> WorkloadConfig:
-    """The configuration of workload `name` with the given settings changed."""
+    """The configuration of workload `name` with the given settings changed. With processes
+    > 1 and no replicas given, replicas = processes (one data-parallel replica per rank)."""
     if name in BUILTINS:
         base = dict(BUILTINS[name].defaults)
     elif is_user_workload(name):
@@ -315,4 +351,7 @@ def default_config(name: str, **overrides) -> WorkloadConfig:
         raise SpecError(f"unknown workload {name!r} (built-ins: {', '.join(sorted(BUILTINS))}"
                         f"{installed}; or module:function for your own)")
     base.update({k: v for k, v in overrides.items() if v is not None})
+    procs = base.get("processes", 1)
+    if isinstance(procs, int) and procs > 1 and overrides.get("replicas") is None:
+        base["replicas"] = procs               # one data-parallel replica per rank
     return WorkloadConfig(workload=name, **base)

@@ -14,13 +14,19 @@ parameter count. The rest is an estimate of the same order as what a run holds:
   the replicas; evaluation (batches of 256, no backward) when that is larger;
 * data: the dataset's arrays as the pipeline holds them and a global batch.
 
+A multi-process configuration (``processes`` > 1, torch.distributed: one replica per rank) needs
+what one rank needs (the configuration with one replica and one process) times ``processes``;
+the largest tensor is one rank's. No more ranks are started than ``max_processes()``: 64, or 8
+per CPU core when that is fewer.
+
 Two limits apply: the estimate must fit the machine's memory (physical memory, or a cgroup's
 limit when lower; ``FAULTLAB_MEMORY_LIMIT`` in bytes overrides both), and no single tensor may
 hold more than 2**31-1 elements (32-bit indexing in TensorFlow's kernels and torch's CUDA
 kernels, and the largest size a campaign cell can hold). User workloads (``module:function``)
 have no estimate and are not checked. A refusal is a SpecError whose ``field`` is the
 configuration setting responsible: of width, input_size, per_replica_batch and replicas, the
-one whose reduction to 1 shrinks the estimate most.
+one whose reduction to 1 shrinks the estimate most (``processes`` rather than ``replicas`` for a
+multi-process configuration).
 """
 
 from __future__ import annotations
@@ -225,9 +231,16 @@ def _data_bytes(config: WorkloadConfig) -> int:
 
 
 def estimate(config: WorkloadConfig) -> Estimate | None:
-    """The memory a built-in workload's run needs; None for a user workload."""
+    """The memory a built-in workload's run needs (every rank's together); None for a user
+    workload."""
     if is_user_workload(config.workload) or config.workload not in BUILTINS:
         return None
+    if config.processes > 1:
+        one = estimate(config.replace(replicas=1, processes=1, nodes=1))
+        n = config.processes
+        return Estimate(one.parameters, n * one.param_bytes, n * one.state_bytes,
+                        n * one.activation_bytes, n * one.data_bytes, one.largest,
+                        one.largest_what)
     params = parameter_shapes(config)
     p = sum(n for _, n in params)
     stats = _statistics(params)
@@ -301,22 +314,52 @@ def human_bytes(n: int) -> str:
 
 # --- the check ----------------------------------------------------------------------------------
 
+#: the most ranks (processes) a configuration may have, whatever the machine
+MAX_PROCESSES = 64
+#: ranks per CPU core at most
+PROCESSES_PER_CORE = 8
+
+
+def max_processes() -> int:
+    """The most training processes (ranks) one run may start on this machine: 64, or 8 per
+    CPU core when that is fewer."""
+    return min(MAX_PROCESSES, PROCESSES_PER_CORE * (os.cpu_count() or 1))
+
+
+def check_processes(config: WorkloadConfig) -> None:
+    """Refuse more ranks than this machine can run: a SpecError (``field`` processes)."""
+    bound = max_processes()
+    if config.processes > bound:
+        raise SpecError(f"processes {config.processes} is more ranks than this machine can run:"
+                        f" at most {bound} (the smaller of {MAX_PROCESSES} and "
+                        f"{PROCESSES_PER_CORE} per CPU core, {os.cpu_count() or 1} cores here)",
+                        "processes")
+
+
 def _responsible(config: WorkloadConfig, measure) -> str:
     """The size setting whose reduction to 1 shrinks `measure(estimate)` the most."""
     best, best_col = None, SIZE_COLUMNS[0]
+    multi = config.processes > 1
     for col in SIZE_COLUMNS:
         if getattr(config, col) <= 1:
             continue
-        m = measure(estimate(config.replace(**{col: 1})))
+        if col == "replicas" and multi:   # one replica per rank: fewer replicas, fewer ranks
+            col = "processes"
+            smaller = config.replace(replicas=1, processes=1, nodes=1)
+        else:
+            smaller = config.replace(**{col: 1})
+        m = measure(estimate(smaller))
         if best is None or m < best:
             best, best_col = m, col
     return best_col
 
 
 def check_fits(config: WorkloadConfig) -> Estimate | None:
-    """Refuse a built-in workload's configuration that this machine cannot hold: a SpecError
-    (``field``: the setting responsible) naming the estimate; the estimate otherwise (None for
-    a user workload, which has none)."""
+    """Refuse a configuration that this machine cannot hold: more ranks than
+    :func:`max_processes` (any workload), or a built-in workload's estimate over the memory: a
+    SpecError (``field``: the setting responsible) naming the estimate; the estimate otherwise
+    (None for a user workload, which has none)."""
+    check_processes(config)
     est = estimate(config)
     if est is None:
         return None

@@ -17,6 +17,7 @@ from faultlab.campaigns import (COLUMNS, ISCA_KEYS, Campaign, detect_format, for
 from faultlab.errors import CampaignError
 from faultlab.faults import (BitLayout, Duration, DurationKind, PositionMode, PositionSpec, Site,
                              ValueModel, ValueSpec)
+from faultlab.process_faults import KillPhase, ProcessFault
 from faultlab.testing.strategies import fault_specs
 from faultlab.trials import Trial
 from faultlab.workloads.base import default_config
@@ -574,7 +575,24 @@ def workloads(draw):
                   epochs=draw(st.integers(1, 20)), seed=draw(st.integers(0, 2**63 - 1)),
                   lr=draw(st.floats(1e-6, 1.0)), framework=draw(st.sampled_from(["torch", "tf"])),
                   checkpoint_every=draw(st.integers(0, 30)))
+    procs = draw(st.sampled_from([1, 1, 2, 4]))
+    if procs > 1 and kw.get("framework", cfg.framework.value) == "torch":
+        # torch.distributed ranks: one replica each, spread over nodes that divide them
+        kw.update(processes=procs, replicas=procs,
+                  nodes=draw(st.sampled_from([n for n in (1, 2, 4) if procs % n == 0])))
     return cfg.replace(**kw)
+
+
+@st.composite
+def process_faults(draw, cfg):
+    """A kill, hang or kill_node the workload can take (torch only)."""
+    kinds = ["kill", "hang"] + (["kill_node"] if cfg.nodes > 1 else [])
+    kind = draw(st.sampled_from(kinds))
+    step = draw(st.integers(0, cfg.total_steps - 1))
+    phase = draw(st.sampled_from(list(KillPhase))) if kind != "hang" else KillPhase.STEP
+    if kind == "kill_node":
+        return ProcessFault(kind, step, node=draw(st.integers(0, cfg.nodes - 1)), phase=phase)
+    return ProcessFault(kind, step, rank=draw(st.integers(0, cfg.processes - 1)), phase=phase)
 
 
 def faults(cfg):
@@ -591,7 +609,10 @@ def trial_lists(draw):
     for i in range(draw(st.integers(1, 4))):
         cfg = draw(workloads())
         fs = tuple(draw(faults(cfg)) for _ in range(draw(st.integers(0, 3))))
-        out.append(Trial(f"t{i}", cfg, fs, horizon=draw(st.none() | st.integers(0, 500))))
+        n = draw(st.integers(0, 2)) if cfg.framework.value == "torch" else 0
+        ps = tuple(draw(process_faults(cfg)) for _ in range(n))
+        out.append(Trial(f"t{i}", cfg, fs, horizon=draw(st.none() | st.integers(0, 500)),
+                         process_faults=ps))
     return out
 
 
@@ -606,6 +627,7 @@ def test_columnar_round_trip_gives_back_the_same_trials(trials, eol):
         # repr: NaN replacement values compare unequal to themselves
         assert (a.trial_id, a.workload, a.horizon) == (b.trial_id, b.workload, b.horizon)
         assert repr(a.faults) == repr(b.faults)
+        assert a.process_faults == b.process_faults
 
 
 def test_the_examples_in_docs_formats_parse():
