@@ -124,6 +124,13 @@ class Backend(abc.ABC):
         framework's loops with `engines` (fork-safe imports only). Default: none."""
         return []
 
+    def run_ranks(self, job):
+        """Run a multi-process job (runner.ranks.RankJob) under the framework's launcher;
+        returns an object with ok, restarts, error, wall_s. Frameworks without multi-process
+        training refuse in one line."""
+        raise SpecError(f"framework {self.name} has no multi-process training: processes "
+                        f"must be 1 (TensorFlow multi-worker training is out of scope)")
+
     def prepare_fork(self, threads: int) -> None:
         """Called in a crash-test zygote after the preloads, before it forks: whatever the
         framework needs so that forked children work (thread pools). Default: nothing."""

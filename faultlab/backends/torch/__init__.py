@@ -43,6 +43,11 @@ class TorchBackend(Backend):
         from faultlab.backends.torch.adapter import TorchCheckpointAdapter
         return TorchCheckpointAdapter
 
+    def run_ranks(self, job):
+        from faultlab.backends.torch.ranks.launch import run_job
+        return run_job(job, job.config.processes, port=job.port,
+                       max_restarts=job.max_restarts)
+
     def prepare_fork(self, threads: int) -> None:
         # forked children must not inherit a started OpenMP pool (it is not fork-safe)
         import torch
