@@ -79,7 +79,7 @@ class RankTrainer(TorchTrainer):
         if self._carry is not None:
             self._carry = [self._carry[rank]]
         self.ddp = DistributedDataParallel(self.model, process_group=group,
-                                           broadcast_buffers=True)
+                                           broadcast_buffers=False)
         self.ddp.register_comm_hook(None, _ordered_mean_hook(group, world))
         self.zero = zero
         if zero:

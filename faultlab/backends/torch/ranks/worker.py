@@ -133,6 +133,11 @@ def rank_main(job: RankJob) -> dict:
     run_dir = Path(job.run_dir)
     rpn = world // cfg.nodes
     store.set(f"pid/{rank}", str(os.getpid()))
+    pids = run_dir / "pids"          # for harnesses that kill ranks from outside
+    pids.mkdir(exist_ok=True)
+    tmp = pids / f".rank{rank}.tmp"
+    tmp.write_text(f"{os.getpid()} {attempt}")
+    os.replace(tmp, pids / f"rank{rank}")
     faults = _Faults(job, rank, rpn, store, attempt)
     repl = dist.new_group(backend="gloo", timeout=timedelta(seconds=job.timeout_s))
     trainer = RankTrainer(cfg, rank, world, zero=job.zero)
@@ -245,6 +250,9 @@ def rank_main(job: RankJob) -> dict:
             step += 1
         mem.drain()
         engine.wait_all()
+    except RuntimeError as e:          # gloo: a peer died, or a collective timed out
+        _watchdog(e, store, rank, world, step, attempt, events)
+        raise
     finally:
         mem.close()
     state = trainer.get_state()
@@ -263,6 +271,24 @@ def rank_main(job: RankJob) -> dict:
     engine.close()
     dist.destroy_process_group()
     return {"rank": rank, "digest": digest}
+
+
+def _watchdog(error: Exception, store, rank: int, world: int, step: int, attempt: int,
+              events: Path) -> None:
+    """A collective failed: record it, and SIGKILL every other rank of this attempt. A rank
+    that hangs (stopped, or spinning outside any collective) holds the job until the agent
+    gives up waiting for it to exit; killing the attempt's ranks lets the agent restart the
+    group at once. (They are single-machine pids, published in the attempt's store.)"""
+    _append(events, {"event": "collective-failed", "rank": rank, "step": step,
+                     "attempt": attempt, "error": str(error).strip().splitlines()[0][:200]
+                     if str(error).strip() else type(error).__name__, "time": time.time()})
+    for r in range(world):
+        if r == rank:
+            continue
+        try:
+            os.kill(int(store.get(f"pid/{r}")), signal.SIGKILL)
+        except (ProcessLookupError, ValueError, RuntimeError, OSError):
+            pass
 
 
 def _initial_state(cfg) -> dict:
