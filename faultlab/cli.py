@@ -76,8 +76,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _protect_args(p, with_flag: bool = True) -> None:
     if with_flag:
-        p.add_argument("--detect", action="store_true",
-                       help="also run each trial under detection and recovery")
+        p.add_argument("--detect", "--protect", action="store_true", dest="detect",
+                       help="also run each trial under detection and recovery (multi-process "
+                            "trials: every rank detects, all roll back together)")
     p.add_argument("--detectors", default="nonfinite,history,spike",
                    help="comma-separated: nonfinite, history, spike, abft (default: %(default)s)")
     p.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
@@ -86,6 +87,42 @@ def _protect_args(p, with_flag: bool = True) -> None:
                    help="steps between persistent checkpoints of a protected trial")
     p.add_argument("--policy", choices=["stop", "skip", "lower_lr"], default="stop",
                    help="what to do when replay repeats the anomaly (default stop)")
+
+
+def _dist_args(p) -> None:
+    g = p.add_argument_group("multi-process trials (processes > 1, or kill rows; "
+                             "docs/distributed.md)")
+    g.add_argument("--snapshot-every", type=int, default=1, metavar="N",
+                   help="steps between snapshots into peer memory (default 1)")
+    g.add_argument("--persist-every", type=int, default=10, metavar="K",
+                   help="steps between the engine's persistent checkpoints (default 10)")
+    g.add_argument("--copies", type=int, default=1, metavar="M",
+                   help="peers holding each rank's snapshot (default 1)")
+    g.add_argument("--zero", action="store_true",
+                   help="shard optimizer state across ranks (ZeroRedundancyOptimizer)")
+    g.add_argument("--port", type=int, default=0,
+                   help="rendezvous port on 127.0.0.1 (default: a free one)")
+    g.add_argument("--rank-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="gloo and store timeout: how long a dead or hung rank stalls the "
+                        "others (default 10)")
+
+
+def _dist_options(a):
+    from faultlab.runner.ranks import DistOptions
+    for flag in ("snapshot_every", "persist_every", "copies"):
+        v = getattr(a, flag)
+        if v < (0 if flag == "copies" else 1):
+            raise FaultlabError(f"--{flag.replace('_', '-')} must be at least "
+                                f"{0 if flag == 'copies' else 1}, got {v}")
+    if not 0 <= a.port <= 65535:
+        raise FaultlabError(f"--port must be from 0 to 65535, got {a.port}")
+    if a.port:
+        from faultlab.runner.ranks import check_port
+        check_port(a.port)
+    if not a.rank_timeout > 0:
+        raise FaultlabError(f"--rank-timeout must be positive, got {a.rank_timeout}")
+    return DistOptions(a.snapshot_every, a.persist_every, a.copies, a.zero, a.rank_timeout,
+                       a.port)
 
 
 def _detect_options(a):
@@ -167,6 +204,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--csv", help="also export the results to this CSV file")
     r.add_argument("--json", action="store_true", help="one JSON document on stdout")
     _protect_args(r)
+    _dist_args(r)
     _allow_args(r)
 
     v = cmd("validate", "check a campaign file against its workloads (no training)")
@@ -363,13 +401,15 @@ def _run_campaign(a, detect=None):
                        threads=getattr(a, "threads", 0), rules=rules,
                        timeout=getattr(a, "timeout", 3600.0), detect=detect,
                        fresh=getattr(a, "fresh", False), say=lambda m: _say(m, a.json),
+                       dist=_dist_options(a) if hasattr(a, "snapshot_every") else None,
                        on_start=on_start, on_result=on_result)
     return run.campaign, run.campaign_id, run.results_path, run.results
 
 
 def cmd_run(a) -> int:
     """`faultlab run`: run a campaign (resuming), print the per-trial table and the summary."""
-    from faultlab.report import format_coverage, format_results, format_summary
+    from faultlab.report import (format_coverage, format_distributed, format_results,
+                                 format_summary)
     from faultlab.results import OUTCOMES, summarize, summarize_after_recovery, to_csv
     from faultlab.results.coverage import coverage
 
@@ -397,6 +437,10 @@ def cmd_run(a) -> int:
         print(format_results(results))
         print()
         print(format_summary(rows))
+        dist = format_distributed(results)
+        if dist:
+            print()
+            print(dist)
         if detect is not None:
             print()
             print("after detection and recovery:")

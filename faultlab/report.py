@@ -64,6 +64,10 @@ def format_summary(rows: Sequence[OutcomeRow]) -> str:
 def describe_fault(f: dict) -> str:
     """Short description of one fault dict: ``layer/site[.tensor] model``, e.g.
     ``conv1/fwd_output bitflip`` or ``dense/param.bias zero``."""
+    if "process" in f:                     # a process fault (faultlab/process_faults.py)
+        who = f"node {f['node']}" if f["process"] == "kill_node" else f"rank {f['rank']}"
+        phase = f.get("phase", "step")
+        return f"{f['process']} {who}" + ("" if phase == "step" else f" in {phase}")
     where = f"{f.get('layer') or '*'}/{f.get('site', '?')}"
     if f.get("tensor"):
         where += f".{f['tensor']}"
@@ -113,6 +117,57 @@ def format_results(results: Sequence[TrialResult], fault_width: int = 60) -> str
                 row.append("no")
         rows.append(row)
     return table(header, rows, right={2})
+
+
+def _recoveries(d: dict) -> str:
+    got = [f"{r['source']}@{'-' if r['step'] is None else r['step']}"
+           for r in d.get("recoveries", ()) if r["reason"] == "restart"]
+    return ", ".join(got) if got else "-"
+
+
+def format_distributed(results: Sequence[TrialResult]) -> str:
+    """Multi-process trials (runner/ranks.py): per trial the process faults fired, each
+    restart's recovery (source@step: memory = snapshots in host / peer memory, disk = the
+    engine's file), steps of work lost, recovery seconds, and detection after rollback; then
+    the campaign's crash consistency (torn, mixed, lost-committed: all must be 0), the work
+    lost to kills, and the cost of protection. Empty when no trial ran as a job."""
+    runs = [r for r in results if "distributed" in r.metrics]
+    if not runs:
+        return ""
+    header = ["trial", "ranks", "fired", "recovered from", "lost", "recovery s", "restarts",
+              "exact"]
+    prot = any("protected" in r.metrics for r in runs)
+    if prot:
+        header += ["detected", "after"]
+    rows = []
+    torn = mixed = lost_committed = lost = 0
+    rec_s: list[float] = []
+    for r in runs:
+        d = r.metrics["distributed"]
+        fired = [describe_fault(f) for f in d.get("fired", ())]
+        secs = [x["seconds"] for x in d.get("recoveries", ()) if x["reason"] == "restart"]
+        rec_s += secs
+        lost += d.get("steps_lost", 0)
+        torn += d.get("torn", 0)
+        mixed += d.get("mixed", 0)
+        lost_committed += d.get("lost_committed", 0)
+        row = [r.trial_id, str(r.metrics.get("processes", 1)),
+               clip("; ".join(fired) or "-", 40), clip(_recoveries(d), 30),
+               str(d.get("steps_lost", 0)), f"{max(secs):.2f}" if secs else "-",
+               str(d.get("restarts", 0)), "=" if r.bit_exact else ""]
+        if prot:
+            p = r.metrics.get("protected", {})
+            dets = p.get("detections", [])
+            row += [f"step {dets[0]['step']} ({dets[0]['detector']})" if dets else "no",
+                    r.outcome_after or "-"]
+        rows.append(row)
+    lines = ["multi-process trials:", table(header, rows, right={1, 4, 5, 6})]
+    kills = sum(len(r.metrics["distributed"].get("fired", ())) for r in runs)
+    lines.append(f"crash consistency: torn {torn}, mixed {mixed}, lost-committed "
+                 f"{lost_committed} (all must be 0); {kills} process fault(s) fired, "
+                 f"{lost} step(s) of work lost"
+                 + (f", recovery {min(rec_s):.2f}-{max(rec_s):.2f} s" if rec_s else ""))
+    return "\n".join(lines)
 
 
 def format_coverage(c: dict, golden_fp: dict | None = None) -> str:

@@ -41,7 +41,7 @@ class CampaignRun:
 
 def run_campaign(campaign: Campaign, results_path: str | os.PathLike, *, workers: int = 1,
                  threads: int = 0, rules: OutcomeRules | None = None, timeout: float = 3600.0,
-                 detect: DetectOptions | None = None, fresh: bool = False,
+                 detect: DetectOptions | None = None, fresh: bool = False, dist=None,
                  say: Callable[[str], None] = lambda msg: None,
                  on_start: Callable[[int], None] = lambda n: None,
                  on_result: Callable[[TrialResult], None] = lambda r: None) -> CampaignRun:
@@ -65,7 +65,7 @@ def run_campaign(campaign: Campaign, results_path: str | os.PathLike, *, workers
                 f"in {store.path}")
         if todo:
             with LocalPool(min(workers, len(todo)), threads, rules or OutcomeRules(), timeout,
-                           detect) as pool:
+                           detect, dist) as pool:
                 configs = {t.workload.key(): t.workload for t in todo}
                 say(f"golden run: {len(configs)} configuration(s) "
                     f"({', '.join(sorted({c.workload for c in configs.values()}))}), "

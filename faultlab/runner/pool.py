@@ -23,12 +23,12 @@ from faultlab.results.store import TrialResult
 from faultlab.trials import Trial
 
 
-def _worker_main(conn, threads: int, rules: OutcomeRules, detect=None) -> None:
+def _worker_main(conn, threads: int, rules: OutcomeRules, detect=None, dist=None) -> None:
     # the thread count changes reduction order, so it is part of a run: each framework's
     # runtime is configured by its backend before the worker's first task for it
     os.environ["OMP_NUM_THREADS"] = str(threads)
     from faultlab.runner.session import Session
-    session = Session(threads=threads, rules=rules, detect=detect)
+    session = Session(threads=threads, rules=rules, detect=detect, dist=dist)
     configured: set = set()
     while True:
         try:
@@ -74,9 +74,10 @@ class LocalPool:
     """A pool of trial workers on this machine."""
 
     def __init__(self, workers: int = 1, threads: int = 1, rules: OutcomeRules | None = None,
-                 timeout: float = 3600.0, detect=None):
+                 timeout: float = 3600.0, detect=None, dist=None):
         self.n, self.threads, self.timeout = max(1, workers), threads, timeout
         self.detect = detect   # runner.DetectOptions: protected trials (faultlab run --detect)
+        self.dist = dist       # runner.ranks.DistOptions: multi-process trials
         self.rules = rules or OutcomeRules()
         self._ctx = mp.get_context("spawn")
         self._workers: list[_Worker] = []
@@ -90,7 +91,7 @@ class LocalPool:
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
         p = self._ctx.Process(target=_worker_main,
-                              args=(child, self.threads, self.rules, self.detect),
+                              args=(child, self.threads, self.rules, self.detect, self.dist),
                               daemon=True)
         p.start()
         child.close()

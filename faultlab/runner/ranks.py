@@ -58,6 +58,55 @@ class RankJob:
         return self.end if self.end is not None else self.config.total_steps
 
 
+_JOB_FIELDS = ("run_dir", "shm_root", "end", "snapshot_every", "persist_every", "copies",
+               "zero", "timeout_s", "threads", "engine", "record_grads", "port", "max_restarts")
+
+
+def job_to_json(job: RankJob) -> str:
+    """A job as text for the agent process: the workload and faults as a one-trial columnar
+    campaign (the format's own writer; nothing pickled), the rest as JSON."""
+    from faultlab.campaigns.columnar import format_columnar
+    trial = Trial("job", job.config, tuple(job.faults), process_faults=tuple(job.process_faults))
+    d = {k: getattr(job, k) for k in _JOB_FIELDS}
+    d["campaign"] = format_columnar([trial])
+    if job.detect is not None:
+        det = job.detect
+        d["detect"] = {"detectors": list(det.detectors), "thresholds": [list(t) for t in
+                                                                        det.thresholds],
+                       "checkpoint_every": det.checkpoint_every, "policy": det.policy}
+    return json.dumps(d)
+
+
+def job_from_json(text: str) -> RankJob:
+    """The job job_to_json wrote (its workload was checked by the process that wrote it,
+    so it is allowed here: docs/workloads.md, "Allowing your code")."""
+    from faultlab.campaigns.columnar import parse_columnar
+    from faultlab.runner.session import DetectOptions
+    from faultlab.workloads.allow import allowing
+    from faultlab.workloads.base import is_user_workload
+    d = json.loads(text)
+    name = next(iter(parse_columnar_names(d["campaign"])), None)
+    with allowing([name] if name and is_user_workload(name) else []):
+        (trial,) = parse_columnar(d["campaign"], "<job>")
+    det = d.get("detect")
+    detect = None if det is None else DetectOptions(
+        tuple(det["detectors"]), tuple(tuple(t) for t in det["thresholds"]),
+        det["checkpoint_every"], det["policy"])
+    return RankJob(trial.workload, faults=trial.faults, process_faults=trial.process_faults,
+                   detect=detect, **{k: d[k] for k in _JOB_FIELDS})
+
+
+def parse_columnar_names(text: str) -> list[str]:
+    """The workload names of a columnar campaign's rows (csv only, nothing checked)."""
+    import csv
+    import io
+    rows = [r for r in csv.reader(io.StringIO(text)) if r and not r[0].startswith("#")]
+    if not rows:
+        return []
+    col = [c.strip().lower() for c in rows[0]].index("workload")
+    return [r[col] for r in rows[1:] if len(r) > col]
+
+
 @dataclass
 class DistOptions:
     """How multi-process trials run (faultlab run --snapshot-every / --persist-every / ...)."""
@@ -68,6 +117,18 @@ class DistOptions:
     zero: bool = False
     timeout_s: float = 10.0
     port: int = 0
+
+
+def check_port(port: int) -> None:
+    """A one-line FaultlabError when `port` on 127.0.0.1 cannot be listened on."""
+    import socket
+    from faultlab.errors import FaultlabError
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise FaultlabError(f"port {port} on 127.0.0.1 is already in use ({e.strerror}); "
+                                f"choose another with --port, or 0 for a free one") from None
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -202,7 +263,14 @@ def _summary(rec: JobRecord, trial: Trial) -> dict:
         done = f_step + (0 if f["fault"].get("phase", "step") == "step" else 1)
         resumed = 0 if r["step"] is None else r["step"] + 1
         lost += max(0, done - resumed)
-    return {"fired": [e["fault"] for e in fired],
+    torn = int(not rec.ok and any(w in (rec.error or "") for w in
+                                  ("SnapshotError", "CheckpointError", "FormatError")))
+    sums = {r.get("checksum") for r in (rec.final or {}).get("ranks", ())}
+    mixed = int(not trial.faults and len(sums) > 1)
+    lost_committed = sum(1 for e in recoveries if e.get("disk_newest") is not None
+                         and (e["step"] is None or e["step"] < e["disk_newest"]))
+    return {"fired": [e["fault"] for e in fired], "torn": torn, "mixed": mixed,
+            "lost_committed": lost_committed,
             "recoveries": [{k: e[k] for k in ("reason", "source", "step", "seconds")}
                            for e in recoveries],
             "steps_lost": lost, "restarts": rec.attempts,

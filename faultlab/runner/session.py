@@ -57,6 +57,7 @@ class Session:
     threads: int = 1
     rules: OutcomeRules = field(default_factory=OutcomeRules)
     detect: DetectOptions | None = None
+    dist: object | None = None      # runner.ranks.DistOptions for multi-process trials
     _trainers: dict = field(default_factory=dict)
     _goldens: dict = field(default_factory=dict)
 
@@ -75,6 +76,11 @@ class Session:
         key = config.key()
         if key in self._goldens:
             return self._goldens[key]
+        if config.processes > 1:            # a job of R ranks (runner/ranks.py)
+            from faultlab.runner import ranks
+            run = ranks.golden(config, self.threads, self.dist or ranks.DistOptions())
+            self._goldens[key] = run
+            return run
         directory = goldenmod.golden_dir(config, self.threads)
         run = goldenmod.load(config, directory)
         if run is None:
@@ -108,6 +114,9 @@ class Session:
         return cls, first_nf, g_loss, g_acc, g_test
 
     def run_trial(self, trial: Trial, campaign: str = "") -> TrialResult:
+        from faultlab.runner import ranks
+        if ranks.needs_ranks(trial):        # ranks, or process faults: a real job
+            return ranks.run_trial(self, trial, campaign)
         t0 = time.perf_counter()
         cfg = trial.workload
         gold = self.golden(cfg)

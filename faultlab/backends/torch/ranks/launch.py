@@ -13,7 +13,7 @@ before.
 
 from __future__ import annotations
 
-import multiprocessing
+import json
 import os
 import shutil
 import socket
@@ -40,23 +40,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def check_port(port: int) -> None:
-    """A one-line FaultlabError when `port` on 127.0.0.1 cannot be listened on."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError as e:
-            raise FaultlabError(f"port {port} on 127.0.0.1 is already in use ({e.strerror}); "
-                                f"choose another with --port, or 0 for a free one") from None
-
-
 def _agent(job, nprocs: int, port: int, max_restarts: int, join_timeout: int, out: str) -> None:
+    """The agent process: torch's LocalElasticAgent through elastic_launch."""
     import json
     import logging
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     os.environ["OMP_NUM_THREADS"] = str(job.threads)
     for name in ("torch.distributed.elastic", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    import warnings
+    warnings.filterwarnings("ignore", category=FutureWarning)
     # imported here, once: the ranks are forked from this process
     import faultlab.backends.torch.ranks.peers  # noqa: F401
     import faultlab.backends.torch.ranks.trainer  # noqa: F401
@@ -79,17 +72,40 @@ def _agent(job, nprocs: int, port: int, max_restarts: int, join_timeout: int, ou
     except ChildFailedError as e:
         first = e.get_first_failure()[1]
         msg = first.message if isinstance(first.message, str) else json.dumps(first.message)
-        result["error"] = (f"rank {first.local_rank} failed after {max_restarts} restarts "
-                           f"(exit code {first.exitcode}): {msg.strip().splitlines()[-1] if msg.strip() else 'no message'}")
+        last = msg.strip().splitlines()[-1] if msg.strip() else "no message"
+        if isinstance(first.message, dict):
+            last = str(first.message.get("message", last))
+        result["error"] = (f"rank {first.local_rank} failed after {max_restarts} restart(s) "
+                           f"(exit code {first.exitcode}): {last}")
     except Exception as e:       # rendezvous failures: a rank that never joins
-        result["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-    Path(out).write_text(json.dumps(result))
+        text = str(e).strip()
+        result["error"] = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+    tmp = Path(out + ".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, out)
+
+
+def main(argv=None) -> int:
+    """``python -m faultlab.backends.torch.ranks.launch JOB.json``: the agent process."""
+    import sys
+    from faultlab.runner.ranks import job_from_json
+    args = list(sys.argv[1:] if argv is None else argv)
+    path = Path(args[0])
+    spec = json.loads(path.read_text())
+    job = job_from_json(spec["job"])
+    _agent(job, spec["nprocs"], spec["port"], spec["max_restarts"], spec["join_timeout"],
+           spec["out"])
+    return 0
 
 
 def run_job(job, nprocs: int, *, port: int = 0, max_restarts: int = 8,
             join_timeout: int = 60) -> JobOutcome:
-    """Run `job` (a worker.RankJob) on `nprocs` ranks; wait for the agent to finish."""
-    import json
+    """Run `job` (a runner.ranks.RankJob) on `nprocs` ranks; wait for the agent to finish.
+    The agent is a fresh Python process (``python -m faultlab.backends.torch.ranks.launch``;
+    the caller may be a daemonic pool worker, which multiprocessing forbids children)."""
+    import subprocess
+    import sys
+    from faultlab.runner.ranks import check_port, job_to_json, read_jsonl
     if port:
         check_port(port)
     else:
@@ -98,17 +114,21 @@ def run_job(job, nprocs: int, *, port: int = 0, max_restarts: int = 8,
     run_dir.mkdir(parents=True, exist_ok=True)
     out = run_dir / "agent.json"
     out.unlink(missing_ok=True)
+    spec = run_dir / "job.json"
+    spec.write_text(json.dumps({"job": job_to_json(job), "nprocs": nprocs, "port": port,
+                                "max_restarts": max_restarts, "join_timeout": join_timeout,
+                                "out": str(out)}))
     t0 = time.perf_counter()
-    ctx = multiprocessing.get_context("spawn")
-    p = ctx.Process(target=_agent, args=(job, nprocs, port, max_restarts, join_timeout,
-                                         str(out)), name="faultlab-elastic-agent")
-    p.start()
-    p.join()
+    with open(run_dir / "agent.log", "wb") as log:
+        proc = subprocess.run([sys.executable, "-m", "faultlab.backends.torch.ranks.launch",
+                               str(spec)], stdout=log, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     if not out.exists():
-        return JobOutcome(False, 0, f"the elastic agent died (exit code {p.exitcode})", wall)
+        tail = (run_dir / "agent.log").read_text(errors="replace").strip().splitlines()[-1:]
+        return JobOutcome(False, 0, f"the elastic agent died (exit code {proc.returncode})"
+                                    + (f": {tail[0]}" if tail else ""), wall)
     res = json.loads(out.read_text())
-    from faultlab.runner.ranks import read_jsonl
     restarts = max((r.get("attempt", 0) for r in read_jsonl(run_dir / "timeline.jsonl")),
                    default=0)
     return JobOutcome(bool(res["ok"]), restarts, res["error"], wall)
@@ -116,3 +136,7 @@ def run_job(job, nprocs: int, *, port: int = 0, max_restarts: int = 8,
 
 def clear_memory(shm_root: str | os.PathLike) -> None:
     shutil.rmtree(shm_root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

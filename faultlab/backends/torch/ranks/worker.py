@@ -205,6 +205,8 @@ def rank_main(job: RankJob) -> dict:
             _append(events, {"event": "recovery", "reason": reason, "attempt": attempt,
                              "source": plan.source, "step": plan.step,
                              "fetch": {str(k): list(v) for k, v in plan.fetch.items()},
+                             "disk_newest": max(common) if common else None,
+                             "rejected": len(mem.store.last_rejected),
                              "seconds": dt, "time": time.time()})
         return nxt
 
