@@ -46,7 +46,8 @@ class RankJob:
     copies: int = 1                  # peers holding each rank's snapshot
     detect: object | None = None     # runner.session.DetectOptions, or None
     zero: bool = False               # ZeroRedundancyOptimizer (sharded optimizer state)
-    timeout_s: float = 10.0          # gloo and store timeout: a dead or hung rank stalls seconds
+    timeout_s: float = 10.0          # collective timeout: a dead or hung rank stalls seconds
+    join_timeout_s: float = 120.0    # joining the process group (fork, build, handshake)
     threads: int = 1
     engine: str = "faultlab"         # the persistent checkpointer
     record_grads: bool = False       # tests: keep each step's local (pre-all-reduce) gradients
@@ -59,7 +60,7 @@ class RankJob:
 
 
 _JOB_FIELDS = ("run_dir", "shm_root", "end", "snapshot_every", "persist_every", "copies",
-               "zero", "timeout_s", "threads", "engine", "record_grads", "port", "max_restarts")
+               "zero", "timeout_s", "join_timeout_s", "threads", "engine", "record_grads", "port", "max_restarts")
 
 
 def job_to_json(job: RankJob) -> str:

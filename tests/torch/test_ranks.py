@@ -99,7 +99,7 @@ def test_a_killed_rank_resumes_from_memory_bit_identical(golden, tmp_path):
     assert _digests(rec) == _digests(golden[0])
     rs = [e for e in rec.events if e["event"] == "recovery"]
     assert [(e["source"], e["step"]) for e in rs] == [("memory", 3), ("memory", 7)]
-    assert rec.attempts == 2
+    assert rec.attempts >= 2    # (a loaded machine may add a restart: a join that timed out)
 
 
 def test_a_node_kill_recovers_from_peers_and_a_persist_kill_from_memory(tmp_path):

@@ -111,12 +111,17 @@ def _init(job: RankJob):
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    timeout = timedelta(seconds=job.timeout_s)
+    # joining may take long (a loaded machine forks and builds R models); once joined, a
+    # collective that waits longer than timeout_s means a dead or hung rank
+    join = timedelta(seconds=max(job.join_timeout_s, job.timeout_s))
     base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                         is_master=False, timeout=timeout)
+                         is_master=False, timeout=join)
     store = dist.PrefixStore(f"faultlab/{attempt}", base)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
-    return rank, world, attempt, store
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=join)
+    short = timedelta(seconds=job.timeout_s)
+    main = dist.new_group(backend="gloo", timeout=short)     # training, recovery
+    repl = dist.new_group(backend="gloo", timeout=short)     # the replication thread
+    return rank, world, attempt, store, main, repl
 
 
 def rank_main(job: RankJob) -> dict:
@@ -128,7 +133,7 @@ def rank_main(job: RankJob) -> dict:
     from faultlab.distributed import recovery_plan
 
     torch.set_num_threads(job.threads)
-    rank, world, attempt, store = _init(job)
+    rank, world, attempt, store, group, repl = _init(job)
     cfg = job.config
     run_dir = Path(job.run_dir)
     rpn = world // cfg.nodes
@@ -139,13 +144,12 @@ def rank_main(job: RankJob) -> dict:
     tmp.write_text(f"{os.getpid()} {attempt}")
     os.replace(tmp, pids / f"rank{rank}")
     faults = _Faults(job, rank, rpn, store, attempt)
-    repl = dist.new_group(backend="gloo", timeout=timedelta(seconds=job.timeout_s))
-    trainer = RankTrainer(cfg, rank, world, zero=job.zero)
+    trainer = RankTrainer(cfg, rank, world, group=group, zero=job.zero)
     grads = trainer.record_local_grads() if job.record_grads else None
     suite = None
     if job.detect is not None:
         suite = job.detect.suite()
-        spec = suite.spec()
+        spec = suite.spec
         import dataclasses
         trainer.signal_spec = dataclasses.replace(spec, replicas=True, params=True)
     mem = PeerMemory(job.shm_root, rank, world, rpn, job.copies, repl,
@@ -180,14 +184,15 @@ def rank_main(job: RankJob) -> dict:
         except Exception:
             disk = []
         gathered: list = [None] * world
-        dist.all_gather_object(gathered, {"rank": rank, "inv": inv, "disk": disk})
+        dist.all_gather_object(gathered, {"rank": rank, "inv": inv, "disk": disk},
+                               group=group)
         invs = {g["rank"]: {int(o): s for o, s in g["inv"].items()} for g in gathered}
         common = set(gathered[0]["disk"])
         for g in gathered[1:]:
             common &= set(g["disk"])
         plan = recovery_plan(invs, world, sorted(common))
         if plan.source == "memory":
-            state = mem.fetch(plan.step, plan.fetch, None)
+            state = mem.fetch(plan.step, plan.fetch, group)
         elif plan.source == "disk":
             state = dict(load_step(target, plan.step).state)
         else:
@@ -265,7 +270,7 @@ def rank_main(job: RankJob) -> dict:
         e = trainer.evaluate()
         out["test"] = [e.loss, e.acc]
     gathered = [None] * world
-    dist.all_gather_object(gathered, out)
+    dist.all_gather_object(gathered, out, group=group)
     if rank == 0:
         tmp = run_dir / "final.json.tmp"
         tmp.write_text(json.dumps({"ranks": gathered, "test": out["test"]}))
