@@ -310,7 +310,7 @@ def run_trial(session, trial: Trial, campaign: str = "") -> TrialResult:
     cls, first_nf, g_loss, g_acc, g_test = session._classify(gold, start, 0, end, losses,
                                                              accs, test)
     digests_equal = bool(rec.final) and [r["digest"] for r in rec.final["ranks"]] == gold.digests
-    outcome = cls.outcome if rec.ok else "crash"
+    outcome = cls.outcome if rec.ok else "Crash"
     result = TrialResult(
         campaign=campaign, trial_id=trial.trial_id, source=trial.source,
         framework=cfg.framework.value, workload=cfg.workload, workload_key=cfg.key(),
@@ -341,7 +341,7 @@ def run_trial(session, trial: Trial, campaign: str = "") -> TrialResult:
         result.detector = first["detector"] if first else None
         pdig = bool(prec.final) and [r["digest"] for r in prec.final["ranks"]] == gold.digests
         result.recovered = (pcls.bit_exact and pdig) if first else None
-        result.outcome_after = pcls.outcome if prec.ok else "crash"
+        result.outcome_after = pcls.outcome if prec.ok else "Crash"
         result.metrics["protected"] = {"loss": plosses, "acc": paccs,
                                        "test": list(ptest) if ptest else None,
                                        "bit_exact": pcls.bit_exact and pdig,

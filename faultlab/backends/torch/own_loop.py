@@ -124,12 +124,17 @@ class Injector:
     (out, in, kh, kw) and (out, in) weights: what ``tensor[index]`` reads) or
     ``"canonical"`` (NHWC / HWIO / (in, out): campaign files' layout); a fault built with
     ``faultlab.fault(..., layout="canonical")`` is canonical whatever this says.
+    distributed: your loop is one rank of a torch.distributed job (torchrun, DDP, FSDP):
+    a fault's ``replica`` is then the rank it fires on, checked against the world size, and
+    every rank arms the same faults (the others' fire elsewhere). The process group must be
+    initialised first.
 
     Constructing it installs nothing and draws no random numbers; between steps the model
     and optimizer carry no hook of it."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
-                 replicas: int = 1, example_input=None, positions: str = "torch"):
+                 replicas: int = 1, example_input=None, positions: str = "torch",
+                 distributed: bool = False):
         if not isinstance(model, nn.Module):
             raise SpecError(f"Injector needs the torch.nn.Module you train, got "
                             f"{type(model).__name__}", "layer")
@@ -143,8 +148,20 @@ class Injector:
         self._alias = {}
         for n in self.modules:
             self._alias.setdefault(n.replace(".", "_"), n)
+        self.rank: int | None = None
+        if distributed:
+            import torch.distributed as dist
+            if not (dist.is_available() and dist.is_initialized()):
+                raise SpecError("Injector(distributed=True) needs the torch.distributed "
+                                "process group initialised first (init_process_group)")
+            if replicas != 1:
+                raise SpecError("Injector(distributed=True): each rank is one replica; "
+                                "leave replicas at 1", "replica")
+            replicas, self.rank = dist.get_world_size(), dist.get_rank()
         self._core = TorchInjector(self.modules, optimizer, replicas=replicas)
         self.replicas = self._core.replicas
+        if self.rank is not None:
+            self._core.replica = self.rank
         self._shapes: dict | None = None
         # (as given, as the wrapped TorchInjector takes it, the layout it was armed in)
         self._armed: list[tuple[FaultSpec, FaultSpec, str]] = []
@@ -542,7 +559,8 @@ class Injector:
         return table
 
     def _firing(self, step: int) -> list[FaultSpec]:
-        return [inner for given, inner, _ in self._armed if given.active(step)]
+        return [inner for given, inner, _ in self._armed if given.active(step)
+                and (self.rank is None or given.replica == self.rank)]
 
     def _first_call(self, model, args, kwargs):
         """The model's first forward call in a step while activation shapes are unknown:
