@@ -19,11 +19,11 @@ from faultlab.distributed.placement import (PlacementError, holders_of, node_cou
 from faultlab.distributed.snapshots import (HEADER_BYTES, MAGIC, PendingWrite, Snapshot,
                                             SnapshotError, SnapshotStore, decode_snapshot,
                                             default_root, encode_into, encode_snapshot,
-                                            peek_header, snapshot_size)
+                                            peek_header, snapshot_size, verify_snapshot)
 
 __all__ = ["DISK", "HEADER_BYTES", "MAGIC", "MEMORY", "SCRATCH", "PendingWrite",
            "PlacementError", "RecoveryPlan", "Snapshot", "SnapshotError", "SnapshotStore",
            "complete_steps", "decode_snapshot", "default_root", "encode_into",
            "encode_snapshot", "holders_of", "inventory_from_json", "inventory_to_json",
            "node_count", "node_of", "peek_header", "peers", "recovery_plan", "senders_to",
-           "snapshot_size"]
+           "snapshot_size", "verify_snapshot"]

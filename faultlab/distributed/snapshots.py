@@ -439,6 +439,17 @@ def _arrays(mv: memoryview, h: _Header, tensors, copy: bool) -> dict[str, np.nda
     return out
 
 
+def verify_snapshot(blob) -> tuple[int, int, int]:
+    """Verify a blob fully (both checksums, every field) without decoding arrays, so no view
+    of `blob` outlives the call; returns (owner, step, generation)."""
+    mv = _bytes_view(blob)
+    try:
+        h, _tensors, _meta = _verify(mv)
+    finally:
+        mv.release()
+    return h.owner, h.step, h.generation
+
+
 def decode_snapshot(blob, copy: bool = False) -> Snapshot:
     """Verify both checksums and every field, then decode. With copy=False (default) the
     arrays are views into `blob` (read-only when `blob` is); copy=True makes them own their
@@ -781,6 +792,13 @@ class SnapshotStore:
             raise SnapshotError(f"snapshot: file name says owner {owner} step {step}, "
                                 f"header.owner/step say {h.owner} {h.step}")
         return h, tensors, meta
+
+    def map_blob(self, owner: int, step: int) -> mmap.mmap:
+        """The verified blob of `owner` at `step` as a read-only mapping of its file (no copy:
+        a published file is only ever replaced or removed, never changed in place). Close
+        it when done."""
+        h, tensors, meta, mm = self._check_file(owner, step)
+        return mm
 
     def read_blob(self, owner: int, step: int) -> bytes:
         """The verified blob of `owner` at `step` (to send to a rank that needs it)."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import warnings
 import time
 from pathlib import Path
 from typing import Callable
@@ -30,17 +31,39 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from faultlab.distributed import (SnapshotStore, decode_snapshot, encode_into, peers,
-                                  senders_to, snapshot_size)
+from faultlab.distributed import (SnapshotError, SnapshotStore, encode_into, peers,
+                                  senders_to, snapshot_size, verify_snapshot)
 
 _STOP = object()
+
+
+def _view(buf) -> torch.Tensor:
+    """A uint8 tensor over a buffer, no copy (a read-only mapping is only ever sent from)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(buf, dtype=torch.uint8)
+
+
+def _send(buf, dst: int, group) -> None:
+    dist.send(_view(buf), dst, group)
+
+
+def _recv(buf, src: int, group) -> None:
+    dist.recv(_view(buf), src, group)
 
 
 class PeerMemory:
     """Rank `rank`'s snapshot domain, its replication thread and its recovery fetches.
 
-    hook(phase, step): called at the kill points ("staging" half-way through the write of the
-    temporary file, "replicating" after the sizes and before the payloads are sent)."""
+    hook(phase, step): called at the kill points ("staging": the snapshot written into its
+    temporary file, not yet published; "replicating": the sizes exchanged with the peers, the
+    payloads not yet sent).
+
+    Copies: staging encodes the state's tensors straight into the memory-mapped temporary
+    file (one copy each); replication sends from a read-only mapping of the published file
+    and receives straight into the receiver's mapped temporary file, which is verified before
+    it is published; a recovery fetch does the same, and the state is loaded from views of
+    the mapping."""
 
     def __init__(self, root, rank: int, world: int, ranks_per_node: int, copies: int,
                  group, *, hook: Callable[[str, int], None] | None = None, keep: int = 2):
@@ -53,7 +76,6 @@ class PeerMemory:
         self.senders = senders_to(rank, world, ranks_per_node, copies)
         self.group = group
         self.hook = hook or (lambda phase, step: None)
-        self._buf = bytearray()
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
         self._idle = threading.Event()
@@ -65,64 +87,95 @@ class PeerMemory:
             self._thread.start()
         self.stage_s = 0.0
         self.replicated: list[int] = []
+        self.rejected: list[str] = []       # copies received that did not verify
 
     # --- staging ------------------------------------------------------------------------------
 
     def snapshot(self, step: int, arrays: dict[str, np.ndarray], meta: dict) -> None:
-        """Stage step `step`'s state into this rank's domain and queue it for replication."""
+        """Stage step `step`'s state (arrays may be views of the live tensors: they are copied
+        here, before this returns) into this rank's domain and queue it for replication."""
         self.check()
-        n = snapshot_size(arrays, meta)
-        if len(self._buf) < n:
-            self._idle.wait()           # the replication thread may still read the old buffer
-            self._buf = bytearray(n)
-        else:
-            self._idle.wait()
-        view = memoryview(self._buf)[:n]
-        used = encode_into(view, self.rank, step, arrays, meta, self.generation)
-        blob = view[:used]
         t0 = time.perf_counter()
-        with self.store.open_write(self.rank, step, used) as pending:
-            pending.buffer[:] = blob
-            self.hook("staging", step)       # written, not yet published
+        n = snapshot_size(arrays, meta)
+        with self.store.open_write(self.rank, step, n) as pending:
+            encode_into(pending.buffer, self.rank, step, arrays, meta, self.generation)
+            self.hook("staging", step)        # written, not yet published
             pending.commit()
         self.stage_s += time.perf_counter() - t0
         if self._thread is not None:
+            self._idle.wait()                  # the previous step's replication is done
+            self.check()
             self._idle.clear()
-            self._queue.put((step, blob))
+            self._queue.put(step)
 
     # --- replication --------------------------------------------------------------------------
 
     def _replicate_loop(self) -> None:
         try:
             while True:
-                item = self._queue.get()
-                if item is _STOP:
+                step = self._queue.get()
+                if step is _STOP:
                     return
-                step, blob = item
-                self._exchange(step, blob)
+                self._exchange(step)
                 self.replicated.append(step)
                 self._idle.set()
         except BaseException as e:      # a peer died: the main thread raises it at its next step
             self._error = e
             self._idle.set()
 
-    def _exchange(self, step: int, blob: memoryview) -> None:
-        """Send `blob` to every peer and receive one blob from every sender (sizes first)."""
-        mine = torch.tensor([len(blob)], dtype=torch.int64)
-        sizes = {s: torch.zeros(1, dtype=torch.int64) for s in self.senders}
-        ops = [dist.P2POp(dist.isend, mine, p, self.group) for p in self.peers]
-        ops += [dist.P2POp(dist.irecv, sizes[s], s, self.group) for s in self.senders]
-        for w in dist.batch_isend_irecv(ops):
-            w.wait()
-        self.hook("replicating", step)
-        payload = torch.frombuffer(blob, dtype=torch.uint8) if len(blob) else torch.empty(0, dtype=torch.uint8)
-        got = {s: torch.empty(int(sizes[s]), dtype=torch.uint8) for s in self.senders}
+    def _exchange(self, step: int) -> None:
+        """Send this rank's snapshot of `step` to every peer and receive one from every
+        sender (sizes first), each straight into a mapped temporary file, verified, then
+        published."""
+        mm = self.store.map_blob(self.rank, step) if self.peers else None
+        try:
+            mine = torch.tensor([len(mm) if mm is not None else 0], dtype=torch.int64)
+            sizes = {s: torch.zeros(1, dtype=torch.int64) for s in self.senders}
+            ops = [dist.P2POp(dist.isend, mine, p, self.group) for p in self.peers]
+            ops += [dist.P2POp(dist.irecv, sizes[s], s, self.group) for s in self.senders]
+            for w in dist.batch_isend_irecv(ops):
+                w.wait()
+            self.hook("replicating", step)
+            pendings = {s: self.store.open_write(s, step, int(sizes[s])) for s in self.senders}
+            try:
+                self._transfer(mm, pendings)
+                for s, pending in pendings.items():
+                    self._publish(pending, s, step)
+            finally:
+                for pending in pendings.values():
+                    try:
+                        pending.abort()
+                    except BufferError:     # a failed transfer still holds a view
+                        pass
+        finally:
+            if mm is not None:
+                mm.close()
+
+    def _transfer(self, mm, pendings) -> None:
+        """The payloads: this rank's mapping to every peer, every sender's into its pending
+        file (views released before returning, so the files can be published)."""
+        payload = _view(mm) if mm is not None else None
+        got = {s: _view(p.buffer) for s, p in pendings.items()}
         ops = [dist.P2POp(dist.isend, payload, p, self.group) for p in self.peers]
         ops += [dist.P2POp(dist.irecv, got[s], s, self.group) for s in self.senders]
-        for w in dist.batch_isend_irecv(ops):
+        works = dist.batch_isend_irecv(ops)
+        for w in works:
             w.wait()
-        for s in self.senders:
-            self.store.put_blob(memoryview(got[s].numpy()))
+
+    def _publish(self, pending, owner: int, step: int) -> bool:
+        """Verify a received copy fully and publish it; a copy that does not verify is
+        dropped (and counted), never kept."""
+        try:
+            got = verify_snapshot(pending.buffer)
+            if got[:2] != (owner, step):
+                raise SnapshotError(f"snapshot: received owner {got[0]} step {got[1]}, "
+                                    f"expected owner {owner} step {step}")
+        except SnapshotError as e:
+            self.rejected.append(str(e))
+            pending.abort()
+            return False
+        pending.commit()
+        return True
 
     def check(self) -> None:
         if self._error is not None:
@@ -145,32 +198,38 @@ class PeerMemory:
     def inventory(self) -> dict[int, list[int]]:
         return self.store.inventory()
 
-    def fetch(self, step: int, plan_fetch: dict, group) -> dict[str, np.ndarray] | None:
-        """This rank's state of `step` by the agreed plan: from its own domain, or sent by the
-        holder the plan names (every rank takes part in every transfer in owner order). The
-        copy received is verified and kept in this rank's domain."""
+    def fetch(self, step: int, plan_fetch: dict, group):
+        """This rank's snapshot of `step` by the agreed plan (a Snapshot whose arrays view a
+        read-only mapping: load them, then drop it): from its own domain, or sent by the
+        holder the plan names straight into a mapped temporary file of this rank's domain,
+        verified, published, then mapped. Every rank takes part in every transfer, in owner
+        order."""
         mine = None
         for owner in range(self.world):
             how, holder = plan_fetch[owner]
             if how == "local":
                 if owner == self.rank:
-                    mine = self.store.read(owner, step, copy=True).arrays
+                    mine = self.store.read(owner, step, copy=False)
                 continue
             if how != "peer":
                 continue
             if self.rank == holder:
-                blob = self.store.read_blob(owner, step)
-                size = torch.tensor([len(blob)], dtype=torch.int64)
-                dist.send(size, owner, group)
-                dist.send(torch.frombuffer(bytearray(blob), dtype=torch.uint8), owner, group)
+                mm = self.store.map_blob(owner, step)
+                try:
+                    dist.send(torch.tensor([len(mm)], dtype=torch.int64), owner, group)
+                    _send(mm, owner, group)
+                finally:
+                    mm.close()
             elif self.rank == owner:
                 size = torch.zeros(1, dtype=torch.int64)
                 dist.recv(size, holder, group)
-                buf = torch.empty(int(size), dtype=torch.uint8)
-                dist.recv(buf, holder, group)
-                blob = memoryview(buf.numpy())
-                self.store.put_blob(blob)
-                mine = decode_snapshot(bytes(blob), copy=True).arrays
+                with self.store.open_write(owner, step, int(size)) as pending:
+                    _recv(pending.buffer, holder, group)
+                    if not self._publish(pending, owner, step):
+                        raise SnapshotError(f"snapshot: the copy of rank {owner} step {step} "
+                                            f"sent by rank {holder} does not verify: "
+                                            f"{self.rejected[-1]}")
+                mine = self.store.read(owner, step, copy=False)
         return mine
 
     def truncate_after(self, step: int) -> None:

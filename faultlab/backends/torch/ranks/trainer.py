@@ -181,16 +181,28 @@ class RankTrainer(TorchTrainer):
 
     # --- state --------------------------------------------------------------------------------
 
-    def _state_arrays(self) -> dict[str, np.ndarray]:
-        out = {f"model/{k}": v.detach().cpu().numpy().copy()
-               for k, v in self.model.state_dict().items()}
+    def _state_arrays(self, copy: bool = True) -> dict[str, np.ndarray]:
+        def host(v):
+            if not isinstance(v, torch.Tensor):
+                return np.asarray(v)
+            a = v.detach().cpu().numpy()
+            return a.copy() if copy and v.device.type == "cpu" else a
+        out = {f"model/{k}": host(v) for k, v in self.model.state_dict().items()}
         opt = self.optimizer.optim if self.zero else self.optimizer
         index = {id(p): i for i, p in enumerate(self.model.parameters())}
         for p, st in opt.state.items():
             for k, v in st.items():
-                out[f"optim/{index[id(p)]}/{k}"] = (v.detach().cpu().numpy().copy()
-                                                    if isinstance(v, torch.Tensor)
-                                                    else np.asarray(v))
+                out[f"optim/{index[id(p)]}/{k}"] = host(v)
+        return out
+
+    def state_views(self) -> dict[str, np.ndarray]:
+        """This rank's state as NumPy views of the live CPU tensors (no copy; host copies of
+        device tensors): valid until the next optimizer step, for a snapshot that copies them
+        at once. Carried state included."""
+        out = self._state_arrays(copy=False)
+        import torch.utils._pytree as pytree
+        for i, t in enumerate(pytree.tree_flatten(self._carry[0])[0] if self._carry else ()):
+            out[f"carry/0/{i}"] = t.detach().cpu().numpy()
         return out
 
     def _load_arrays(self, state: Mapping[str, np.ndarray]) -> None:

@@ -192,7 +192,8 @@ def rank_main(job: RankJob) -> dict:
             common &= set(g["disk"])
         plan = recovery_plan(invs, world, sorted(common))
         if plan.source == "memory":
-            state = mem.fetch(plan.step, plan.fetch, group)
+            snap = mem.fetch(plan.step, plan.fetch, group)
+            state = snap.arrays if snap is not None else None
         elif plan.source == "disk":
             state = dict(load_step(target, plan.step).state)
         else:
@@ -247,13 +248,11 @@ def rank_main(job: RankJob) -> dict:
                          **{k: v.numpy() for k, v in grads.items()})
             due_snap = (step + 1) % job.snapshot_every == 0
             due_persist = job.persist_every and (step + 1) % job.persist_every == 0
-            if due_snap or due_persist:
-                state = trainer.get_state()
-                if due_snap:
-                    mem.snapshot(step, state, {"step": step})
-                if due_persist:
-                    saving[0] = step
-                    engine.save(step, state, {"step": step})
+            if due_snap:                # views of the live tensors: copied while staged
+                mem.snapshot(step, trainer.state_views(), {"step": step})
+            if due_persist:
+                saving[0] = step
+                engine.save(step, trainer.get_state(), {"step": step})
             step += 1
         mem.drain()
         engine.wait_all()
