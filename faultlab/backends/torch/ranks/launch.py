@@ -1,12 +1,13 @@
 """Start a multi-process job under torch.distributed.elastic on loopback and collect its
 results.
 
-The caller's process does not run the ranks itself: it starts one agent process (spawned:
-nothing of the caller's threads or torch state is inherited), which imports the training code
-once and runs torch's LocalElasticAgent (``elastic_launch``, the engine behind torchrun) with a
-c10d rendezvous on 127.0.0.1. The agent forks the rank processes (fast restarts: the modules
-are already imported), watches them, and when one dies or fails restarts the whole worker
-group, up to ``max_restarts`` times. Results come back through files in the run directory
+The caller's process does not run the ranks itself: it starts one agent process (a fresh
+``python -m``: nothing of the caller's threads or torch state is inherited), which runs torch's
+LocalElasticAgent (``elastic_launch``, the engine behind torchrun) with a c10d rendezvous on
+127.0.0.1. The ranks are forked by multiprocessing's fork server, which has imported the
+training code once (fast restarts, and no thread of the agent is forked); the agent watches
+them, and when one dies or fails restarts the whole worker group, up to ``max_restarts``
+times. Results come back through files in the run directory
 (faultlab/backends/torch/ranks/worker.py), so a rank killed mid-write loses nothing written
 before.
 """
@@ -40,6 +41,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: what the fork server imports before it forks any rank
+PRELOAD = ["torch", "torch.distributed", "torch.nn.parallel", "faultlab.backends.torch.trainer",
+           "faultlab.backends.torch.ranks.trainer", "faultlab.backends.torch.ranks.peers",
+           "faultlab.backends.torch.ranks.worker", "faultlab.checkpointing.engine"]
+
+
 def _agent(job, nprocs: int, port: int, max_restarts: int, join_timeout: int, out: str) -> None:
     """The agent process: torch's LocalElasticAgent through elastic_launch."""
     import json
@@ -50,9 +57,12 @@ def _agent(job, nprocs: int, port: int, max_restarts: int, join_timeout: int, ou
         logging.getLogger(name).setLevel(logging.CRITICAL)
     import warnings
     warnings.filterwarnings("ignore", category=FutureWarning)
-    # imported here, once: the ranks are forked from this process
-    import faultlab.backends.torch.ranks.peers  # noqa: F401
-    import faultlab.backends.torch.ranks.trainer  # noqa: F401
+    # The ranks are forked by multiprocessing's fork server, a single-threaded process that
+    # imports the training code once: fast restarts, and no rank inherits a lock some thread
+    # of this agent (its store, its monitor) held at the fork, which deadlocked a rank's
+    # start now and then when the ranks were forked from here.
+    import multiprocessing
+    multiprocessing.set_forkserver_preload(PRELOAD)
     from faultlab.backends.torch.ranks.worker import rank_main
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -62,7 +72,7 @@ def _agent(job, nprocs: int, port: int, max_restarts: int, join_timeout: int, ou
         min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=Path(job.run_dir).name,
         rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{port}",
         rdzv_configs={"timeout": join_timeout, "join_timeout": join_timeout},
-        max_restarts=max_restarts, monitor_interval=0.05, start_method="fork",
+        max_restarts=max_restarts, monitor_interval=0.05, start_method="forkserver",
         local_addr="127.0.0.1", shutdown_timeout=1,
         logs_specs=DefaultLogsSpecs(log_dir=str(logs), redirects=Std.ALL, tee=Std.NONE))
     result = {"ok": False, "error": None}
