@@ -100,6 +100,8 @@ def _dist_args(p) -> None:
                    help="peers holding each rank's snapshot (default 1)")
     g.add_argument("--zero", action="store_true",
                    help="shard optimizer state across ranks (ZeroRedundancyOptimizer)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard parameters, gradients and optimizer state (FSDP2 fully_shard)")
     g.add_argument("--port", type=int, default=0,
                    help="rendezvous port on 127.0.0.1 (default: a free one)")
     g.add_argument("--rank-timeout", type=float, default=10.0, metavar="SECONDS",
@@ -122,7 +124,7 @@ def _dist_options(a):
     if not a.rank_timeout > 0:
         raise FaultlabError(f"--rank-timeout must be positive, got {a.rank_timeout}")
     return DistOptions(a.snapshot_every, a.persist_every, a.copies, a.zero, a.rank_timeout,
-                       a.port)
+                       a.port, a.fsdp)
 
 
 def _detect_options(a):

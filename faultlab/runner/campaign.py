@@ -52,6 +52,8 @@ def run_campaign(campaign: Campaign, results_path: str | os.PathLike, *, workers
     if workers < 1:
         raise FaultlabError("--workers must be at least 1")
     validate_trials(campaign.trials)
+    from faultlab.runner.ranks import check_options
+    check_options(campaign.trials, dist)
     threads = threads or default_threads(workers)
     cid = campaign_id(campaign, detect)
     store = ResultStore(results_path)

@@ -46,6 +46,7 @@ class RankJob:
     copies: int = 1                  # peers holding each rank's snapshot
     detect: object | None = None     # runner.session.DetectOptions, or None
     zero: bool = False               # ZeroRedundancyOptimizer (sharded optimizer state)
+    fsdp: bool = False               # FSDP2 fully_shard (sharded parameters and state)
     timeout_s: float = 10.0          # collective timeout: a dead or hung rank stalls seconds
     join_timeout_s: float = 120.0    # joining the process group (fork, build, handshake)
     threads: int = 1
@@ -60,7 +61,7 @@ class RankJob:
 
 
 _JOB_FIELDS = ("run_dir", "shm_root", "end", "snapshot_every", "persist_every", "copies",
-               "zero", "timeout_s", "join_timeout_s", "threads", "engine", "record_grads", "port", "max_restarts")
+               "zero", "fsdp", "timeout_s", "join_timeout_s", "threads", "engine", "record_grads", "port", "max_restarts")
 
 
 def job_to_json(job: RankJob) -> str:
@@ -118,6 +119,7 @@ class DistOptions:
     zero: bool = False
     timeout_s: float = 10.0
     port: int = 0
+    fsdp: bool = False
 
 
 def check_port(port: int) -> None:
@@ -221,7 +223,9 @@ def run_job(job: RankJob) -> JobRecord:
 def golden(config: WorkloadConfig, threads: int, opts: DistOptions) -> DistributedGolden:
     """The configuration's golden job, cached beside the single-process golden runs."""
     from faultlab.runner.golden import golden_dir
-    path = golden_dir(config, threads) / "distributed.json"
+    # the sharding changes how gradients are summed: a golden job per mode
+    mode = "fsdp" if opts.fsdp else "zero" if opts.zero else "ddp"
+    path = golden_dir(config, threads) / f"distributed-{mode}.json"
     if path.exists():
         d = json.loads(path.read_text())
         if d.get("format") == FORMAT:
@@ -231,6 +235,7 @@ def golden(config: WorkloadConfig, threads: int, opts: DistOptions) -> Distribut
     try:
         job = RankJob(config, str(run), str(shm), snapshot_every=opts.snapshot_every,
                       persist_every=opts.persist_every, copies=opts.copies, zero=opts.zero,
+                      fsdp=opts.fsdp,
                       timeout_s=opts.timeout_s, threads=threads, port=opts.port, max_restarts=0)
         rec = run_job(job)
         if not rec.ok or rec.final is None:
@@ -248,6 +253,32 @@ def golden(config: WorkloadConfig, threads: int, opts: DistOptions) -> Distribut
     tmp.write_text(json.dumps(g.to_json()))
     os.replace(tmp, path)
     return g
+
+
+#: sites whose tensors FSDP2 shards across ranks
+_SHARDED_SITES = ("param", "opt_state", "grad_wt")
+
+
+def check_options(trials, opts: DistOptions | None) -> None:
+    """Faults the run's options cannot take, as one line at the row: with --fsdp a rank holds
+    a shard of every parameter, gradient and optimizer state (faults on them need DDP or
+    --zero); --zero and --fsdp together."""
+    from faultlab.errors import SpecError
+    if opts is None:
+        return
+    if opts.zero and opts.fsdp:
+        raise SpecError("--zero and --fsdp both shard the optimizer state: choose one")
+    if not opts.fsdp:
+        return
+    for t in trials:
+        if t.workload.processes < 2:
+            continue
+        for i, f in enumerate(t.faults):
+            if f.site.value in _SHARDED_SITES:
+                raise SpecError(f"{t.where(i, 'site')}: site {f.site.value} is not supported "
+                                f"with --fsdp (each rank holds a shard of {f.layer}'s "
+                                f"parameters, gradients and optimizer state); use DDP or "
+                                f"--zero", "site")
 
 
 def needs_ranks(trial: Trial) -> bool:
@@ -296,7 +327,7 @@ def run_trial(session, trial: Trial, campaign: str = "") -> TrialResult:
                           tuple(trial.process_faults), snapshot_every=opts.snapshot_every,
                           persist_every=(detect.checkpoint_every if detect is not None
                                          else opts.persist_every),
-                          copies=opts.copies, detect=detect, zero=opts.zero,
+                          copies=opts.copies, detect=detect, zero=opts.zero, fsdp=opts.fsdp,
                           timeout_s=opts.timeout_s, threads=session.threads, port=opts.port)
             rec = run_job(job)
         finally:

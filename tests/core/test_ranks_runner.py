@@ -131,3 +131,17 @@ def test_a_kill_row_for_tensorflow_is_refused_in_one_line(tmp_path):
     got = _cli("validate", f)
     assert got.returncode == 2 and got.stderr.count("\n") == 1
     assert "TensorFlow multi-worker training is out of scope" in got.stderr
+
+
+def test_fsdp_refuses_faults_on_sharded_tensors_at_the_row():
+    from faultlab.campaigns.columnar import parse_columnar
+    from faultlab.errors import SpecError
+    text = ("trial,workload,processes,site,layer,replica,step,value,bit,positions\n"
+            "a,mlp,2,fwd_output,dense_1,1,3,nan,,0/0\n"
+            "b,mlp,2,param,dense_1,1,3,bitflip,30,0/0\n")
+    trials = parse_columnar(text, "c.csv")
+    ranks.check_options(trials, ranks.DistOptions())            # DDP takes both
+    with pytest.raises(SpecError, match=r"c\.csv:3: .*site param is not supported with --fsdp"):
+        ranks.check_options(trials, ranks.DistOptions(fsdp=True))
+    with pytest.raises(SpecError, match="choose one"):
+        ranks.check_options(trials, ranks.DistOptions(zero=True, fsdp=True))

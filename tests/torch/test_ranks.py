@@ -151,3 +151,18 @@ def test_sharded_optimizer_state_resumes_bit_identical(tmp_path):
     assert len(set(_sums(ref))) == 1
     # each rank holds only its shard of the optimizer state: the digests differ by rank
     assert len(set(_digests(ref))) == 3
+
+
+def test_fsdp2_shards_resume_and_roll_back_bit_identical(tmp_path):
+    cfg = default_config("mlp", processes=2, width=16, per_replica_batch=8, steps_per_epoch=6,
+                         epochs=2)
+    ref, _ = _job(cfg, tmp_path, "fsdp_ref", fsdp=True)
+    assert len(set(_digests(ref))) == 2             # each rank holds its own shards
+    kill, _ = _job(cfg, tmp_path, "fsdp_kill", process=[ProcessFault("kill", 5, rank=1)],
+                   fsdp=True)
+    assert _digests(kill) == _digests(ref)
+    f = fault("fwd_output", "dense_1", replica=1, step=3, value="nan", positions=[(0, 0)])
+    det = DetectOptions(("nonfinite",), checkpoint_every=4)
+    prot, _ = _job(cfg, tmp_path, "fsdp_nan", [f], fsdp=True, detect=det)
+    assert [e["step"] for e in prot.events if e["event"] == "detection"] == [3]
+    assert _digests(prot) == _digests(ref)

@@ -68,8 +68,11 @@ class RankTrainer(TorchTrainer):
     """Rank `rank` of `world` (see the module docstring). `group`: the process group DDP and
     the per-step collective use (default: the world)."""
 
-    def __init__(self, config, rank: int, world: int, *, group=None, zero: bool = False):
+    def __init__(self, config, rank: int, world: int, *, group=None, zero: bool = False,
+                 fsdp: bool = False):
         super().__init__(config)
+        if zero and fsdp:
+            raise ValueError("zero and fsdp both shard the optimizer state: choose one")
         if config.replicas != world:
             raise ValueError(f"{world} ranks train {config.replicas} replicas")
         self.rank, self.world, self.group = rank, world, group
@@ -78,10 +81,13 @@ class RankTrainer(TorchTrainer):
         self.injector.replica = rank
         if self._carry is not None:
             self._carry = [self._carry[rank]]
-        self.ddp = DistributedDataParallel(self.model, process_group=group,
-                                           broadcast_buffers=False)
-        self.ddp.register_comm_hook(None, _ordered_mean_hook(group, world))
-        self.zero = zero
+        self.zero, self.fsdp = zero, fsdp
+        if fsdp:
+            self.ddp = self._fully_shard(group)
+        else:
+            self.ddp = DistributedDataParallel(self.model, process_group=group,
+                                               broadcast_buffers=False)
+            self.ddp.register_comm_hook(None, _ordered_mean_hook(group, world))
         if zero:
             from torch.distributed.optim import ZeroRedundancyOptimizer
             base = self.optimizer
@@ -90,6 +96,38 @@ class RankTrainer(TorchTrainer):
                 **base.defaults)
             self.injector.optimizer = self.optimizer.optim   # this rank's shard's optimizer
         self.local_grads: dict[str, torch.Tensor] | None = None  # record_local_grads()
+
+    def _fully_shard(self, group):
+        """FSDP2: every layer with parameters of its own, then the root, sharded over the
+        group (dim 0 of every parameter); the optimizer is rebuilt over the sharded
+        parameters. Parameters, gradients and optimizer state are this rank's shards."""
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = DeviceMesh.from_group(group or dist.group.WORLD, "cpu")
+        self.mesh = mesh
+        for m in self.layers.values():
+            if any(True for _ in m.parameters(recurse=False)):
+                fully_shard(m, mesh=mesh, reshard_after_forward=True)
+        fully_shard(self.model, mesh=mesh)
+        self.optimizer = self.wl.make_optimizer(self.model.parameters(), self.config.lr)
+        self.injector.optimizer = self.optimizer
+        self._kernels = None
+        return self.model
+
+    def check_faults(self, faults: Sequence[FaultSpec]) -> None:
+        """Faults this rank's training can take (SpecError otherwise): under FSDP2 a rank
+        holds a shard of each parameter, its gradient and optimizer state, so faults on them
+        (param, opt_state, grad_wt) are refused; activations and backward operands are whole
+        on every rank."""
+        if not self.fsdp:
+            return
+        from faultlab.errors import SpecError
+        from faultlab.faults import Site
+        for f in faults:
+            if f.site in (Site.PARAM, Site.OPT_STATE, Site.GRAD_WT):
+                raise SpecError(f"site {f.site.value} is not supported with FSDP2 sharding "
+                                f"(each rank holds a shard of {f.layer}'s parameters, "
+                                f"gradients and optimizer state); use DDP or ZeRO", "site")
 
     # --- one step ----------------------------------------------------------------------------
 
@@ -103,6 +141,7 @@ class RankTrainer(TorchTrainer):
         x, y = self._batch(step)
         b = c.per_replica_batch
         mine = [f for f in faults if f.replica == r]
+        self.check_faults(mine)
         self.injector.begin_step(mine, step)
         self.injector.replica = r
         hooks = self._record_hooks() if self.local_grads is not None else []
@@ -156,7 +195,7 @@ class RankTrainer(TorchTrainer):
             names = sorted(sig.m_max)
             vec += [_f2i(sig.grad_norm), _f2i(sig.m_other),
                     _f2i(sig.param_norm if sig.param_norm is not None else 0.0),
-                    _signed(checksum(self.model.parameters()))]
+                    _signed(checksum(self._local_params()))]
             vec += [_f2i(sig.m_max[n]) for n in names]
         mine = torch.tensor(vec, dtype=_I64)
         got = [torch.empty_like(mine) for _ in range(self.world)]
@@ -176,7 +215,9 @@ class RankTrainer(TorchTrainer):
         g = Signals(step=step, loss=total, replica_loss=losses, grad_norm=worst(3),
                     m_max=m_max, m_other=worst(4),
                     param_norm=worst(5) if sig.param_norm is not None else None,
-                    replica_checksums=[row[6] % (1 << 64) for row in rows])
+                    # FSDP2 shards hold different parameters: no replicas to compare
+                    replica_checksums=(None if self.fsdp
+                                       else [row[6] % (1 << 64) for row in rows]))
         return StepMetrics(total, acc, g)
 
     # --- state --------------------------------------------------------------------------------
@@ -185,6 +226,8 @@ class RankTrainer(TorchTrainer):
         def host(v):
             if not isinstance(v, torch.Tensor):
                 return np.asarray(v)
+            if hasattr(v, "to_local"):          # FSDP2: this rank's shard
+                v = v.to_local()
             a = v.detach().cpu().numpy()
             return a.copy() if copy and v.device.type == "cpu" else a
         out = {f"model/{k}": host(v) for k, v in self.model.state_dict().items()}
@@ -208,6 +251,9 @@ class RankTrainer(TorchTrainer):
     def _load_arrays(self, state: Mapping[str, np.ndarray]) -> None:
         model = {k[6:]: torch.from_numpy(np.array(v)) for k, v in state.items()
                  if k.startswith("model/")}
+        if self.fsdp:
+            self._load_sharded(model, state)
+            return
         self.model.load_state_dict(model)
         opt = self.optimizer.optim if self.zero else self.optimizer
         params = list(self.model.parameters())
@@ -220,9 +266,29 @@ class RankTrainer(TorchTrainer):
         for i, st in entries.items():
             opt.state[params[i]] = st
 
+    def _load_sharded(self, model: dict, state: Mapping[str, np.ndarray]) -> None:
+        """FSDP2: copy each shard into the live local tensors; optimizer state as DTensors
+        placed as their parameters are."""
+        from torch.distributed.tensor import DTensor
+        live = self.model.state_dict()
+        with torch.no_grad():
+            for k, v in live.items():
+                (v.to_local() if hasattr(v, "to_local") else v).copy_(model[k])
+        params = list(self.model.parameters())
+        self.optimizer.state.clear()
+        for k, v in state.items():
+            if k.startswith("optim/"):
+                _, i, name = k.split("/", 2)
+                p = params[int(i)]
+                t = torch.from_numpy(np.array(v))
+                if t.dim() and isinstance(p, DTensor):
+                    t = DTensor.from_local(t, p.device_mesh, p.placements, run_check=False,
+                                           shape=p.shape, stride=p.stride())
+                self.optimizer.state.setdefault(p, {})[name] = t
+
     def get_state(self) -> dict[str, np.ndarray]:
-        """This rank's state: parameters and buffers, its optimizer state (its shard under
-        ZeRO), its carried state."""
+        """This rank's state: parameters and buffers (their shards under FSDP2), its optimizer
+        state (its shard under ZeRO and FSDP2), its carried state."""
         out = self._state_arrays()
         import torch.utils._pytree as pytree
         for i, t in enumerate(pytree.tree_flatten(self._carry[0])[0] if self._carry else ()):
@@ -234,6 +300,25 @@ class RankTrainer(TorchTrainer):
         if self._carry is not None:
             self._load_carry(state)
 
+    def _pre_step_signals(self, replica_losses: list[float]):
+        spec = self.signal_spec
+        if not spec.grads and not (spec.history and self.optimizer.state):
+            return replica_losses, None
+        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                 for p in self.model.parameters() if p.grad is not None]
+        return replica_losses, torch.stack(torch._foreach_norm(grads)) if grads else None
+
+    def _local_params(self) -> list[torch.Tensor]:
+        return [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
+
     def state_checksum(self) -> int:
-        """An exact checksum of this rank's parameters (equal across ranks under DDP)."""
-        return checksum(self.model.parameters())
+        """An exact checksum of this rank's parameters (equal across ranks under DDP and ZeRO;
+        under FSDP2 of its shards)."""
+        return checksum(self._local_params())
+
+    def _param_norm(self) -> torch.Tensor:
+        return torch.stack(torch._foreach_norm(self._local_params())).sum()
+
+    def _moments(self):
+        out = super()._moments()
+        return [(n, m.to_local() if hasattr(m, "to_local") else m) for n, m in out]

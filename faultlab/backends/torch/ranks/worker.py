@@ -144,7 +144,8 @@ def rank_main(job: RankJob) -> dict:
     tmp.write_text(f"{os.getpid()} {attempt}")
     os.replace(tmp, pids / f"rank{rank}")
     faults = _Faults(job, rank, rpn, store, attempt)
-    trainer = RankTrainer(cfg, rank, world, group=group, zero=job.zero)
+    trainer = RankTrainer(cfg, rank, world, group=group, zero=job.zero, fsdp=job.fsdp)
+    trainer.check_faults([f for f in job.faults if f.replica == rank])
     grads = trainer.record_local_grads() if job.record_grads else None
     suite = None
     if job.detect is not None:
@@ -265,7 +266,7 @@ def rank_main(job: RankJob) -> dict:
     digest = state_digest(state)
     out = {"rank": rank, "attempt": attempt, "digest": digest,
            "checksum": str(trainer.state_checksum())}
-    if rank == 0:
+    if rank == 0 or job.fsdp:          # FSDP2's forward is collective: every rank runs it
         e = trainer.evaluate()
         out["test"] = [e.loss, e.acc]
     gathered = [None] * world
