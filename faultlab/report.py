@@ -130,12 +130,15 @@ def format_distributed(results: Sequence[TrialResult]) -> str:
     restart's recovery (source@step: memory = snapshots in host / peer memory, disk = the
     engine's file), steps of work lost, recovery seconds, and detection after rollback; then
     the campaign's crash consistency (torn, mixed, lost-committed: all must be 0), the work
-    lost to kills, and the cost of protection. Empty when no trial ran as a job."""
+    lost to kills, and the cost of protection. "load s": the ranks' agreement and state load;
+    "down s": from the fault to the restarted job holding its state again (the agent noticing,
+    the restart, the rendezvous, building the model, the load). Empty when no trial ran as a
+    job."""
     runs = [r for r in results if "distributed" in r.metrics]
     if not runs:
         return ""
-    header = ["trial", "ranks", "fired", "recovered from", "lost", "recovery s", "restarts",
-              "exact"]
+    header = ["trial", "ranks", "fired", "recovered from", "lost", "load s", "down s",
+              "restarts", "exact"]
     prot = any("protected" in r.metrics for r in runs)
     if prot:
         header += ["detected", "after"]
@@ -154,6 +157,7 @@ def format_distributed(results: Sequence[TrialResult]) -> str:
         row = [r.trial_id, str(r.metrics.get("processes", 1)),
                clip("; ".join(fired) or "-", 40), clip(_recoveries(d), 30),
                str(d.get("steps_lost", 0)), f"{max(secs):.2f}" if secs else "-",
+               f"{max(d['downtime_s']):.1f}" if d.get("downtime_s") else "-",
                str(d.get("restarts", 0)), "=" if r.bit_exact else ""]
         if prot:
             p = r.metrics.get("protected", {})
@@ -161,7 +165,7 @@ def format_distributed(results: Sequence[TrialResult]) -> str:
             row += [f"step {dets[0]['step']} ({dets[0]['detector']})" if dets else "no",
                     r.outcome_after or "-"]
         rows.append(row)
-    lines = ["multi-process trials:", table(header, rows, right={1, 4, 5, 6})]
+    lines = ["multi-process trials:", table(header, rows, right={1, 4, 5, 6, 7})]
     kills = sum(len(r.metrics["distributed"].get("fired", ())) for r in runs)
     lines.append(f"crash consistency: torn {torn}, mixed {mixed}, lost-committed "
                  f"{lost_committed} (all must be 0); {kills} process fault(s) fired, "

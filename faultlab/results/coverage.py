@@ -48,7 +48,8 @@ def coverage(results: Sequence[TrialResult]) -> dict:
         "recovered": sum(bool(r.recovered) for r in detected), "detected": len(detected),
         "masked_after": sum(r.outcome_after == "Masked" for r in detected),
         "steps_lost": sum(d.get("steps_replayed", 0) for d in detections),
-        "recovery_s_median": statistics.median([d["recovery_s"] for d in detections]) if detections else None,
+        "recovery_s_median": statistics.median(secs) if (secs := [
+            d["recovery_s"] for d in detections if d.get("recovery_s") is not None]) else None,
         "before_after": after,
     }
 

@@ -281,6 +281,25 @@ def check_options(trials, opts: DistOptions | None) -> None:
                                 f"--zero", "site")
 
 
+def _detections(rec: JobRecord) -> list[dict]:
+    """Each detection of a protected job with the rollback that answered it: the keys the
+    single-process Protector reports (results/coverage.py reads them): recovery seconds, the
+    steps replayed, and where the state came from."""
+    out = []
+    for i, e in enumerate(rec.events):
+        if e["event"] != "detection":
+            continue
+        r = next((x for x in rec.events[i + 1:] if x["event"] == "recovery"
+                  and x["reason"] == f"detection at step {e['step']}"), None)
+        back = None if r is None else (0 if r["step"] is None else r["step"] + 1)
+        out.append({"step": e["step"], "detector": e["detector"], "reason": e["reason"],
+                    "recovery_s": r["seconds"] if r else None,
+                    "steps_replayed": e["step"] - back + 1 if back is not None else 0,
+                    "source": r["source"] if r else None,
+                    "rolled_back_to": r["step"] if r else None})
+    return out
+
+
 def needs_ranks(trial: Trial) -> bool:
     return trial.workload.processes > 1 or bool(trial.process_faults)
 
@@ -301,8 +320,15 @@ def _summary(rec: JobRecord, trial: Trial) -> dict:
     mixed = int(not trial.faults and len(sums) > 1)
     lost_committed = sum(1 for e in recoveries if e.get("disk_newest") is not None
                          and (e["step"] is None or e["step"] < e["disk_newest"]))
+    # downtime: from a fault firing to the restarted ranks holding their recovered state
+    down = []
+    for i, e in enumerate(rec.events):
+        if e["event"] == "recovery" and e["reason"] == "restart":
+            before = [x for x in rec.events[:i] if x["event"] == "fault"]
+            if before:
+                down.append(e["time"] - before[-1]["time"])
     return {"fired": [e["fault"] for e in fired], "torn": torn, "mixed": mixed,
-            "lost_committed": lost_committed,
+            "lost_committed": lost_committed, "downtime_s": down,
             "recoveries": [{k: e[k] for k in ("reason", "source", "step", "seconds")}
                            for e in recoveries],
             "steps_lost": lost, "restarts": rec.attempts,
@@ -365,7 +391,7 @@ def run_trial(session, trial: Trial, campaign: str = "") -> TrialResult:
             detect = dataclasses.replace(detect, detectors=detect.detectors + ("divergence",))
         prec, plosses, paccs, ptest = one(detect)
         pcls, *_ = session._classify(gold, start, 0, end, plosses, paccs, ptest)
-        dets = [e for e in prec.events if e["event"] == "detection"]
+        dets = _detections(prec)
         first = dets[0] if dets else None
         result.detected = first is not None
         result.detect_step = first["step"] if first else None

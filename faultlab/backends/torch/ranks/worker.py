@@ -217,12 +217,13 @@ def rank_main(job: RankJob) -> dict:
                              "seconds": dt, "time": time.time()})
         return nxt
 
-    step = recover(None, "restart" if attempt else "start")
-    if suite is not None and step > 0:
-        _warm_up(suite, timeline, step)
-    back = 1
-    last_detect = None
+    step = 0
     try:
+        step = recover(None, "restart" if attempt else "start")
+        if suite is not None and step > 0:
+            _warm_up(suite, timeline, step)
+        back = 1
+        last_detect = None
         while step < end:
             faults.at(step, KillPhase.STEP.value)
             firing = []
