@@ -85,17 +85,20 @@ def test_steps_lost_count_the_work_run_again():
     trial = Trial("t", CFG, process_faults=(ProcessFault("kill", 7, rank=1),
                                             ProcessFault("kill", 12, rank=0, phase="staging")))
     rec = ranks.JobRecord(ok=True, events=[
-        {"event": "fault", "fault": trial.process_faults[0].to_dict(), "attempt": 0},
+        {"event": "fault", "fault": trial.process_faults[0].to_dict(), "attempt": 0,
+         "time": 100.0},
         {"event": "recovery", "reason": "restart", "source": "memory", "step": 6,
-         "seconds": 0.1, "attempt": 1, "disk_newest": 4},
-        {"event": "fault", "fault": trial.process_faults[1].to_dict(), "attempt": 1},
+         "seconds": 0.1, "attempt": 1, "disk_newest": 4, "time": 102.5},
+        {"event": "fault", "fault": trial.process_faults[1].to_dict(), "attempt": 1,
+         "time": 110.0},
         {"event": "recovery", "reason": "restart", "source": "memory", "step": 11,
-         "seconds": 0.1, "attempt": 2, "disk_newest": 9}], attempts=2)
+         "seconds": 0.1, "attempt": 2, "disk_newest": 9, "time": 111.0}], attempts=2)
     s = ranks._summary(rec, trial)
     # killed before step 7 ran, resumed at 7: nothing lost; killed while staging step 12
     # (step 12 done), resumed at 12: one step lost
     assert s["steps_lost"] == 1
     assert s["lost_committed"] == 0 and s["torn"] == 0 and s["mixed"] == 0
+    assert s["downtime_s"] == [2.5, 1.0]
 
 
 def _cli(*args):
