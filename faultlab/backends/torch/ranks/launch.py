@@ -44,7 +44,8 @@ def free_port() -> int:
 #: what the fork server imports before it forks any rank
 PRELOAD = ["torch", "torch.distributed", "torch.nn.parallel", "faultlab.backends.torch.trainer",
            "faultlab.backends.torch.ranks.trainer", "faultlab.backends.torch.ranks.peers",
-           "faultlab.backends.torch.ranks.worker", "faultlab.checkpointing.engine"]
+           "faultlab.backends.torch.ranks.worker", "faultlab.checkpointing.engine",
+           "faultlab.backends.torch.ranks.warm"]
 
 
 def _agent(job, nprocs: int, port: int, max_restarts: int, join_timeout: int, out: str) -> None:

@@ -133,7 +133,9 @@ def rank_main(job: RankJob) -> dict:
     from faultlab.distributed import recovery_plan
 
     torch.set_num_threads(job.threads)
+    t_start = time.perf_counter()
     rank, world, attempt, store, group, repl = _init(job)
+    t_joined = time.perf_counter()
     cfg = job.config
     run_dir = Path(job.run_dir)
     rpn = world // cfg.nodes
@@ -145,6 +147,7 @@ def rank_main(job: RankJob) -> dict:
     os.replace(tmp, pids / f"rank{rank}")
     faults = _Faults(job, rank, rpn, store, attempt)
     trainer = RankTrainer(cfg, rank, world, group=group, zero=job.zero, fsdp=job.fsdp)
+    t_built = time.perf_counter()
     trainer.check_faults([f for f in job.faults if f.replica == rank])
     grads = trainer.record_local_grads() if job.record_grads else None
     suite = None
@@ -214,7 +217,8 @@ def rank_main(job: RankJob) -> dict:
                              "fetch": {str(k): list(v) for k, v in plan.fetch.items()},
                              "disk_newest": max(common) if common else None,
                              "rejected": len(mem.store.last_rejected),
-                             "seconds": dt, "time": time.time()})
+                             "seconds": dt, "join_s": t_joined - t_start,
+                             "build_s": t_built - t_joined, "time": time.time()})
         return nxt
 
     step = 0
