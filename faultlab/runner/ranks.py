@@ -338,7 +338,6 @@ def _summary(rec: JobRecord, trial: Trial) -> dict:
 
 def run_trial(session, trial: Trial, campaign: str = "") -> TrialResult:
     """A multi-process trial (see the module docstring)."""
-    from faultlab.runner.session import DetectOptions
     t0 = time.perf_counter()
     cfg = trial.workload
     opts = getattr(session, "dist", None) or DistOptions()
@@ -364,26 +363,11 @@ def run_trial(session, trial: Trial, campaign: str = "") -> TrialResult:
         return rec, losses, accs, test
 
     rec, losses, accs, test = one(None)
-    cls, first_nf, g_loss, g_acc, g_test = session._classify(gold, start, 0, end, losses,
-                                                             accs, test)
     digests_equal = bool(rec.final) and [r["digest"] for r in rec.final["ranks"]] == gold.digests
-    outcome = cls.outcome if rec.ok else "Crash"
-    result = TrialResult(
-        campaign=campaign, trial_id=trial.trial_id, source=trial.source,
-        framework=cfg.framework.value, workload=cfg.workload, workload_key=cfg.key(),
-        faults=trial.describe_faults(), outcome=outcome,
-        bit_exact=cls.bit_exact and digests_equal,
-        inject_step=trial.inject_step, first_nonfinite_step=first_nf,
-        final_train_acc=accs[-1] if accs else None,
-        final_test_acc=test[1] if test else None,
-        golden_test_acc=g_test[1] if g_test else None,
-        final_loss=losses[-1] if losses else None, max_acc_drop=cls.max_acc_drop,
-        steps_run=len(losses), wall_s=0.0,
-        metrics={"start": 0, "loss": losses, "acc": accs, "golden_loss": g_loss,
-                 "golden_acc": g_acc, "test": list(test) if test else None,
-                 "golden_test": list(g_test) if g_test else None,
-                 "processes": cfg.processes, "digests_equal": digests_equal,
-                 "distributed": _summary(rec, trial)})
+    result = session.result(trial, campaign, gold, start, 0, end, losses, accs, test,
+                            outcome=None if rec.ok else "Crash", bit_exact=digests_equal,
+                            processes=cfg.processes, digests_equal=digests_equal,
+                            distributed=_summary(rec, trial))
     if session.detect is not None:
         detect = session.detect
         if cfg.processes > 1 and "divergence" not in detect.detectors:

@@ -113,6 +113,30 @@ class Session:
                        bit_exact, self.rules)
         return cls, first_nf, g_loss, g_acc, g_test
 
+    def result(self, trial: Trial, campaign: str, gold, start: int, ckpt: int, end: int,
+               losses, accs, test, outcome: str | None = None, bit_exact: bool = True,
+               **metrics) -> TrialResult:
+        """A trial's result from its timeline (losses / accs from step `ckpt`), classified
+        against the golden run; `outcome` overrides the class (a crashed job), `bit_exact`
+        False vetoes exactness, `metrics` adds entries."""
+        cfg = trial.workload
+        cls, first_nf, g_loss, g_acc, g_test = self._classify(gold, start, ckpt, end, losses,
+                                                              accs, test)
+        return TrialResult(
+            campaign=campaign, trial_id=trial.trial_id, source=trial.source,
+            framework=cfg.framework.value, workload=cfg.workload, workload_key=cfg.key(),
+            faults=trial.describe_faults(), outcome=outcome or cls.outcome,
+            bit_exact=cls.bit_exact and bit_exact,
+            inject_step=trial.inject_step, first_nonfinite_step=first_nf,
+            final_train_acc=accs[-1] if accs else None,
+            final_test_acc=test[1] if test else None,
+            golden_test_acc=g_test[1] if g_test else None,
+            final_loss=losses[-1] if losses else None, max_acc_drop=cls.max_acc_drop,
+            steps_run=len(losses), wall_s=0.0,
+            metrics={"start": ckpt, "loss": losses, "acc": accs, "golden_loss": g_loss,
+                     "golden_acc": g_acc, "test": list(test) if test else None,
+                     "golden_test": list(g_test) if g_test else None, **metrics})
+
     def run_trial(self, trial: Trial, campaign: str = "") -> TrialResult:
         from faultlab.runner import ranks
         if ranks.needs_ranks(trial):        # ranks, or process faults: a real job
@@ -136,21 +160,7 @@ class Session:
         if all(math.isfinite(x) for x in losses[-1:]):
             e = trainer.evaluate()
             test = (e.loss, e.acc)
-        cls, first_nf, g_loss, g_acc, g_test = self._classify(gold, start, ckpt, end, losses,
-                                                              accs, test)
-        result = TrialResult(
-            campaign=campaign, trial_id=trial.trial_id, source=trial.source,
-            framework=cfg.framework.value, workload=cfg.workload, workload_key=cfg.key(),
-            faults=trial.describe_faults(), outcome=cls.outcome, bit_exact=cls.bit_exact,
-            inject_step=trial.inject_step, first_nonfinite_step=first_nf,
-            final_train_acc=accs[-1] if accs else None,
-            final_test_acc=test[1] if test else None,
-            golden_test_acc=g_test[1] if g_test else None,
-            final_loss=losses[-1] if losses else None, max_acc_drop=cls.max_acc_drop,
-            steps_run=len(losses), wall_s=0.0,
-            metrics={"start": ckpt, "loss": losses, "acc": accs, "golden_loss": g_loss,
-                     "golden_acc": g_acc, "test": list(test) if test else None,
-                     "golden_test": list(g_test) if g_test else None})
+        result = self.result(trial, campaign, gold, start, ckpt, end, losses, accs, test)
         if self.detect is not None:
             self._protected(trial, gold, trainer, start, ckpt, end, result)
         result.wall_s = time.perf_counter() - t0
