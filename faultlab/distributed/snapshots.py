@@ -463,6 +463,11 @@ def decode_snapshot(blob, copy: bool = False) -> Snapshot:
 
 _NAME_RE = re.compile(r"owner(0|[1-9][0-9]*)-step(0|[1-9][0-9]*)\.snap")
 _TMP_RE = re.compile(r"\.owner(0|[1-9][0-9]*)-step(0|[1-9][0-9]*)\.([0-9]+)-([0-9]+)\.tmp")
+_SPARE_RE = re.compile(r"\.spare\.([0-9]+)-([0-9]+)\.tmp")
+#: pruned files a store keeps for reuse (per writing process)
+SPARES = 2
+#: map every page of a snapshot file at once (Linux), not one fault at a time
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 def default_root(job_id: str) -> Path:
@@ -515,11 +520,18 @@ class PendingWrite:
         store._dir.mkdir(parents=True, exist_ok=True)
         self.tmp = store._dir / (f".owner{owner}-step{step}.{os.getpid()}-"
                                  f"{threading.get_ident()}.tmp")
-        self._fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        # a file this process pruned earlier, when one is spare: its memory is allocated
+        # already (allocating and zeroing ~50 MB of tmpfs, then freeing it at the prune,
+        # cost more than the copy itself)
+        reused = store._take_spare(self.tmp)
+        flags = os.O_RDWR if reused else os.O_RDWR | os.O_CREAT | os.O_TRUNC
+        self._fd = os.open(self.tmp, flags, 0o600)
         try:
+            if reused and os.fstat(self._fd).st_size == size:
+                pass                     # the same size: every page is there already
             # reserve the memory now: a store into a mapped hole of a full tmpfs is SIGBUS,
             # while fallocate fails cleanly (ENOSPC)
-            if hasattr(os, "posix_fallocate"):
+            elif hasattr(os, "posix_fallocate"):
                 try:
                     os.posix_fallocate(self._fd, 0, size)
                 except OSError as e:
@@ -528,7 +540,9 @@ class PendingWrite:
                     os.ftruncate(self._fd, size)
             else:
                 os.ftruncate(self._fd, size)
-            self._map = mmap.mmap(self._fd, size)
+            if reused and os.fstat(self._fd).st_size != size:
+                os.ftruncate(self._fd, size)
+            self._map = mmap.mmap(self._fd, size, flags=mmap.MAP_SHARED | _POPULATE)
         except BaseException:
             os.close(self._fd)
             _unlink(self.tmp)
@@ -684,7 +698,7 @@ class SnapshotStore:
                     gone.add(s)
         left = [s for s in steps if s not in gone]
         for s in left[:-self.keep]:
-            _unlink(self.path(owner, s))
+            self._recycle(self.path(owner, s))
 
     def _generation_of(self, owner: int, step: int) -> int | None:
         try:
@@ -716,9 +730,43 @@ class SnapshotStore:
         except FileNotFoundError:
             return []
 
+    def _recycle(self, path: Path) -> None:
+        """A pruned copy: kept as a spare file of this process for the next write (at most
+        SPARES of them), else removed. A spare is never listed or read."""
+        me = str(os.getpid())
+        mine = [n for n in self._names()
+                if (m := _SPARE_RE.fullmatch(n)) and m.group(1) == me]
+        if len(mine) >= SPARES:
+            _unlink(path)
+            return
+        used = {int(_SPARE_RE.fullmatch(n).group(2)) for n in mine}
+        k = next(i for i in range(SPARES + 1) if i not in used)
+        try:
+            os.rename(path, self._dir / f".spare.{me}-{k}.tmp")
+        except FileNotFoundError:
+            pass
+
+    def _take_spare(self, tmp: Path) -> bool:
+        """Rename one of this process's spare files to `tmp`: True when there was one."""
+        me = str(os.getpid())
+        for n in self._names():
+            m = _SPARE_RE.fullmatch(n)
+            if m and m.group(1) == me:
+                try:
+                    os.rename(self._dir / n, tmp)
+                    return True
+                except FileNotFoundError:        # another thread took it
+                    continue
+        return False
+
     def _sweep_tmp(self) -> list[Path]:
         removed = []
         for name in self._names():
+            s = _SPARE_RE.fullmatch(name)
+            if s and not _pid_alive(int(s.group(1))):
+                _unlink(self._dir / name)
+                removed.append(self._dir / name)
+                continue
             m = _TMP_RE.fullmatch(name)
             if m and not _pid_alive(int(m.group(3))):
                 _unlink(self._dir / name)

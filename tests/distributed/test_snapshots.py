@@ -494,3 +494,21 @@ def test_meta_nesting_limit_matches_on_both_sides():
     node["x"] = [1]
     with pytest.raises(SnapshotError, match="meta is nested"):
         encode_snapshot(0, 0, {}, deep)
+
+
+def test_pruned_files_are_reused_and_never_listed(tmp_path):
+    import faultlab.distributed.snapshots as snapmod
+    store = SnapshotStore(tmp_path, 0, keep=2)
+    arrays = {"w": np.arange(1000, dtype=np.float32)}
+    for step in range(8):
+        store.write(0, step, {"w": arrays["w"] + step}, {"s": step})
+        names = os.listdir(store.directory)
+        spares = [n for n in names if n.startswith(".spare.")]
+        assert len(spares) <= snapmod.SPARES
+        assert store.inventory() == {0: [max(0, step - 1), step] if step else [0]}
+    assert store.read(0, 7).arrays["w"][0] == 7.0
+    # a spare left by a process that died is swept by the next writer
+    dead = store.directory / ".spare.999999999-0.tmp"
+    dead.write_bytes(b"x" * 64)
+    store.write(0, 8, arrays, {})
+    assert not dead.exists()
