@@ -166,3 +166,16 @@ def test_fsdp2_shards_resume_and_roll_back_bit_identical(tmp_path):
     prot, _ = _job(cfg, tmp_path, "fsdp_nan", [f], fsdp=True, detect=det)
     assert [e["step"] for e in prot.events if e["event"] == "detection"] == [3]
     assert _digests(prot) == _digests(ref)
+
+
+def test_a_single_process_workload_takes_kill_rows(tmp_path):
+    cfg = default_config("mlp", width=16, per_replica_batch=8, steps_per_epoch=6, epochs=2)
+    assert cfg.processes == 1 and cfg.replicas == 2        # emulated replicas, one process
+    ref, _ = _job(cfg, tmp_path, "solo_ref")
+    f = fault("fwd_output", "dense_1", replica=1, step=2, value="set", values=[50.0],
+              positions=[(0, 0)])
+    rec, _ = _job(cfg, tmp_path, "solo_kill", [f], process=[ProcessFault("kill", 7, rank=0)])
+    plain, _ = _job(cfg, tmp_path, "solo_fault", [f])
+    assert _digests(rec) == _digests(plain) != _digests(ref)    # the fault fired once
+    assert [(e["source"], e["step"]) for e in rec.events if e["event"] == "recovery"] == [
+        ("memory", 6)]

@@ -322,3 +322,32 @@ class RankTrainer(TorchTrainer):
     def _moments(self):
         out = super()._moments()
         return [(n, m.to_local() if hasattr(m, "to_local") else m) for n, m in out]
+
+
+class SoloTrainer(TorchTrainer):
+    """A single-process workload run as a one-rank job (kill rows with processes = 1): the
+    TorchTrainer itself, emulated replicas and all, with what the rank worker calls. The
+    restarted process recovers from its own memory domain or the engine's file."""
+
+    zero = fsdp = False
+
+    def __init__(self, config, rank: int = 0, world: int = 1, *, group=None,
+                 zero: bool = False, fsdp: bool = False):
+        from faultlab.errors import SpecError
+        if zero or fsdp:
+            raise SpecError("--zero and --fsdp shard state across ranks: they need "
+                            "processes > 1")
+        super().__init__(config)
+        self.local_grads = None
+
+    def state_views(self) -> dict[str, np.ndarray]:
+        return self.get_state()
+
+    def state_checksum(self) -> int:
+        return checksum(self.model.parameters())
+
+    def check_faults(self, faults) -> None:
+        """Every fault a TorchTrainer takes (checked when the campaign was read)."""
+
+    def record_local_grads(self):
+        raise ValueError("local gradients are recorded by the ranks of a multi-process job")

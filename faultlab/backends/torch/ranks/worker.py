@@ -127,10 +127,10 @@ def _init(job: RankJob):
 def rank_main(job: RankJob) -> dict:
     """One rank of one attempt (see the module docstring); returns a small summary."""
     from faultlab.backends.torch.ranks.peers import PeerMemory
-    from faultlab.backends.torch.ranks.trainer import RankTrainer
+    from faultlab.backends.torch.ranks.trainer import RankTrainer, SoloTrainer
     from faultlab.checkpointing.api import open_checkpointer, target_path
     from faultlab.checkpointing.recovery import list_commits, load_step
-    from faultlab.distributed import recovery_plan
+    from faultlab.distributed import inventory_from_json, inventory_to_json, recovery_plan
 
     torch.set_num_threads(job.threads)
     t_start = time.perf_counter()
@@ -146,9 +146,14 @@ def rank_main(job: RankJob) -> dict:
     tmp.write_text(f"{os.getpid()} {attempt}")
     os.replace(tmp, pids / f"rank{rank}")
     faults = _Faults(job, rank, rpn, store, attempt)
-    trainer = RankTrainer(cfg, rank, world, group=group, zero=job.zero, fsdp=job.fsdp)
+    # one rank: the single-process trainer (its emulated replicas all live in this process)
+    cls = SoloTrainer if world == 1 else RankTrainer
+    trainer = cls(cfg, rank, world, group=group, zero=job.zero, fsdp=job.fsdp)
     t_built = time.perf_counter()
-    trainer.check_faults([f for f in job.faults if f.replica == rank])
+
+    def mine(f) -> bool:
+        return world == 1 or f.replica == rank
+    trainer.check_faults([f for f in job.faults if mine(f)])
     grads = trainer.record_local_grads() if job.record_grads else None
     suite = None
     if job.detect is not None:
@@ -187,14 +192,19 @@ def rank_main(job: RankJob) -> dict:
             disk = [c.step for c in list_commits(target) if before is None or c.step <= before]
         except Exception:
             disk = []
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, {"rank": rank, "inv": inv, "disk": disk},
-                               group=group)
-        invs = {g["rank"]: {int(o): s for o, s in g["inv"].items()} for g in gathered}
-        common = set(gathered[0]["disk"])
-        for g in gathered[1:]:
-            common &= set(g["disk"])
-        plan = recovery_plan(invs, world, sorted(common))
+        # agreed through the job's TCPStore (the attempt's prefix): every rank publishes what
+        # it holds, verified, and reads everyone's; all compute the same plan
+        n = recoveries[0]
+        store.set(f"inv/{n}/{rank}", json.dumps({"inv": inventory_to_json(inv),
+                                                 "disk": sorted(disk)}))
+        keys = [f"inv/{n}/{r}" for r in range(world)]
+        store.wait(keys, timedelta(seconds=job.timeout_s))
+        invs, common = {}, None
+        for r, k in enumerate(keys):
+            d = json.loads(store.get(k))
+            invs[r] = inventory_from_json(d["inv"])
+            common = set(d["disk"]) if common is None else common & set(d["disk"])
+        plan = recovery_plan(invs, world, sorted(common or ()))
         if plan.source == "memory":
             snap = mem.fetch(plan.step, plan.fetch, group)
             state = snap.arrays if snap is not None else None
@@ -232,7 +242,7 @@ def rank_main(job: RankJob) -> dict:
             faults.at(step, KillPhase.STEP.value)
             firing = []
             for i, f in enumerate(job.faults):
-                if f.replica == rank and f.active(step) and _mark(run_dir, f"v{i}-{step}"):
+                if mine(f) and f.active(step) and _mark(run_dir, f"v{i}-{step}"):
                     firing.append(f)
             m = trainer.train_step(step, firing)
             verdict = suite.observe(m.signals) if suite is not None else None
