@@ -744,7 +744,7 @@ class SnapshotStore:
         try:
             os.rename(path, self._dir / f".spare.{me}-{k}.tmp")
         except FileNotFoundError:
-            pass
+            pass                  # removed meanwhile (a wipe or truncate): nothing to keep
 
     def _take_spare(self, tmp: Path) -> bool:
         """Rename one of this process's spare files to `tmp`: True when there was one."""

@@ -103,7 +103,7 @@ class _Faults:
                         try:
                             os.kill(int(self.store.get(f"pid/{r}")), signal.SIGKILL)
                         except (ProcessLookupError, ValueError, RuntimeError):
-                            pass
+                            pass          # already dead, or never published its pid
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -310,7 +310,7 @@ def _watchdog(error: Exception, store, rank: int, world: int, step: int, attempt
         try:
             os.kill(int(store.get(f"pid/{r}")), signal.SIGKILL)
         except (ProcessLookupError, ValueError, RuntimeError, OSError):
-            pass
+            pass                  # already dead, or never published its pid
 
 
 def _initial_state(cfg) -> dict:
