@@ -523,11 +523,11 @@ class PendingWrite:
         # a file this process pruned earlier, when one is spare: its memory is allocated
         # already (allocating and zeroing ~50 MB of tmpfs, then freeing it at the prune,
         # cost more than the copy itself)
-        reused = store._take_spare(self.tmp)
+        reused = store._take_spare(self.tmp, size)
         flags = os.O_RDWR if reused else os.O_RDWR | os.O_CREAT | os.O_TRUNC
         self._fd = os.open(self.tmp, flags, 0o600)
         try:
-            if reused and os.fstat(self._fd).st_size == size:
+            if reused:
                 pass                     # the same size: every page is there already
             # reserve the memory now: a store into a mapped hole of a full tmpfs is SIGBUS,
             # while fallocate fails cleanly (ENOSPC)
@@ -539,8 +539,6 @@ class PendingWrite:
                         raise
                     os.ftruncate(self._fd, size)
             else:
-                os.ftruncate(self._fd, size)
-            if reused and os.fstat(self._fd).st_size != size:
                 os.ftruncate(self._fd, size)
             self._map = mmap.mmap(self._fd, size, flags=mmap.MAP_SHARED | _POPULATE)
         except BaseException:
@@ -746,17 +744,24 @@ class SnapshotStore:
         except FileNotFoundError:
             pass                  # removed meanwhile (a wipe or truncate): nothing to keep
 
-    def _take_spare(self, tmp: Path) -> bool:
-        """Rename one of this process's spare files to `tmp`: True when there was one."""
+    def _take_spare(self, tmp: Path, size: int) -> bool:
+        """Rename one of this process's spare files of exactly `size` bytes to `tmp`: True
+        when there was one. A spare of another size is removed, never resized: a reader that
+        mapped the file while it was published must not find it shorter (SIGBUS)."""
         me = str(os.getpid())
         for n in self._names():
             m = _SPARE_RE.fullmatch(n)
-            if m and m.group(1) == me:
-                try:
-                    os.rename(self._dir / n, tmp)
-                    return True
-                except FileNotFoundError:        # another thread took it
+            if not (m and m.group(1) == me):
+                continue
+            path = self._dir / n
+            try:
+                if os.stat(path).st_size != size:
+                    _unlink(path)
                     continue
+                os.rename(path, tmp)
+                return True
+            except FileNotFoundError:        # another thread took it
+                continue
         return False
 
     def _sweep_tmp(self) -> list[Path]:

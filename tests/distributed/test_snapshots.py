@@ -512,3 +512,20 @@ def test_pruned_files_are_reused_and_never_listed(tmp_path):
     dead.write_bytes(b"x" * 64)
     store.write(0, 8, arrays, {})
     assert not dead.exists()
+
+
+def test_a_reused_file_never_shrinks_under_a_reader(tmp_path):
+    # a reader that mapped a published copy may still read all of it after the copy was
+    # pruned and its file recycled (a shorter file would be SIGBUS in the reader)
+    import mmap
+    store = SnapshotStore(tmp_path, 0, keep=1)
+    big, small = {"w": np.ones(100_000, np.float32)}, {"w": np.ones(10, np.float32)}
+    store.write(0, 0, big, {})
+    with open(store.path(0, 0), "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    size = mm.size()
+    for step in range(1, 7):
+        store.write(0, step, small if step % 2 else big, {})
+    assert len(mm[:]) == size
+    mm.close()
+    assert store.inventory() == {0: [6]}
