@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from faultlab import jsonlines
 from faultlab.checkpointing.format import digest
 
 META_KEY = "__meta__"
@@ -90,27 +91,17 @@ def record_saved(path: str | os.PathLike, step: int, resumed: int,
                  fp: Mapping[str, str]) -> None:
     """Append one Saved line to a run's log (one write; the training process may be killed at
     any instant, read_saved skips a partial last line)."""
-    line = json.dumps({"step": step, "resumed": resumed, "fp": dict(fp)}, sort_keys=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.write(fd, (line + "\n").encode())
-    finally:
-        os.close(fd)
+    jsonlines.append(path, {"step": step, "resumed": resumed, "fp": dict(fp)})
 
 
 def read_saved(path: str | os.PathLike) -> list[Saved]:
     """The states a run's training processes saved, in the order they saved them."""
     out = []
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        return out
-    for line in text.splitlines():
+    for d in jsonlines.read(path):
         try:
-            d = json.loads(line)
             out.append(Saved(int(d["step"]), int(d["resumed"]), dict(d["fp"])))
         except (ValueError, KeyError, TypeError):
-            continue                 # the line a kill cut short
+            continue                 # not a Saved record
     return out
 
 

@@ -9,6 +9,7 @@ recovery themselves are :mod:`faultlab.replay.rollback`.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import operator
@@ -230,13 +231,13 @@ class OwnLoopTrainer(TrainerBase):
         self.next_step = resume.step
         self._it = None
 
+    @abc.abstractmethod
     def _capture(self, step: int) -> tuple[dict, dict]:
-        """(arrays, meta): the adapter's capture of the state before `step`."""
-        raise NotImplementedError
+        """(arrays, meta): the adapter's capture of the state before `step` (the backend's)."""
 
+    @abc.abstractmethod
     def _restore_extra(self, live: MutableMapping, saved: Mapping) -> None:
-        """A restored extra dict into the user's own, in place."""
-        raise NotImplementedError
+        """A restored extra dict into the user's own, in place (the backend's)."""
 
     def evaluate(self) -> EvalMetrics:
         raise SpecError("Protector does not evaluate: your loop keeps its own validation")

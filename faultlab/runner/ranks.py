@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from faultlab import jsonlines
 from faultlab.backends import load_backend
 from faultlab.results.store import TrialResult
 from faultlab.trials import Trial
@@ -71,6 +72,7 @@ def job_to_json(job: RankJob) -> str:
     trial = Trial("job", job.config, tuple(job.faults), process_faults=tuple(job.process_faults))
     d = {k: getattr(job, k) for k in _JOB_FIELDS}
     d["campaign"] = format_columnar([trial])
+    d["workload"] = job.config.workload
     if job.detect is not None:
         det = job.detect
         d["detect"] = {"detectors": list(det.detectors), "thresholds": [list(t) for t in
@@ -87,8 +89,8 @@ def job_from_json(text: str) -> RankJob:
     from faultlab.workloads.allow import allowing
     from faultlab.workloads.base import is_user_workload
     d = json.loads(text)
-    name = next(iter(parse_columnar_names(d["campaign"])), None)
-    with allowing([name] if name and is_user_workload(name) else []):
+    name = d["workload"]
+    with allowing([name] if is_user_workload(name) else []):
         (trial,) = parse_columnar(d["campaign"], "<job>")
     det = d.get("detect")
     detect = None if det is None else DetectOptions(
@@ -96,17 +98,6 @@ def job_from_json(text: str) -> RankJob:
         det["checkpoint_every"], det["policy"])
     return RankJob(trial.workload, faults=trial.faults, process_faults=trial.process_faults,
                    detect=detect, **{k: d[k] for k in _JOB_FIELDS})
-
-
-def parse_columnar_names(text: str) -> list[str]:
-    """The workload names of a columnar campaign's rows (csv only, nothing checked)."""
-    import csv
-    import io
-    rows = [r for r in csv.reader(io.StringIO(text)) if r and not r[0].startswith("#")]
-    if not rows:
-        return []
-    col = [c.strip().lower() for c in rows[0]].index("workload")
-    return [r[col] for r in rows[1:] if len(r) > col]
 
 
 @dataclass
@@ -135,19 +126,8 @@ def check_port(port: int) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """The complete records of a JSON-lines file (the torn last line of a writer killed
-    mid-write is skipped)."""
-    out = []
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        return out
-    for line in text.splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+    """The complete records of a job's JSON-lines file (faultlab.jsonlines)."""
+    return jsonlines.read(path)
 
 
 @dataclass

@@ -196,7 +196,7 @@ class Killer(threading.Thread):
                 atts = {a for _, a in p.values()}
                 if len(atts) == 1 and (a := atts.pop()) > after:
                     return a, p
-            time.sleep(0.005)
+            time.sleep(0.005)   # polls files another process writes; no event to wait on
         return None
 
     def _wait_training(self, attempt: int) -> bool:
@@ -220,7 +220,7 @@ class Killer(threading.Thread):
             pos += cut
             if any(a != attempt for _, a in _pids(self.run_dir).values()):
                 return True
-            time.sleep(0.005)
+            time.sleep(0.005)   # polls files another process writes; no event to wait on
         return False
 
     def run(self) -> None:

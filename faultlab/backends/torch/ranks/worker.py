@@ -36,14 +36,13 @@ import torch
 import torch.distributed as dist
 import xxhash
 
+from faultlab import jsonlines
 from faultlab.process_faults import KillPhase, ProcessKind
 from faultlab.runner.ranks import RankJob, read_jsonl
 
 
 def _append(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
+    jsonlines.append(path, record)
 
 
 def _mark(run_dir: Path, key: str) -> bool:
