@@ -205,6 +205,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --detect: exit 1 unless every trial ends OUTCOME after recovery")
     r.add_argument("--csv", help="also export the results to this CSV file")
     r.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    r.add_argument("--portable", action="store_true",
+                   help="pin CPU math kernels to AVX2+FMA so one golden run serves every x86-64 "
+                        "machine with AVX2 (docs/cluster.md)")
+    r.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="where trials run: worker processes here (default) or a Ray cluster")
+    r.add_argument("--address", metavar="auto|HOST:PORT",
+                   help="with --executor ray: the cluster to join (default: auto, or a local "
+                        "Ray started for this run)")
     _protect_args(r)
     _dist_args(r)
     _allow_args(r)
@@ -387,6 +395,9 @@ def _run_campaign(a, detect=None):
 
     rules = OutcomeRules.from_pairs(getattr(a, "rule", []))
     stop_after = _stop_after()
+    if getattr(a, "portable", False):
+        from faultlab.determinism import enter_portable
+        enter_portable()        # before any framework is imported here or in a worker
     camp = load_campaign(a.campaign, a.framework)
     bar = None
 
@@ -404,6 +415,8 @@ def _run_campaign(a, detect=None):
                        timeout=getattr(a, "timeout", 3600.0), detect=detect,
                        fresh=getattr(a, "fresh", False), say=lambda m: _say(m, a.json),
                        dist=_dist_options(a) if hasattr(a, "snapshot_every") else None,
+                       executor=getattr(a, "executor", "local"),
+                       address=getattr(a, "address", None),
                        on_start=on_start, on_result=on_result)
     return run.campaign, run.campaign_id, run.results_path, run.results
 

@@ -135,6 +135,31 @@ class Backend(abc.ABC):
         """Called in a crash-test zygote after the preloads, before it forks: whatever the
         framework needs so that forked children work (thread pools). Default: nothing."""
 
+    def _portable(self):
+        """The backend's ``portable`` module, or None where it has none."""
+        from importlib import import_module
+        from importlib.util import find_spec
+        name = f"faultlab.backends.{self.name}.portable"
+        return import_module(name) if find_spec(name) is not None else None
+
+    def portable_env(self) -> dict[str, str]:
+        """Environment variables that pin this framework's CPU kernels to AVX2 + FMA (portable
+        mode, faultlab.determinism); set before the framework is imported in a process. Read
+        from the backend's ``portable`` module; a framework without one has none."""
+        module = self._portable()
+        return dict(module.ENV) if module else {}
+
+    def portable_apply(self) -> None:
+        """Portable mode's run-time switches, applied once the framework is imported."""
+        module = self._portable()
+        if module:
+            module.apply()
+
+    def kernels(self) -> dict[str, str]:
+        """What this process's math kernels are, read from the framework (imports it)."""
+        module = self._portable()
+        return dict(module.kernels()) if module else {}
+
 
 def check_fault(table: OperandTable, fault: FaultSpec, config: WorkloadConfig) -> None:
     """Raise a one-line SpecError (its field set) when a fault names a replica outside the

@@ -16,6 +16,18 @@ from faultlab.runner.pool import LocalPool
 from faultlab.runner.session import DetectOptions, validate_trials
 
 
+EXECUTORS = ("local", "ray")
+
+
+def make_pool(executor: str, workers: int, threads: int, rules: OutcomeRules, timeout: float,
+              detect, dist, address: str | None = None):
+    """The executor's pool: golden(configs) and trials(trials, campaign, on_result)."""
+    if executor == "ray":
+        from faultlab.runner.ray_pool import RayPool
+        return RayPool(workers, threads, rules, timeout, detect, dist, address=address)
+    return LocalPool(workers, threads, rules, timeout, detect, dist)
+
+
 def default_threads(workers: int) -> int:
     """Intra-op threads per worker: the machine's cores shared among the workers."""
     return max(1, (os.cpu_count() or 1) // max(1, workers))
@@ -42,15 +54,23 @@ class CampaignRun:
 def run_campaign(campaign: Campaign, results_path: str | os.PathLike, *, workers: int = 1,
                  threads: int = 0, rules: OutcomeRules | None = None, timeout: float = 3600.0,
                  detect: DetectOptions | None = None, fresh: bool = False, dist=None,
+                 executor: str = "local", address: str | None = None,
                  say: Callable[[str], None] = lambda msg: None,
                  on_start: Callable[[int], None] = lambda n: None,
                  on_result: Callable[[TrialResult], None] = lambda r: None) -> CampaignRun:
     """Run what is not done yet of `campaign` (all of it with `fresh`), storing each result in
     `results_path` when its trial ends, so an interrupted run resumes losing nothing. `say`
     gets progress lines, `on_start` the number of trials to run, `on_result` each result
-    after it is stored (an exception it raises stops the campaign)."""
+    after it is stored (an exception it raises stops the campaign). `executor` is "local"
+    (a pool of processes on this machine) or "ray" (tasks on the Ray cluster at `address`:
+    runner/ray_pool.py)."""
     if workers < 1:
         raise FaultlabError("--workers must be at least 1")
+    if executor not in EXECUTORS:
+        raise FaultlabError(f"--executor: unknown executor {executor!r} "
+                            f"(one of: {', '.join(EXECUTORS)})")
+    if address is not None and executor != "ray":
+        raise FaultlabError("--address needs --executor ray")
     validate_trials(campaign.trials)
     from faultlab.runner.ranks import check_options
     check_options(campaign.trials, dist)
@@ -66,8 +86,8 @@ def run_campaign(campaign: Campaign, results_path: str | os.PathLike, *, workers
             say(f"resuming: {len(done)} of {len(campaign.trials)} trial(s) already done "
                 f"in {store.path}")
         if todo:
-            with LocalPool(min(workers, len(todo)), threads, rules or OutcomeRules(), timeout,
-                           detect, dist) as pool:
+            with make_pool(executor, min(workers, len(todo)), threads, rules or OutcomeRules(),
+                           timeout, detect, dist, address) as pool:
                 configs = {t.workload.key(): t.workload for t in todo}
                 say(f"golden run: {len(configs)} configuration(s) "
                     f"({', '.join(sorted({c.workload for c in configs.values()}))}), "

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Callable, Iterable
 
-from faultlab.backends import load_backend
+from faultlab.determinism import configure
 from faultlab.errors import FaultlabError
 from faultlab.outcomes import CRASH, HANG, OutcomeRules
 from faultlab.results.store import TrialResult
@@ -41,10 +41,12 @@ def _worker_main(conn, threads: int, rules: OutcomeRules, detect=None, dist=None
         try:
             fw = (payload if kind == "golden" else payload.workload).framework
             if fw not in configured:
-                load_backend(fw).configure(threads)
+                configure(fw, threads)
                 configured.add(fw)
             if kind == "golden":
                 run = session.golden(payload)
+                if not run.recorded_here:       # made earlier: check this machine agrees
+                    session.control(payload)
                 conn.send(("ok", run.wall_s))
             else:
                 conn.send(("ok", session.run_trial(payload, campaign)))

@@ -8,6 +8,7 @@ evaluation point, and is classified against the golden run.
 from __future__ import annotations
 
 import math
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -15,6 +16,7 @@ from typing import Callable
 from faultlab.runner import golden as goldenmod
 from faultlab.backends import load_backend
 from faultlab.backends.base import Backend, TrainerBase, check_fault
+from faultlab.determinism import DeterminismError, fingerprint
 from faultlab.errors import SpecError
 from faultlab.outcomes import OutcomeRules, classify
 from faultlab.process_faults import check_process_fault
@@ -60,6 +62,7 @@ class Session:
     dist: object | None = None      # runner.ranks.DistOptions for multi-process trials
     _trainers: dict = field(default_factory=dict)
     _goldens: dict = field(default_factory=dict)
+    _controlled: dict = field(default_factory=dict)
 
     def backend(self, config: WorkloadConfig) -> Backend:
         return load_backend(config.framework)
@@ -81,14 +84,83 @@ class Session:
             run = ranks.golden(config, self.threads, self.dist or ranks.DistOptions())
             self._goldens[key] = run
             return run
-        directory = goldenmod.golden_dir(config, self.threads)
-        run = goldenmod.load(config, directory)
+        fp = fingerprint(config.framework, self.threads)
+        directory = goldenmod.golden_dir(config, self.threads, fp)
+        run = goldenmod.load(config, directory, fp)
+        if run is None:
+            run = goldenmod.load_legacy(config, self.threads)   # checked by control()
         if run is None:
             check_fits(config)
             trainer = self.backend(config).build_trainer(config)  # fresh: initial weights
-            run = goldenmod.record(trainer, config, directory, progress)
+            run = goldenmod.record(trainer, config, directory, progress, fp)
         self._goldens[key] = run
         return run
+
+    def install_golden(self, config: WorkloadConfig, files: dict[str, bytes]) -> goldenmod.GoldenRun:
+        """Use a golden run recorded elsewhere (golden.pack's files), refused in one line when
+        its fingerprint is not this process's."""
+        key = config.key()
+        if key not in self._goldens:
+            self._goldens[key] = goldenmod.install(config, self.threads, files)
+        return self._goldens[key]
+
+    def control(self, config: WorkloadConfig) -> dict:
+        """The control trial: train the golden run's first checkpoint interval again, without
+        faults, and check it bit for bit (every step's loss and accuracy, and the whole state
+        at the next checkpoint) against the golden run. A golden run recorded by another
+        process (this machine's cache, another node, a bundle) is trusted only after it: a
+        mismatch is a one-line DeterminismError naming the first step that differs, never a
+        trial silently classified against the wrong reference. Once per configuration and
+        process; returns what was checked."""
+        key = config.key()
+        if key in self._controlled:
+            return self._controlled[key]
+        gold = self.golden(config)
+        if config.processes > 1 or not gold.checkpoints:
+            return {"steps": 0, "state": False}          # rank jobs check their own golden
+        c0 = gold.checkpoints[0]
+        c1 = gold.checkpoints[1] if len(gold.checkpoints) > 1 else None
+        self.trainer(config).set_state(gold.state(c0))
+        try:
+            self._replay_golden(config, gold, c0, c1)
+        except DeterminismError:
+            if gold.fingerprint is not None:
+                raise
+            # cached by an older faultlab, without a fingerprint, and not reproduced here:
+            # record this machine's golden run (under its fingerprint) instead
+            self._goldens.pop(key, None)
+            fp = fingerprint(config.framework, self.threads)
+            trainer = self.backend(config).build_trainer(config)
+            self._goldens[key] = goldenmod.record(
+                trainer, config, goldenmod.golden_dir(config, self.threads, fp), None, fp)
+            self._trainers.clear()
+        end = c1 if c1 is not None else config.total_steps
+        self._controlled[key] = {"steps": end - c0, "state": c1 is not None}
+        return self._controlled[key]
+
+    def _replay_golden(self, config, gold, c0: int, c1: int | None) -> None:
+        trainer = self.trainer(config)
+        end = c1 if c1 is not None else config.total_steps
+        where = f"on {socket.gethostname()}"
+        for step in range(c0, end):
+            m = trainer.train_step(step)
+            if (m.loss, m.acc) != (gold.loss[step], gold.acc[step]):
+                raise DeterminismError(
+                    f"control trial {where}: step {step} of {config.workload} gives loss "
+                    f"{m.loss!r} where the golden run has {gold.loss[step]!r}: this machine's "
+                    f"arithmetic differs from the one that recorded it "
+                    f"({gold.fingerprint.short() if gold.fingerprint else 'unknown'}); "
+                    f"run with --portable, or record the golden run here")
+        if c1 is not None:
+            want, got = gold.state(c1), trainer.get_state()
+            bad = sorted(k for k in want if k not in got or not _same_bits(want[k], got[k]))
+            if bad or set(got) != set(want):
+                raise DeterminismError(
+                    f"control trial {where}: the state after step {c1} of {config.workload} "
+                    f"differs from the golden run's ({len(bad)} array(s), first "
+                    f"{(bad or sorted(set(got) ^ set(want)))[0]!r}): this machine's arithmetic "
+                    f"differs from the one that recorded it; run with --portable, or record "
+                    f"the golden run here")
 
     def validate(self, trial: Trial) -> None:
         check_fits(trial.workload)
@@ -192,6 +264,12 @@ class Session:
                                        "stopped_at": run.stopped_at,
                                        "bit_exact": cls.bit_exact,
                                        "detections": [d.to_dict() for d in run.detections]}
+
+
+def _same_bits(a, b) -> bool:
+    import numpy as np
+    a, b = np.asarray(a), np.asarray(b)
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
 def validate_trials(trials, session: Session | None = None) -> None:

@@ -61,14 +61,14 @@ def test_a_results_database_reads_back_every_trial():
 @pytest.mark.framework("torch")
 def test_a_golden_cache_is_reused_and_a_fault_free_trial_reproduces_it(tmp_path, monkeypatch):
     from faultlab.runner import Session
-    from faultlab.runner.golden import golden_dir
+    from faultlab.runner.golden import legacy_dir
 
     cache = tmp_path / "cache"
     shutil.copytree(DATA / "cache", cache)
     monkeypatch.setenv("FAULTLAB_CACHE", str(cache))
     camp = parse_campaign((DATA / "campaign.csv").read_bytes(), "legacy.csv")
     control = next(t for t in camp.trials if t.trial_id == "control")
-    directory = golden_dir(control.workload, 1)
+    directory = legacy_dir(control.workload, 1)
     assert directory.is_dir()                         # the old cache is where it is looked for
     before = sorted(p.stat().st_mtime_ns for p in directory.iterdir())
     session = Session(threads=1)
@@ -80,6 +80,10 @@ def test_a_golden_cache_is_reused_and_a_fault_free_trial_reproduces_it(tmp_path,
     import torch
     if torch.backends.cpu.get_cpu_capability() != (DATA / "cpu_capability.txt").read_text().strip():
         return   # CPU kernels of another instruction set: a new run cannot match bit for bit
+    # it has no determinism fingerprint: a control trial on this machine vouches for it
+    assert gold.fingerprint is None
+    assert session.control(control.workload)["steps"] > 0
+    assert session.golden(control.workload) is gold   # reproduced: kept, not re-recorded
     result = session.run_trial(control, camp.digest)
     assert result.outcome == MASKED and result.bit_exact
     assert result.metrics["loss"] == gold.loss
