@@ -179,6 +179,36 @@ def check_portable_cpu() -> None:
             f"{', '.join(missing).upper() or 'x86-64'}")
 
 
+def portable_supported() -> bool:
+    """Whether this CPU can run portable mode's kernels (x86-64 with AVX2 and FMA)."""
+    try:
+        check_portable_cpu()
+    except DeterminismError:
+        return False
+    return True
+
+
+def choose(mode: str, frameworks=None) -> bool:
+    """Apply a run's kernel mode: "portable" (refused in one line where it cannot be had),
+    "native", or "auto" (portable where the CPU has AVX2 and FMA and no pinned framework is
+    imported in this process yet, native otherwise). Returns whether portable mode is on."""
+    if mode == "native":
+        os.environ.pop(PORTABLE_FLAG, None)     # an inherited flag; overrides stay recorded
+        return False
+    if mode == "portable":
+        enter_portable(frameworks)
+        return True
+    if mode != "auto":
+        raise DeterminismError(f"unknown kernel mode {mode!r} (portable, native or auto)")
+    if not portable_supported():
+        return False
+    try:
+        enter_portable(frameworks)
+    except DeterminismError:        # a framework already started here: its kernels stay
+        return portable_active()
+    return True
+
+
 def portable_env(frameworks=None) -> dict[str, str]:
     """The environment a process needs to run in portable mode: the flag and every installed
     backend's settings (or those of `frameworks`)."""

@@ -207,21 +207,9 @@ class RayPool:
         address = self.address
         if address is not None and ":" not in address and address != "auto":
             raise FaultlabError(f"--address {address!r}: expected auto or HOST:PORT")
-        if address is None or address == "auto" or address.rpartition(":")[0] in _LOOPBACK:
-            # a cluster on this machine: keep Ray on loopback (else the driver may resolve
-            # this machine to an address nothing listens on, and hang)
-            os.environ.setdefault(_RAY_LOOPBACK_ENV, "0")
         ray = _import_ray()
         if ray.is_initialized():
             return ray
-        try:
-            from ray._private import ray_constants
-            if os.environ.get(_RAY_LOOPBACK_ENV) == "0":
-                ray_constants.ENABLE_RAY_CLUSTER = False    # ray imported before we set it
-        except Exception:  # noqa: BLE001 - private knob; _node_ip_address below still helps
-            pass
-        common = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                      configure_logging=True)
         if address is None or address == "auto":
             found = _running_cluster()
             if found is None and address == "auto":
@@ -229,15 +217,27 @@ class RayPool:
                                     "(start one with `ray start --head`, or leave --address "
                                     "out to start a local Ray for this run)")
             address = found
+        local = address is None or address.rpartition(":")[0].strip("[]") in _LOOPBACK
+        if local:
+            # a cluster on this machine: keep Ray on loopback (else the driver may resolve
+            # this machine to an address nothing listens on, and hang); the variable reaches
+            # the processes a local Ray starts, the constant this one (ray may be imported)
+            os.environ.setdefault(_RAY_LOOPBACK_ENV, "0")
+            try:
+                from ray._private import ray_constants
+                if os.environ.get(_RAY_LOOPBACK_ENV) == "0":
+                    ray_constants.ENABLE_RAY_CLUSTER = False
+            except Exception:  # noqa: BLE001 - private knob; _node_ip_address still helps
+                pass
+        common = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                      configure_logging=True)
         try:
             if address is None:
                 ray.init(num_cpus=os.cpu_count() or 1, _node_ip_address="127.0.0.1", **common)
             else:
                 if not _reachable(address):
                     raise FaultlabError(f"--address {address}: no Ray cluster answers there")
-                kw = {}
-                if address.rpartition(":")[0] in _LOOPBACK:
-                    kw["_node_ip_address"] = "127.0.0.1"
+                kw = {"_node_ip_address": "127.0.0.1"} if local else {}
                 common.pop("include_dashboard")
                 ray.init(address=address, **kw, **common)
         except FaultlabError:
@@ -333,8 +333,8 @@ class RayPool:
             for r in refs:
                 try:
                     out.append(self.ray.get(r))
-                except self.ray.exceptions.RayError as e:
-                    out.append(("error", _one_line(e), ""))
+                except self.ray.exceptions.RayError as e:   # its worker or node was lost
+                    out.append(("lost", _crash_line(e)))
                 self._outstanding.pop(r, None)
             return out
         except BaseException:
@@ -359,16 +359,17 @@ class RayPool:
                                  .remote(frameworks, self.threads) for n in nodes])
         prints: dict[str, tuple[str, dict]] = {}
         for n, ans in zip(nodes, answers):
-            if len(ans) == 3 and isinstance(ans[2], tuple):
-                node_id, ip, (kind, *rest) = ans
-            else:
-                node_id, ip, (kind, *rest) = n["NodeID"], n.get("NodeManagerAddress", ""), ans
+            if ans[0] == "lost":
+                continue            # the node died meanwhile: no trial will run there
+            node_id, ip, (kind, *rest) = ans
             if kind != "ok":
                 if kind == "user":
                     raise FaultlabError(rest[0])
                 raise RuntimeError(f"fingerprint probe on node {_name(ip, node_id)} failed: "
                                    f"{rest[0]}")
             prints[node_id] = (ip, rest[0])
+        if not prints:
+            raise FaultlabError("no node of the Ray cluster answered the fingerprint probe")
         here = self.ray.get_runtime_context().get_node_id()
         for fw in frameworks:
             fw = getattr(fw, "value", fw)
@@ -400,10 +401,9 @@ class RayPool:
             c, self._files[c.key()], self.threads, self.rules, self.detect, self.dist)
             for c, n in jobs])
         for (c, n), ans in zip(jobs, answers):
-            if len(ans) == 3 and isinstance(ans[2], tuple):
-                node_id, ip, (kind, *rest) = ans
-            else:
-                node_id, ip, (kind, *rest) = n["NodeID"], n.get("NodeManagerAddress", ""), ans
+            if ans[0] == "lost":
+                continue            # the node died meanwhile: not controlled, no trials there
+            node_id, ip, (kind, *rest) = ans
             if kind == "user":
                 raise (DeterminismError if rest[1] else FaultlabError)(rest[0])
             if kind != "ok":
@@ -448,8 +448,9 @@ class RayPool:
                     now = time.monotonic()
                     running[self._submit(trial, campaign)] = (trial, now, now + self.timeout)
                 first = min(d for _, _, d in running.values())
+                # at most a second at a time: Ctrl-C and lost nodes are noticed promptly
                 ready, _ = ray.wait(list(running), num_returns=1,
-                                    timeout=max(0.0, first - time.monotonic()))
+                                    timeout=min(1.0, max(0.0, first - time.monotonic())))
                 now = time.monotonic()
                 for ref in ready:
                     trial, started, _ = running.pop(ref)
@@ -480,6 +481,11 @@ class RayPool:
             return failed_result(trial, campaign, CRASH, _crash_line(e), wall)
         if kind == "ok":
             return rest[0]
+        if kind == "user" and rest[1]:
+            # a node that joined after the probe computes differently: never a wrong outcome
+            # (nor a Crash row that is not one): the campaign stops in one line
+            from faultlab.determinism import DeterminismError
+            raise DeterminismError(rest[0])
         # a FaultlabError is the user's (one line); anything else carries its traceback
         msg = rest[0] if kind == "user" else "\n".join(map(str, rest))
         return failed_result(trial, campaign, CRASH, msg, wall)
@@ -490,15 +496,14 @@ def _name(ip: str, node_id: str) -> str:
 
 
 def _crash_line(e: BaseException) -> str:
-    """One line for a task Ray lost: the worker or its node died, it was cancelled."""
+    """One line for a task Ray lost (its worker or node died, it was cancelled), naming the
+    node when Ray's message does."""
     import re
     text = " ".join(str(e).split())
-    what = type(e).__name__
-    node = re.search(r"node(?: ID)?[ :=]+([0-9a-f]{8,})", text, re.I)
-    ip = re.search(r"\b(\d{1,3}(?:\.\d{1,3}){3})\b", text)
-    where = ""
-    if node or ip:
-        where = " on node " + " ".join(x for x in (ip.group(1) if ip else "",
-                                                     f"({node.group(1)[:8]})" if node else "")
-                                       if x)
-    return f"Ray task lost{where}: {what}: {text[:240]}"
+    node = re.search(r"node ID[ :=]+([0-9a-f]{8,})", text, re.I)
+    ip = re.search(r"Node IP[ :=]+([0-9a-fA-F.:]+[0-9a-fA-F])", text)
+    where = " ".join(x for x in (ip.group(1) if ip else "",
+                                 f"({node.group(1)[:8]})" if node else "") if x)
+    first = text.split(". ")[0][:200]
+    return (f"Ray task lost{' on node ' + where if where else ''}: "
+            f"{type(e).__name__}{': ' + first if first else ''}")

@@ -96,12 +96,16 @@ def test_portable_mode_is_refused_once_a_pinned_framework_is_imported():
 def test_enter_portable_sets_the_environment_workers_inherit(monkeypatch):
     if "avx2" not in det.cpu_info()[1] or "torch" in sys.modules:
         pytest.skip("needs AVX2 and a process without torch imported")
-    monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
-    env = det.enter_portable(["torch"])
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)      # undone after the test
-    assert det.portable_active()
-    assert fingerprint("torch", 1).isa == det.PORTABLE_ISA
+    import os
+    before = dict(os.environ)
+    try:
+        det.enter_portable(["torch"])
+        assert det.portable_active()
+        assert fingerprint("torch", 1).isa == det.PORTABLE_ISA
+        assert det.choose("native") is False and not det.portable_active()
+    finally:                          # this process's environment as it was
+        os.environ.clear()
+        os.environ.update(before)
 
 
 # shipped golden runs ----------------------------------------------------------------------
@@ -135,3 +139,13 @@ def test_a_golden_run_from_a_machine_with_another_fingerprint_is_refused(tmp_pat
         golden.install(cfg, 1, {"golden.json": b"{}"})
     with pytest.raises(DeterminismError, match="another configuration"):
         golden.install(default_config("mlp", epochs=7), 1, _files(cfg, ours))
+
+
+def test_auto_mode_is_portable_where_the_cpu_allows_and_native_is_left_alone(monkeypatch):
+    if "torch" in sys.modules or "tensorflow" in sys.modules:
+        pytest.skip("needs a process without a pinned framework imported")
+    assert det.choose("native") is False and not det.portable_active()
+    monkeypatch.setattr(det, "portable_supported", lambda: False)
+    assert det.choose("auto") is False and not det.portable_active()
+    with pytest.raises(DeterminismError, match="unknown kernel mode 'fast'"):
+        det.choose("fast")

@@ -92,7 +92,7 @@ def test_the_control_checks_the_whole_state_not_only_the_loss(cache):
     assert gold.checkpoints[1] == cfg.checkpoint_interval
 
 
-def test_faultlab_run_portable_keeps_its_own_golden_run_and_reproduces_it(tmp_path):
+def test_native_and_portable_runs_keep_golden_runs_of_their_own_and_reproduce_them(tmp_path):
     from faultlab.determinism import cpu_info
     if not {"avx2", "fma"} <= cpu_info()[1]:
         pytest.skip("portable mode needs AVX2 and FMA")
@@ -100,9 +100,9 @@ def test_faultlab_run_portable_keeps_its_own_golden_run_and_reproduces_it(tmp_pa
     camp.write_text("trial,workload,epochs,layer,site,value,step\n"
                     "ctl,mlp,2,,,,\n")                     # fault-free: reproduces the golden run
     env = dict(os.environ, FAULTLAB_CACHE=str(tmp_path / "cache"))
-    for flag in ([], ["--portable"]):
+    for flag in (["--native"], ["--portable"]):
         got = subprocess.run([sys.executable, "-m", "faultlab", "run", str(camp), "--json",
-                              "--threads", "1", "--results", str(tmp_path / f"r{len(flag)}.db"),
+                              "--threads", "1", "--results", str(tmp_path / f"{flag[0][2:]}.db"),
                               *flag], capture_output=True, text=True, env=env, cwd=tmp_path,
                              timeout=600)
         assert got.returncode == 0, got.stderr
