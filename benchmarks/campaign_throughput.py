@@ -126,7 +126,11 @@ def main() -> int:
     ap.add_argument("--step-samples", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="4 trials, 5 step samples")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--native", action="store_true",
+                    help="native kernels (default: portable mode, as `faultlab run`)")
     a = ap.parse_args()
+    from faultlab.determinism import choose
+    choose("native" if a.native else "auto")    # before torch is imported here or anywhere
     if a.quick:
         a.trials, a.step_samples = a.trials or 4, 5
     threads = a.threads or default_threads(a.workers)
