@@ -174,6 +174,18 @@ def _check_workload_option(name: str | None, option: str = "--workload") -> None
             raise FaultlabError(f"{option}: {e}") from None
 
 
+def _kernel_args(p) -> None:
+    """--portable / --native: the run's CPU kernels (faultlab/determinism.py)."""
+    kernels = p.add_mutually_exclusive_group()
+    kernels.add_argument("--portable", action="store_true",
+                         help="pin CPU math kernels to AVX2+FMA so one golden run serves every "
+                              "x86-64 machine with AVX2 (the default where the CPU has them; "
+                              "docs/cluster.md)")
+    kernels.add_argument("--native", action="store_true",
+                         help="let the math libraries pick this CPU's fastest kernels (about "
+                              "5-10%% faster; golden runs then serve only this kind of CPU)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="faultlab",
@@ -205,14 +217,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --detect: exit 1 unless every trial ends OUTCOME after recovery")
     r.add_argument("--csv", help="also export the results to this CSV file")
     r.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    kernels = r.add_mutually_exclusive_group()
-    kernels.add_argument("--portable", action="store_true",
-                         help="pin CPU math kernels to AVX2+FMA so one golden run serves every "
-                              "x86-64 machine with AVX2 (the default where the CPU has them; "
-                              "docs/cluster.md)")
-    kernels.add_argument("--native", action="store_true",
-                         help="let the math libraries pick this CPU's fastest kernels (about "
-                              "5-10%% faster; golden runs then serve only this kind of CPU)")
+    _kernel_args(r)
     r.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="where trials run: worker processes here (default) or a Ray cluster")
     r.add_argument("--address", metavar="auto|HOST:PORT",
@@ -307,6 +312,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dir", help="working directory (default: a temporary one, removed after)")
     c.add_argument("--json", action="store_true")
     _allow_args(c)
+    _bundle_parsers(cmd)        # faultlab bundle / fetch: the block below, before main()
     return p
 
 
@@ -400,10 +406,7 @@ def _run_campaign(a, detect=None):
 
     rules = OutcomeRules.from_pairs(getattr(a, "rule", []))
     stop_after = _stop_after()
-    from faultlab.determinism import choose
-    # before any framework is imported here or in a worker
-    choose("portable" if getattr(a, "portable", False) else
-           "native" if getattr(a, "native", False) else "auto")
+    _kernel_mode(a)         # before any framework is imported here or in a worker
     camp = load_campaign(a.campaign, a.framework)
     bar = None
 
@@ -642,6 +645,125 @@ def cmd_plan(a) -> int:
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "validate": cmd_validate, "workloads": cmd_workloads,
             "detect": cmd_detect, "replay": cmd_replay,
             "report": cmd_report, "crash": cmd_crash}
+
+
+
+# --- bundles: faultlab bundle / faultlab fetch (faultlab/bundles/, docs/bundles.md) ---------------
+
+EPILOGS.update({
+    "bundle": """examples:
+  faultlab run campaigns/mixed.csv                     # golden runs and results first
+  faultlab bundle campaigns/mixed.csv -o mixed.tar.gz
+  faultlab bundle campaigns/mixed.csv --results out/mixed.sqlite --threads 4 -o mixed.tar.gz
+
+The bundle holds the campaign file, the cached golden run of each of its configurations for
+this machine's fingerprint (the same thread count and kernel mode as the run), the results
+database (when there is one) and manifest.json (sha256 and size of every member). The same
+inputs give the same bytes.""",
+    "fetch": """examples:
+  faultlab fetch https://example.org/mixed.tar.gz
+  faultlab fetch 1AbCdEfGhIjKlMnOpQrStUvWxYz012345 -o mixed    # a Google Drive file id
+  faultlab fetch https://drive.google.com/drive/folders/FOLDER_ID
+
+Downloads are cached under ~/.cache/faultlab/bundles (FAULTLAB_CACHE) and resumed when
+interrupted: run the same command again. Every member is checked against the manifest before
+anything is installed; golden runs are installed only where their fingerprint is this
+machine's (exit 2 otherwise: the campaign and results are still placed).""",
+})
+
+
+def _bundle_parsers(cmd) -> None:
+    b = cmd("bundle", "pack a campaign, its golden runs and results into one .tar.gz")
+    b.add_argument("campaign", help="campaign file (run it first)")
+    b.add_argument("--results", help="results database (default faultlab-results/NAME.sqlite; "
+                                     "left out when that default does not exist)")
+    b.add_argument("-o", "--output", help="bundle to write (default NAME.bundle.tar.gz)")
+    b.add_argument("--threads", type=int, default=0,
+                   help="thread count of the golden runs (default: as faultlab run with one "
+                        "worker: this machine's cores)")
+    b.add_argument("--framework", choices=framework_names(),
+                   help="the --framework the campaign was run with")
+    b.add_argument("--json", action="store_true")
+    _kernel_args(b)
+    _allow_args(b)
+
+    f = cmd("fetch", "download a bundle, verify it, install its golden runs")
+    f.add_argument("source", metavar="URL|DRIVE_ID",
+                   help="http(s) URL of a bundle, a Google Drive file or folder URL, or a "
+                        "Drive file id")
+    f.add_argument("-o", "--output", metavar="DIR",
+                   help="where the campaign and results go (default faultlab-bundles/NAME)")
+    f.add_argument("--refresh", action="store_true",
+                   help="drop the cached download (and any partial one) and download again")
+    f.add_argument("--retries", type=int, default=3,
+                   help="retries of a failed transfer within this run, each resumed with a "
+                        "Range request (default 3)")
+    f.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to wait for the server between bytes (default 60)")
+    f.add_argument("--json", action="store_true")
+    _kernel_args(f)
+    _allow_args(f)
+
+
+def _kernel_mode(a) -> None:
+    """Apply --portable / --native (auto without either: faultlab/determinism.py)."""
+    from faultlab.determinism import choose
+    choose("portable" if getattr(a, "portable", False) else
+           "native" if getattr(a, "native", False) else "auto")
+
+
+def cmd_bundle(a) -> int:
+    """`faultlab bundle`: a campaign, its golden runs and its results as one .tar.gz."""
+    from faultlab.bundles.pack import make_bundle
+    _kernel_mode(a)
+    info = make_bundle(a.campaign, a.output, results=a.results, threads=a.threads,
+                       framework=a.framework, say=lambda m: _say(m, a.json))
+    m = info.manifest
+    if a.json:
+        print(json.dumps({"bundle": str(info.path), "size": info.size, "sha256": info.sha256,
+                          "manifest": m.to_json()}))
+        return 0
+    print(f"{printable(info.path)}: {info.size} bytes, sha256 {info.sha256}")
+    print(f"  campaign  {m.campaign} ({m.digest})")
+    for g in m.golden:
+        print(f"  golden    {g.files['golden.json'].rsplit('/', 1)[0]}: {g.workload}, "
+              f"{g.threads} thread(s), fingerprint "
+              f"{'portable' if g.fingerprint.get('portable') else 'native'}")
+    print(f"  results   {m.results or 'none'}")
+    return 0
+
+
+def cmd_fetch(a) -> int:
+    """`faultlab fetch`: download (or resume), verify, extract, install golden runs."""
+    from faultlab.bundles.fetch import fetch
+    from faultlab.determinism import DeterminismError
+    if a.retries < 0:
+        raise FaultlabError(f"--retries must be at least 0, got {a.retries}")
+    if not a.timeout > 0:
+        raise FaultlabError(f"--timeout must be positive, got {a.timeout}")
+    _kernel_mode(a)
+    report = fetch(a.source, a.output, refresh=a.refresh, retries=a.retries,
+                   timeout=a.timeout, quiet=a.json or not sys.stderr.isatty(),
+                   say=lambda m: _say(m, a.json or not sys.stderr.isatty()))
+    if a.json:
+        print(json.dumps(report.to_json()))
+    else:
+        print(f"campaign  {printable(report.campaign)}")
+        print(f"results   {printable(report.results) if report.results else 'none in the bundle'}")
+        for g in report.golden:
+            print(f"golden    {g.workload} ({g.key}, {g.threads} thread(s)): "
+                  + (f"installed in {printable(g.directory)}" if g.installed
+                     else "NOT installed (fingerprint differs)"))
+        print(f"next      {report.run_command()}")
+    refused = report.refused
+    if refused:
+        more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+        raise DeterminismError(refused[0].reason + more + "; the campaign and results are in "
+                               + printable(report.campaign.parent))
+    return 0
+
+
+COMMANDS.update({"bundle": cmd_bundle, "fetch": cmd_fetch})
 
 
 def main(argv: list[str] | None = None) -> int:
