@@ -46,7 +46,8 @@ Without --check it only times the workload unprotected (as the artifact's detect
   faultlab plan --trials 60 --horizon 30 --seed 1 -o campaigns/random60.csv""",
     "report": """examples:
   faultlab report faultlab-results/inj_masked.sqlite
-  faultlab report faultlab-results/mixed.sqlite --csv mixed.csv""",
+  faultlab report faultlab-results/mixed.sqlite --csv mixed.csv
+  faultlab report faultlab-results/mixed.sqlite --html mixed.html --figures figures/""",
     "crash": """examples:
   faultlab crash                                   # 100 SIGKILLs of the faultlab engine
   faultlab crash --engine all --kills 50           # the engine and every baseline side by side
@@ -281,11 +282,20 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true")
     _allow_args(pl)
 
-    rp = cmd("report", "summarise a results database; export CSV / Parquet")
+    rp = cmd("report", "summarise a results database (each run of a campaign on its own); "
+                       "export CSV / Parquet, an offline HTML report, figures")
     rp.add_argument("results")
-    rp.add_argument("--campaign", help="campaign digest (default: all)")
+    rp.add_argument("--campaign", help="campaign digest, both runs (or digest+detect: one run; "
+                                       "default: all)")
     rp.add_argument("--csv")
     rp.add_argument("--parquet")
+    rp.add_argument("--html", metavar="FILE",
+                    help="write one self-contained HTML report (opens offline)")
+    rp.add_argument("--figures", metavar="DIR",
+                    help="write each figure as SVG and PNG into DIR (for papers)")
+    rp.add_argument("--trials", metavar="ID,...",
+                    help="trials whose loss / accuracy curves to draw (default: up to 12, "
+                         "harmful ones first)")
     rp.add_argument("--json", action="store_true")
 
     c = cmd("crash", "kill -9 / power-loss campaign against checkpoint engines")
@@ -313,6 +323,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     _allow_args(c)
     _bundle_parsers(cmd)        # faultlab bundle / fetch: the block below, before main()
+    _isca_import_parser(cmd)    # faultlab import-isca: the block before main()
     return p
 
 
@@ -536,25 +547,43 @@ def cmd_replay(a) -> int:
 
 
 def cmd_report(a) -> int:
-    """`faultlab report`: summarise a results database; export it as CSV / Parquet."""
-    from faultlab.report import format_results, format_summary
-    from faultlab.results import ResultStore, summarize, to_csv, to_parquet
+    """`faultlab report`: summarise a results database, each run of a campaign on its own;
+    export it as CSV / Parquet; an offline HTML report (--html) and figures (--figures)."""
+    from faultlab.report import format_report, group_runs
+    from faultlab.results import (ResultStore, summarize, summarize_after_recovery, to_csv,
+                                  to_parquet)
     if not Path(a.results).is_file():
         raise FaultlabError(f"{printable(a.results)}: no such results database")
     with ResultStore(a.results) as store:
         results = store.results(a.campaign)
-    rows = summarize(results)
+        if a.campaign and not results:       # a digest names both runs of a campaign
+            results = [r for r in store.results()
+                       if r.campaign.partition("+")[0] == a.campaign]
+    trials = [t for t in (a.trials or "").split(",") if t.strip()] or None
     if a.csv:
         to_csv(results, a.csv)
     if a.parquet:
         to_parquet(results, a.parquet)
+    if a.html or a.figures:
+        from faultlab.report_html import write_report
+        written = write_report(results, html=a.html, figures=a.figures, trials=trials,
+                               title=Path(a.results).name)
+        for w in written:
+            _say(f"wrote {printable(w)}", a.json)
     if a.json:
-        print(json.dumps({"summary": [r.__dict__ for r in rows],
-                          "trials": [r.to_dict(strict=True) for r in results]}, default=str))
+        runs = []
+        for cid, rs in group_runs(results):
+            run = {"campaign": cid, "summary": [r.__dict__ for r in summarize(rs)],
+                   "trials": [r.trial_id for r in rs]}
+            if any(r.detected is not None for r in rs):
+                run["summary_after_recovery"] = [r.__dict__ for r in summarize_after_recovery(rs)]
+            runs.append(run)
+        doc = {"runs": runs, "trials": [r.to_dict(strict=True) for r in results]}
+        if len(runs) == 1:
+            doc["summary"] = runs[0]["summary"]
+        print(json.dumps(doc, default=str))
     else:
-        print(format_results(results))
-        print()
-        print(format_summary(rows))
+        print(format_report(results))
     return 0
 
 
@@ -764,6 +793,61 @@ def cmd_fetch(a) -> int:
 
 
 COMMANDS.update({"bundle": cmd_bundle, "fetch": cmd_fetch})
+
+
+# --- faultlab import-isca --------------------------------------------------------------------
+
+EPILOGS["import-isca"] = """examples:
+  faultlab import-isca fault_injection/ISCA_AE_CKPT --framework tf            # earliest epoch
+  faultlab import-isca ISCA_AE_CKPT --epoch 30 --framework tf                 # from epoch_29
+  faultlab import-isca ISCA_AE_CKPT --epoch 30 --steps 49 --framework tf      # CI: one epoch
+  faultlab run ../shared/reference/isca_ae/injections/inj_masked.csv --framework tf
+
+--epoch E is the artifact's target_epoch: it reads DIR/epoch_{E-1} (the state after E epochs) as
+the golden checkpoint at step E*49, then trains on fault-free here, recording the golden run
+(docs/isca_import.md). Use the same --threads as faultlab run (default: this machine's cores)."""
+
+
+def _isca_import_parser(cmd) -> None:
+    ii = cmd("import-isca", "use the ISCA artifact's golden checkpoints as the golden run")
+    ii.add_argument("directory", metavar="DIR",
+                    help="the artifact's checkpoint folder (ISCA_AE_CKPT: epoch_K.index/.data)")
+    ii.add_argument("--epoch", type=int,
+                    help="epoch the golden run starts at, as the artifact's target_epoch (reads "
+                         "epoch_{N-1}; default: the earliest the folder allows)")
+    ii.add_argument("--framework", choices=framework_names(), default="tf")
+    ii.add_argument("--steps", type=int,
+                    help="record only this many steps from the checkpoint (CI; default: to the "
+                         "end of training)")
+    ii.add_argument("--threads", type=int, default=0,
+                    help="threads (part of the golden key: as faultlab run's, default cores)")
+    ii.add_argument("--json", action="store_true")
+    _kernel_args(ii)
+
+
+def cmd_import_isca(a) -> int:
+    """`faultlab import-isca`: artifact checkpoint -> faultlab's golden run (full size)."""
+    from faultlab.runner.isca_import import import_isca
+    _kernel_mode(a)
+    rep = import_isca(a.directory, a.epoch, a.framework, a.steps, a.threads,
+                      say=lambda m: _say(m, a.json))
+    if a.json:
+        print(json.dumps(rep.to_json()))
+        return 0
+    print(f"imported  {printable(rep.checkpoint)}: {rep.variables} variables matched, Adam "
+          f"state {rep.optimizer} (iterations {rep.iterations})")
+    if rep.folded:
+        print(f"folded    {len(rep.folded)} conv biases into their BatchNorm moving means "
+              f"(max |bias| {max(rep.folded.values()):.3g})")
+    print(f"golden    {printable(rep.directory)}: steps {rep.origin}..{rep.end} "
+          f"(epoch {rep.epoch} on), {rep.threads} thread(s)"
+          + (", replacing the earlier one" if rep.replaced else ""))
+    print(f"next      faultlab run FILE --framework {rep.config.framework.value}"
+          + (f" --threads {a.threads}" if a.threads else ""))
+    return 0
+
+
+COMMANDS["import-isca"] = cmd_import_isca
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -119,6 +119,43 @@ def format_results(results: Sequence[TrialResult], fault_width: int = 60) -> str
     return table(header, rows, right={2})
 
 
+def group_runs(results: Iterable[TrialResult]) -> list[tuple[str, list[TrialResult]]]:
+    """Results grouped by stored campaign id (one group per run: a campaign run plainly and
+    with ``--detect`` is stored under the digest and the digest + "+detect"), groups in order of
+    their first result, results in stored order."""
+    groups: dict[str, list] = {}
+    for r in results:
+        groups.setdefault(r.campaign, []).append(r)
+    return list(groups.items())
+
+
+def run_title(campaign_id: str, n: int) -> str:
+    """``campaign abc123, plain run: 3 trial(s)`` (``--detect run`` for "abc123+detect")."""
+    digest, plus, run = campaign_id.partition("+")
+    what = f"--{run} run" if plus else "plain run"
+    return f"campaign {digest}, {what}: {n} trial(s)"
+
+
+def format_report(results: Sequence[TrialResult]) -> str:
+    """`faultlab report`: each run of each campaign on its own (each trial counted once per
+    run): the per-trial table, the outcome summary, and for a protected run the summary after
+    detection and recovery and the detection coverage."""
+    from faultlab.results.coverage import coverage
+    from faultlab.results.stats import summarize, summarize_after_recovery
+    parts = []
+    for cid, rs in group_runs(results):
+        lines = [run_title(cid, len(rs)), format_results(rs), "", format_summary(summarize(rs))]
+        dist = format_distributed(rs)
+        if dist:
+            lines += ["", dist]
+        if any(r.detected is not None for r in rs):
+            lines += ["", "after detection and recovery:",
+                      format_summary(summarize_after_recovery(rs)), "",
+                      format_coverage(coverage(rs))]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) if parts else "no results"
+
+
 def _recoveries(d: dict) -> str:
     got = [f"{r['source']}@{'-' if r['step'] is None else r['step']}"
            for r in d.get("recoveries", ()) if r["reason"] == "restart"]
