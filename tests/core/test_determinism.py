@@ -93,19 +93,52 @@ def test_portable_mode_is_refused_once_a_pinned_framework_is_imported():
                                   "this process (its kernels are already chosen)")
 
 
-def test_enter_portable_sets_the_environment_workers_inherit(monkeypatch):
-    if "avx2" not in det.cpu_info()[1] or "torch" in sys.modules:
-        pytest.skip("needs AVX2 and a process without torch imported")
+def _fresh(code: str) -> str:
+    """Run `code` in a fresh interpreter (no framework imported yet), without dispatch
+    overrides in its environment; its stdout."""
     import os
-    before = dict(os.environ)
-    try:
-        det.enter_portable(["torch"])
-        assert det.portable_active()
-        assert fingerprint("torch", 1).isa == det.PORTABLE_ISA
-        assert det.choose("native") is False and not det.portable_active()
-    finally:                          # this process's environment as it was
-        os.environ.clear()
-        os.environ.update(before)
+    import subprocess
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(det.DISPATCH_ENV_PREFIXES) and k != det.PORTABLE_FLAG}
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert got.returncode == 0, got.stderr
+    return got.stdout.strip()
+
+
+def test_enter_portable_sets_the_environment_workers_inherit():
+    if not {"avx2", "fma"} <= det.cpu_info()[1]:
+        pytest.skip("this CPU has no AVX2 and FMA")
+    out = _fresh(
+        "import os, subprocess, sys\n"
+        "from faultlab import determinism as det\n"
+        "env = det.enter_portable(['torch'])\n"
+        "assert det.portable_active() and det.fingerprint('torch', 1).isa == det.PORTABLE_ISA\n"
+        "child = subprocess.run([sys.executable, '-c', 'import os; print(os.environ.get(\"%s\"))'"
+        " % det.PORTABLE_FLAG], capture_output=True, text=True).stdout.strip()\n"
+        "assert child == '1', child                  # a worker started now inherits it\n"
+        "assert all(os.environ[k] == v for k, v in env.items())\n"
+        "assert det.choose('native') is False and not det.portable_active()\n"
+        "print('ok')\n")
+    assert out == "ok"
+
+
+def test_auto_mode_is_portable_where_the_cpu_allows_and_native_is_left_alone():
+    out = _fresh(
+        "from faultlab import determinism as det\n"
+        "from faultlab.determinism import DeterminismError\n"
+        "assert det.choose('native') is False and not det.portable_active()\n"
+        "assert det.choose('auto') is det.portable_supported() is det.portable_active()\n"
+        "try:\n    det.choose('fast')\nexcept DeterminismError as e:\n    print(e)\n")
+    assert out == "unknown kernel mode 'fast' (portable, native or auto)"
+
+
+def test_auto_mode_stays_native_where_the_cpu_cannot_be_portable():
+    out = _fresh(
+        "from faultlab import determinism as det\n"
+        "det.cpu_info = lambda: ('GenuineIntel', frozenset({'sse4_2', 'avx'}))\n"
+        "print(det.choose('auto'), det.portable_active())\n")
+    assert out == "False False"
 
 
 # shipped golden runs ----------------------------------------------------------------------
@@ -139,13 +172,3 @@ def test_a_golden_run_from_a_machine_with_another_fingerprint_is_refused(tmp_pat
         golden.install(cfg, 1, {"golden.json": b"{}"})
     with pytest.raises(DeterminismError, match="another configuration"):
         golden.install(default_config("mlp", epochs=7), 1, _files(cfg, ours))
-
-
-def test_auto_mode_is_portable_where_the_cpu_allows_and_native_is_left_alone(monkeypatch):
-    if "torch" in sys.modules or "tensorflow" in sys.modules:
-        pytest.skip("needs a process without a pinned framework imported")
-    assert det.choose("native") is False and not det.portable_active()
-    monkeypatch.setattr(det, "portable_supported", lambda: False)
-    assert det.choose("auto") is False and not det.portable_active()
-    with pytest.raises(DeterminismError, match="unknown kernel mode 'fast'"):
-        det.choose("fast")
