@@ -4,6 +4,7 @@ its format detected; nothing in a file is executed, every cell is checked (cells
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import csv
 import hashlib
 import os
@@ -31,6 +32,15 @@ class Campaign:
     format: str            # "isca" | "columnar"
     trials: list[Trial]
     digest: str            # sha256 of the file bytes plus the framework override, 16 hex digits
+
+    def with_horizon(self, horizon: int) -> "Campaign":
+        """The same campaign with every trial's horizon set to `horizon` steps after its first
+        fault (`faultlab run --horizon`); a different experiment, so a different digest."""
+        if not isinstance(horizon, int) or isinstance(horizon, bool) or horizon < 0:
+            raise SpecError(f"--horizon must be a whole number of steps >= 0, got {horizon!r}")
+        trials = [dataclasses.replace(t, horizon=horizon) for t in self.trials]
+        digest = hashlib.sha256(f"{self.digest}:horizon={horizon}".encode()).hexdigest()[:16]
+        return Campaign(self.path, self.format, trials, digest)
 
     def info(self) -> dict:
         """What `faultlab validate` reports: path, format, digest, trial and fault counts, and

@@ -71,6 +71,12 @@ class GoldenRun:
     fingerprint: Fingerprint | None = None             # of the machine that recorded it
     recorded_here: bool = False     # recorded by this process (it needs no control trial)
 
+    @property
+    def end(self) -> int:
+        """Exclusive end of the recorded steps: the configuration's total, or less for a run
+        recorded from an imported checkpoint with a step limit (runner/isca_import.py)."""
+        return len(self.loss)
+
     def checkpoint_before(self, step: int) -> int:
         """The latest checkpoint taken at or before `step` (training resumes from it)."""
         i = bisect.bisect_right(self.checkpoints, step) - 1

@@ -47,7 +47,7 @@ def _worker_main(conn, threads: int, rules: OutcomeRules, detect=None, dist=None
                 run = session.golden(payload)
                 if not run.recorded_here:       # made earlier: check this machine agrees
                     session.control(payload)
-                conn.send(("ok", run.wall_s))
+                conn.send(("ok", getattr(run, "end", None)))
             else:
                 conn.send(("ok", session.run_trial(payload, campaign)))
         except FaultlabError as e:
@@ -153,15 +153,21 @@ class LocalPool:
                             f"trial timed out after {self.timeout:.0f}s" if late and not dead
                             else f"worker died (exit code {code})")
 
-    def golden(self, configs: Iterable) -> None:
-        """Record (or find cached) golden runs, in parallel across configurations."""
-        errors = []
-        self._run([("golden", c, "") for c in configs], lambda t, r: None,
+    def golden(self, configs: Iterable) -> dict[str, int]:
+        """Record (or find cached) golden runs, in parallel across configurations; returns
+        each single-process configuration's recorded end step (GoldenRun.end), by key."""
+        errors, ends = [], {}
+
+        def done(task, end):
+            if end is not None:
+                ends[task[1].key()] = end
+        self._run([("golden", c, "") for c in configs], done,
                   lambda t, kind, msg: errors.append((kind, msg)))
         for kind, msg in errors:
             if kind == "user":
                 raise FaultlabError(msg)
             raise RuntimeError(f"golden run failed: {msg}")  # a bug: keep it loud
+        return ends
 
     def trials(self, trials: Iterable[Trial], campaign: str,
                on_result: Callable[[TrialResult], None]) -> None:

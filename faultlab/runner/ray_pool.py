@@ -23,6 +23,7 @@ Ray is imported only inside functions: importing this module works without it.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import traceback
@@ -196,6 +197,7 @@ class RayPool:
         self.address = address
         self._started = False           # this pool called ray.init (so it shuts Ray down)
         self._files: dict = {}          # config key -> ObjectRef of golden.pack's files
+        self._ends: dict = {}           # config key -> the golden run's recorded end step
         self._controlled: dict = {}     # config key -> node ids whose control trial passed
         self._outstanding: dict = {}    # ObjectRef -> placement group or None
         self._fns: dict = {}            # function -> its ray.remote
@@ -343,14 +345,14 @@ class RayPool:
 
     # golden runs ---------------------------------------------------------------------------
 
-    def golden(self, configs: Iterable) -> None:
+    def golden(self, configs: Iterable) -> dict[str, int]:
         """Probe the nodes' fingerprints, record each configuration's golden run once, ship it,
         and run a control trial of it on every node. FaultlabError for a user's error (a
         DeterminismError when the nodes' arithmetic differs), RuntimeError for a bug."""
         from faultlab.determinism import DeterminismError, Fingerprint
         configs = list(configs)
         if not configs:
-            return
+            return {}
         self._check_capacity(configs)
         nodes = self._alive_nodes()
         # (1) every node's fingerprint, per framework
@@ -394,6 +396,7 @@ class RayPool:
                 raise (DeterminismError if rest[1] else FaultlabError)(rest[0])
             if kind != "ok":
                 raise RuntimeError(f"golden run failed: {chr(10).join(map(str, rest))}")
+            self._ends[c.key()] = len(json.loads(rest[0]["golden.json"])["loss"])
             self._files[c.key()] = self.ray.put(rest[0])
         # (3) a control trial of every shipped golden run on every node
         jobs = [(c, n) for c in single for n in nodes]
@@ -411,6 +414,7 @@ class RayPool:
                                    f"{_name(ip, node_id)} failed: "
                                    f"{chr(10).join(map(str, rest))}")
             self._controlled.setdefault(c.key(), set()).add(node_id)
+        return {c.key(): self._ends[c.key()] for c in configs if c.key() in self._ends}
 
     # trials --------------------------------------------------------------------------------
 

@@ -38,6 +38,30 @@ def trial_window(trial: Trial) -> tuple[int, int]:
     return start, min(c.total_steps, -(-end // spe) * spe)
 
 
+def check_window(trial: Trial, recorded_end: int | None) -> None:
+    """A trial must end where its golden run has metrics: a golden run recorded to step
+    `recorded_end` only (`faultlab import-isca --steps`) cannot classify a trial that runs
+    past it. A one-line SpecError placed at the trial's row, before anything runs."""
+    if recorded_end is None:
+        return
+    start, end = trial_window(trial)
+    if end > recorded_end:
+        where = trial.source or trial.trial_id
+        tail = ("to the end of training" if trial.horizon is None
+                else f"{trial.horizon} step(s) past its injection at step {start}, rounded up "
+                     f"to the epoch end")
+        raise SpecError(f"{where}: the trial runs to step {end} ({tail}) but the golden run of "
+                        f"{trial.workload.workload} holds steps up to {recorded_end} only: "
+                        f"record more of it (faultlab import-isca --steps) or shorten the "
+                        f"trials (faultlab run --horizon N)")
+
+
+def check_windows(trials, recorded_ends: dict) -> None:
+    """check_window for every trial, with each configuration's recorded end (by key)."""
+    for t in trials:
+        check_window(t, recorded_ends.get(t.workload.key()))
+
+
 @dataclass(frozen=True)
 class DetectOptions:
     """Detection and recovery settings of a protected trial (`faultlab run --detect`)."""
@@ -134,13 +158,13 @@ class Session:
             self._goldens[key] = goldenmod.record(
                 trainer, config, goldenmod.golden_dir(config, self.threads, fp), None, fp)
             self._trainers.clear()
-        end = c1 if c1 is not None else config.total_steps
+        end = c1 if c1 is not None else gold.end
         self._controlled[key] = {"steps": end - c0, "state": c1 is not None}
         return self._controlled[key]
 
     def _replay_golden(self, config, gold, c0: int, c1: int | None) -> None:
         trainer = self.trainer(config)
-        end = c1 if c1 is not None else config.total_steps
+        end = c1 if c1 is not None else gold.end    # an imported run may stop short
         where = f"on {socket.gethostname()}"
         for step in range(c0, end):
             m = trainer.train_step(step)
@@ -216,6 +240,7 @@ class Session:
         t0 = time.perf_counter()
         cfg = trial.workload
         gold = self.golden(cfg)
+        check_window(trial, gold.end)
         trainer = self.trainer(cfg)
         start, end = trial_window(trial)
         ckpt = gold.checkpoint_before(start)

@@ -269,6 +269,17 @@ def test_cli_import_puts_the_artifact_weights_in_the_golden_checkpoint(ckpt_dir,
     assert Path(doc["golden_dir"]) == goldenmod.golden_dir(CONFIG, 2)
     assert gold is not None and gold.checkpoints == [1470] and gold.loss == [None] * 1470
     _check_state(gold.state(1470), arrays)
+    if INJECTIONS is None:
+        return
+    # a trial past the recorded steps (inj_masked runs to the end of training) is refused in
+    # one line before any trial runs, naming the file; the results file is not created
+    db = ckpt_dir.parent / "r.sqlite"
+    assert main(["run", str(INJECTIONS / "inj_masked.csv"), "--framework", "tf",
+                 "--threads", "2", "--results", str(db), "--horizon", "0"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+    assert len(err) == 1 and "inj_masked.csv" in err[0], err
+    assert "runs to step 1519" in err[0] and "holds steps up to 1470 only" in err[0], err
+    assert "--steps" in err[0] and "--horizon" in err[0]
 
 
 def _check_state(state, arrays):
@@ -334,6 +345,34 @@ def test_import_records_the_golden_run_from_the_artifact_weights(ckpt_dir, fake_
 
 
 # --- the artifact's three injection files, from imported weights ---------------------------------
+
+@pytest.mark.skipif(INJECTIONS is None, reason="shared/reference/isca_ae/injections not found")
+def test_inj_masked_runs_from_imported_weights_at_a_small_batch(ckpt_dir, fake_cifar):
+    """CI's size: inj_masked (read unmodified; a weight fault, so its position does not depend
+    on the batch) on 4 replicas x 2 instead of 8 x 128, at full width, from the artifact's
+    checkpoint of epoch 30: one epoch recorded (--steps 49), the trial with --horizon 0 (to
+    that epoch's end), replayed from the imported state. A trial to the end of training is
+    refused in one line (the golden run stops at step 1519). The other two files fault
+    activations at batch index 107 and 124, so they need the full per-replica batch of 128:
+    test_the_artifact_injection_files_run_from_imported_weights runs all three (slow)."""
+    from faultlab.campaigns import load_campaign
+    from faultlab.runner.session import Session
+    camp = load_campaign(str(INJECTIONS / "inj_masked.csv"), "tf").with_horizon(0)
+    (trial,) = camp.trials
+    small = dataclasses.replace(CONFIG, replicas=4, per_replica_batch=2, eval_samples=64)
+    trial = dataclasses.replace(trial, workload=small)
+    write_module_checkpoint(ckpt_dir / "epoch_29", artifact_arrays(seed=30))
+    rep = import_isca(ckpt_dir, epoch=30, steps=49, threads=2, config=small)
+    assert (rep.origin, rep.end) == (1470, 1519)
+    session = Session(threads=2)
+    with pytest.raises(FaultlabError, match=r"runs to step 3920 .* holds steps up to 1519 only"):
+        session.run_trial(dataclasses.replace(trial, horizon=None), "isca-import")
+    result = session.run_trial(trial, "isca-import")
+    assert result.metrics["start"] == 1470 and result.inject_step == 1470 + 32
+    assert result.steps_run == 1519 - 1470 and result.error is None
+    assert result.final_test_acc is not None and result.golden_test_acc is not None
+    assert result.outcome not in {"Crash", "Hang"}
+
 
 @pytest.mark.slow
 @pytest.mark.skipif(INJECTIONS is None, reason="shared/reference/isca_ae/injections not found")
