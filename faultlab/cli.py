@@ -58,6 +58,7 @@ Without --check it only times the workload unprotected (as the artifact's detect
   faultlab crash --engine naive --kills 20         # negative control: it tears (exit 1)
   faultlab crash --engine tf-sync --engine tf-async --kills 20   # TF's savers, a Keras loop
   faultlab crash --workload keras-mlp --kills 20   # the engine fed by the TF adapter
+  faultlab crash --kills 20 --results crash.sqlite && faultlab report crash.sqlite --html crash.html
 
 Engines: faultlab, sync, checkfreq, dcp-async, naive, tf-sync, tf-async; all = the first four.
 Exit code 1 when an engine tore, mixed or lost a committed checkpoint, or a resumed run did
@@ -211,6 +212,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--results", help="results database (default faultlab-results/NAME.sqlite)")
     r.add_argument("--fresh", action="store_true", help="discard earlier results of this campaign")
     r.add_argument("--timeout", type=float, default=3600.0, help="seconds before a trial is a Hang")
+    r.add_argument("--horizon", type=int, metavar="N",
+                   help="run each trial N steps past its first fault (to that epoch's end) "
+                        "instead of the file's horizon; ISCA files run to the end of training")
     r.add_argument("--rule", action="append", default=[], metavar="NAME=VALUE",
                    help="change an outcome threshold (see docs/outcomes.md)")
     r.add_argument("--expect", metavar="OUTCOME", help="exit 1 unless every trial has OUTCOME")
@@ -320,6 +324,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--images", type=int, default=12,
                    help="power loss: images per crash point (default 12)")
     c.add_argument("--dir", help="working directory (default: a temporary one, removed after)")
+    c.add_argument("--results", metavar="PATH",
+                   help="results database each engine's report is stored in as it ends "
+                        f"(default {CRASH_RESULTS}; `faultlab report PATH` shows it)")
+    c.add_argument("--no-results", action="store_true",
+                   help="store nothing (print the report only)")
     c.add_argument("--json", action="store_true")
     _allow_args(c)
     _bundle_parsers(cmd)        # faultlab bundle / fetch: the block below, before main()
@@ -419,6 +428,8 @@ def _run_campaign(a, detect=None):
     stop_after = _stop_after()
     _kernel_mode(a)         # before any framework is imported here or in a worker
     camp = load_campaign(a.campaign, a.framework)
+    if getattr(a, "horizon", None) is not None:
+        camp = camp.with_horizon(a.horizon)
     bar = None
 
     def on_start(n):
@@ -547,9 +558,10 @@ def cmd_replay(a) -> int:
 
 
 def cmd_report(a) -> int:
-    """`faultlab report`: summarise a results database, each run of a campaign on its own;
-    export it as CSV / Parquet; an offline HTML report (--html) and figures (--figures)."""
-    from faultlab.report import format_report, group_runs
+    """`faultlab report`: summarise a results database, each run of a campaign on its own, and
+    the `faultlab crash` campaigns stored in it; export it as CSV / Parquet; an offline HTML
+    report (--html) and figures (--figures)."""
+    from faultlab.report import format_crash_runs, format_report, group_runs
     from faultlab.results import (ResultStore, summarize, summarize_after_recovery, to_csv,
                                   to_parquet)
     if not Path(a.results).is_file():
@@ -559,6 +571,11 @@ def cmd_report(a) -> int:
         if a.campaign and not results:       # a digest names both runs of a campaign
             results = [r for r in store.results()
                        if r.campaign.partition("+")[0] == a.campaign]
+        cids = {r.campaign for r in results}
+        runs = [r for r in store.runs() if r["campaign"] in cids]
+        crash = [] if a.campaign else store.crash_reports()
+    if a.campaign and not results:
+        raise FaultlabError(f"{printable(a.results)}: no campaign {a.campaign!r} in it")
     trials = [t for t in (a.trials or "").split(",") if t.strip()] or None
     if a.csv:
         to_csv(results, a.csv)
@@ -567,23 +584,29 @@ def cmd_report(a) -> int:
     if a.html or a.figures:
         from faultlab.report_html import write_report
         written = write_report(results, html=a.html, figures=a.figures, trials=trials,
-                               title=Path(a.results).name)
+                               title=Path(a.results).name, runs=runs, crash=crash)
         for w in written:
             _say(f"wrote {printable(w)}", a.json)
     if a.json:
-        runs = []
+        doc_runs = []
         for cid, rs in group_runs(results):
             run = {"campaign": cid, "summary": [r.__dict__ for r in summarize(rs)],
-                   "trials": [r.trial_id for r in rs]}
+                   "trials": [r.trial_id for r in rs],
+                   "configurations": [{k: v for k, v in r.items() if k != "campaign"}
+                                      for r in runs if r["campaign"] == cid]}
             if any(r.detected is not None for r in rs):
                 run["summary_after_recovery"] = [r.__dict__ for r in summarize_after_recovery(rs)]
-            runs.append(run)
-        doc = {"runs": runs, "trials": [r.to_dict(strict=True) for r in results]}
-        if len(runs) == 1:
-            doc["summary"] = runs[0]["summary"]
+            doc_runs.append(run)
+        doc = {"runs": doc_runs, "trials": [r.to_dict(strict=True) for r in results],
+               "crash": crash}
+        if len(doc_runs) == 1:
+            doc["summary"] = doc_runs[0]["summary"]
         print(json.dumps(doc, default=str))
     else:
-        print(format_report(results))
+        parts = [format_report(results)] if results or not crash else []
+        if crash:
+            parts.append(format_crash_runs(crash))
+        print("\n\n".join(parts))
     return 0
 
 
@@ -612,6 +635,23 @@ def cmd_crash(a) -> int:
         except FaultlabError as e:
             raise FaultlabError(f"--workload: {e}") from None
     setup = campaign_setup(a.engine or (), a.workload, steps=a.steps, every=a.every)
+    mode = "power-loss" if a.power_loss else "kill"
+    db, run_id = None, _crash_run_id()
+    if a.results and a.no_results:
+        raise FaultlabError("--results and --no-results exclude each other")
+    if not a.no_results:
+        from faultlab.results import ResultStore
+        db = Path(a.results or CRASH_RESULTS)
+        ResultStore(db).close()       # a bad path is an error now, before any work
+
+    def store(rep) -> None:           # each engine's report, durable as soon as it ends
+        if db is not None:
+            from faultlab.results import ResultStore
+            with ResultStore(db) as st:
+                st.add_crash_reports([rep.to_json()], run_id=run_id, workload=setup.workload,
+                                     steps=a.steps, every=a.every, seed=a.seed)
+        reports.append(rep)
+
     workdir = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="faultlab-crash-"))
     reports: list = []
     try:
@@ -620,7 +660,7 @@ def cmd_crash(a) -> int:
                 points = a.points or None
                 bar = Progress(points or 0, f"power loss {n}", enabled=not a.json and
                                points is not None)
-                reports.append(power_loss_report(
+                store(power_loss_report(
                     n, setup.loop.factory, steps=a.steps, every=a.every, points=points,
                     images_per_point=a.images, seed=a.seed,
                     progress=lambda bar=bar: bar.update("checked")))
@@ -630,24 +670,40 @@ def cmd_crash(a) -> int:
                 kc.reference()
                 for n in setup.engines:
                     bar = Progress(a.kills, f"crash {n}", enabled=not a.json)
-                    reports.append(kc.campaign(n, a.kills, seed=a.seed,
-                                               jitter=a.jitter_ms / 1000.0,
-                                               on_kill=lambda r, bar=bar: bar.update(r.verdict)))
+                    store(kc.campaign(n, a.kills, seed=a.seed, jitter=a.jitter_ms / 1000.0,
+                                      on_kill=lambda r, bar=bar: bar.update(r.verdict)))
     finally:
         if not a.dir:
             shutil.rmtree(workdir, ignore_errors=True)
     ok = all(r.ok for r in reports)
     if a.json:
-        print(json.dumps({"mode": "power-loss" if a.power_loss else "kill",
-                          "workload": setup.workload, "steps": a.steps, "every": a.every,
-                          "seed": a.seed, "ok": ok,
-                          "engines": [r.to_json() for r in reports]}))
+        doc = {"mode": mode, "workload": setup.workload, "steps": a.steps, "every": a.every,
+               "seed": a.seed, "ok": ok, "engines": [r.to_json() for r in reports]}
+        if db is not None:
+            doc.update(results_db=str(db), run_id=run_id)
+        print(json.dumps(doc))
     else:
         print(format_reports(reports))
         for r in reports:
             for problem in r.problems[:5]:
                 _say(f"{r.engine}: {problem}")
+        if db is not None:
+            _say(f"stored as crash campaign {run_id} in {printable(db)} "
+                 f"(faultlab report {printable(db)})")
     return 0 if ok else 1
+
+
+#: where `faultlab crash` stores its reports unless told otherwise (beside `faultlab run`'s
+#: faultlab-results/<campaign>.sqlite)
+CRASH_RESULTS = Path("faultlab-results") / "crash.sqlite"
+
+
+def _crash_run_id() -> str:
+    """A crash campaign's id: its UTC start time and a random suffix (unique in a file)."""
+    import datetime
+    import secrets
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
 def cmd_plan(a) -> int:

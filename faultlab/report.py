@@ -156,6 +156,71 @@ def format_report(results: Sequence[TrialResult]) -> str:
     return "\n\n".join(parts) if parts else "no results"
 
 
+# --- crash campaigns (faultlab crash) -----------------------------------------------------------
+
+def format_crash(reports: Sequence[Mapping]) -> str:
+    """The tables of crash campaigns, from their per-engine reports (``EngineReport.to_json()``,
+    as ``faultlab crash --json`` prints and the results store keeps them): one for kill
+    campaigns, one for power loss."""
+    from faultlab.checkpointing.api import Phase
+    parts = []
+    kill = [j for j in reports if j.get("mode") == "kill"]
+    if kill:
+        head = ("engine", "kills", "recoveries", "torn", "mixed", "lost-committed",
+                "incomplete-state", "steps lost mean/max", "runs bit-identical",
+                "kills by phase s/w/c/i")
+        rows = []
+        for j in kill:
+            phases = j.get("kills_by_phase") or {}
+            ph = "/".join(str(phases.get(p.value, 0)) for p in Phase)
+            rows.append((j["engine"], j["kills"], j["recoveries"], j["torn"], j["mixed"],
+                         j["lost_committed"], j["incomplete_state"],
+                         f"{j['steps_lost_mean']:.2f} / {j['steps_lost_max']}",
+                         f"{j['runs_bit_identical']}/{j['runs']}", ph))
+        parts.append(table(head, rows, right=range(1, len(head))))
+    power = [j for j in reports if j.get("mode") == "power-loss"]
+    if power:
+        head = ("engine (power loss)", "crash points", "images", "torn", "mixed",
+                "lost-committed", "steps lost mean/max", "resumed bit-identical", "note")
+        rows = []
+        for j in power:
+            rows.append((j["engine"], j["crash_points"], j["images"], j["torn"], j["mixed"],
+                         j["lost_committed"],
+                         f"{j['steps_lost_mean']:.2f} / {j['steps_lost_max']}",
+                         f"{j['resumes_bit_identical']}/{j['resumes']}", j.get("note") or ""))
+        parts.append(table(head, rows, right=range(1, len(head))))
+    return "\n\n".join(parts)
+
+
+def crash_title(row: Mapping) -> str:
+    """``crash campaign RUN_ID (TIME): kill, workload mlp, 24 steps, checkpoint every 1,
+    seed 0`` for a stored crash report row (faultlab.results.ResultStore.crash_reports)."""
+    bits = [row["mode"], f"workload {row['workload']}"]
+    if row.get("steps") is not None:
+        bits.append(f"{row['steps']} steps")
+    if row.get("every") is not None:
+        bits.append(f"checkpoint every {row['every']}")
+    if row.get("seed") is not None:
+        bits.append(f"seed {row['seed']}")
+    return f"crash campaign {row['run_id']} ({row['recorded_at']}): {', '.join(bits)}"
+
+
+def group_crash(rows: Iterable[Mapping]) -> list[tuple[str, list[Mapping]]]:
+    """Stored crash report rows grouped by campaign (``run_id``), in stored order."""
+    groups: dict[str, list] = {}
+    for r in rows:
+        groups.setdefault(r["run_id"], []).append(r)
+    return list(groups.items())
+
+
+def format_crash_runs(rows: Sequence[Mapping]) -> str:
+    """`faultlab report` on stored crash campaigns: per campaign a title line and its table."""
+    parts = []
+    for _, rs in group_crash(rows):
+        parts.append(crash_title(rs[0]) + "\n" + format_crash([r["report"] for r in rs]))
+    return "\n\n".join(parts)
+
+
 def _recoveries(d: dict) -> str:
     got = [f"{r['source']}@{'-' if r['step'] is None else r['step']}"
            for r in d.get("recoveries", ()) if r["reason"] == "restart"]

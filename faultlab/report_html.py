@@ -355,41 +355,77 @@ def golden_runs(workload_key: str) -> list[dict]:
     return found
 
 
-def _config_section(df) -> str:
+def _fp_table(fp: dict) -> str:
+    return _table(["field", "value"], [[k, json.dumps(v) if isinstance(v, (dict, list)) else v]
+                                       for k, v in fp.items()])
+
+
+def _cached_fingerprints(key: str) -> list[str]:
+    """The fallback for results without a stored fingerprint: the golden runs of the same
+    configuration in the local cache."""
     from faultlab.runner.golden import cache_root
+    gold = golden_runs(key)
+    if not gold:
+        return [f"<p>The results do not carry the determinism fingerprint (written by a faultlab "
+                f"that did not store it) and no golden run of this configuration is in the "
+                f"local cache ({html.escape(str(cache_root()))}).</p>"]
+    cfg = gold[0]["config"] or {}
+    parts = [_table(["setting", "value"], [[k, json.dumps(v)] for k, v in cfg.items()])]
+    for gr in gold:
+        parts.append(f"<p>determinism fingerprint of the golden run in the local cache "
+                     f"(the results do not carry one): "
+                     f"<code>{html.escape(Path(gr['dir']).name)}</code></p>")
+        parts.append(_fp_table(gr["fingerprint"]) if gr["fingerprint"] else
+                     "<p>(a legacy golden run without a fingerprint)</p>")
+    return parts
+
+
+def _stored_fingerprints(rows: Sequence[dict]) -> list[str]:
+    """The configuration and fingerprint(s) `faultlab run` stored with the results."""
+    from faultlab.results.frame import split_id
+    parts = [_table(["setting", "value"], [[k, json.dumps(v)] for k, v in
+                                          (rows[0]["config"] or {}).items()])]
+    by_fp: dict[str, list[dict]] = {}
+    for r in rows:
+        by_fp.setdefault(r["fingerprint_digest"] or "", []).append(r)
+    for digest, rs in by_fp.items():
+        which = ", ".join(dict.fromkeys(split_id(r["campaign"])[1] for r in rs))
+        r = rs[0]
+        if not digest:
+            parts.append(f"<p>No determinism fingerprint was recorded for the {html.escape(which)} "
+                         f"run ({html.escape(str(r['executor']))} executor: its golden run was "
+                         f"recorded on a cluster node).</p>")
+            continue
+        parts.append(f"<p>determinism fingerprint stored in the results (the {html.escape(which)} "
+                     f"run, {html.escape(str(r['recorded_at']))}; from the "
+                     f"{html.escape(str(r['fingerprint_source']))}, {r['threads']} thread(s)): "
+                     f"<code>{html.escape(digest)}</code></p>")
+        parts.append(_fp_table(r["fingerprint"]))
+    return parts
+
+
+def _config_section(df, runs: Sequence[dict] = ()) -> str:
+    from faultlab.results.frame import split_id
+    stored: dict[tuple[str, str], list[dict]] = {}
+    for r in runs:
+        stored.setdefault((split_id(r["campaign"])[0], r["workload_key"]), []).append(r)
     parts = []
     for c in dict.fromkeys(df["campaign"]):
         sub = df[df["campaign"] == c]
         files = sorted({s.rsplit(":", 1)[0] for s in sub["source"]})
-        runs = ", ".join(f"{r} ({int((sub['run'] == r).sum())} trials)"
-                         for r in dict.fromkeys(sub["run"]))
+        nruns = ", ".join(f"{r} ({int((sub['run'] == r).sum())} trials)"
+                          for r in dict.fromkeys(sub["run"]))
         parts.append(f"<h3>campaign {html.escape(c)}</h3><p>file {html.escape(', '.join(files))}"
-                     f"; runs: {html.escape(runs)}</p>")
+                     f"; runs: {html.escape(nruns)}</p>")
         for key, g in sub.groupby("workload_key", sort=False):
             w = g.iloc[0]
             parts.append(f"<p>configuration <code>{html.escape(key)}</code>: "
                          f"{html.escape(str(w['workload']))} on {html.escape(str(w['framework']))}"
                          "</p>")
-            gold = golden_runs(key)
-            if not gold:
-                parts.append(f"<p>The results do not carry the determinism fingerprint and no "
-                             f"golden run of this configuration is in the local cache "
-                             f"({html.escape(str(cache_root()))}).</p>")
-                continue
-            cfg = gold[0]["config"] or {}
-            parts.append(_table(["setting", "value"], [[k, json.dumps(v)] for k, v in
-                                                      cfg.items()]))
-            for gr in gold:
-                fp = gr["fingerprint"]
-                parts.append(f"<p>determinism fingerprint of the golden run in the local cache "
-                             f"(the results do not carry one): "
-                             f"<code>{html.escape(Path(gr['dir']).name)}</code></p>")
-                if fp:
-                    parts.append(_table(["field", "value"], [
-                        [k, json.dumps(v) if isinstance(v, (dict, list)) else v]
-                        for k, v in fp.items()]))
-                else:
-                    parts.append("<p>(a legacy golden run without a fingerprint)</p>")
+            rows = stored.get((c, key))
+            parts += _stored_fingerprints(rows) if rows else _cached_fingerprints(key)
+            if rows and not any(r["fingerprint_digest"] for r in rows):
+                parts += _cached_fingerprints(key)
     return "".join(parts)
 
 
@@ -459,8 +495,109 @@ def _detection(df, results: Sequence[TrialResult], charts: list) -> str:
     return "".join(parts)
 
 
-def _crash_section(df, results: Sequence[TrialResult]) -> str:
+#: the verdicts of a crash report, in the order drawn (report key, label, colour)
+CRASH_VERDICTS = (("exact", "exact", "#4c9a2a"), ("nothing_committed", "nothing committed",
+                                                    "#9fb7cc"),
+                  ("torn", "torn", "#d62728"), ("mixed", "mixed", "#8c1c13"),
+                  ("lost_committed", "lost-committed", "#ff7f0e"),
+                  ("incomplete_state", "incomplete-state", "#9467bd"))
+
+
+def crash_label(row: dict) -> str:
+    """A stored crash report's row label: engine, mode and the campaign's id."""
+    return f"{row['engine']} ({row['mode']}, {row['run_id']})"
+
+
+def crash_verdict_rows(crash: Sequence[dict]) -> list[dict]:
+    """Verdict counts per stored crash report (kills, or power-loss images)."""
+    out = []
+    for row in crash:
+        rep = row["report"]
+        for key, label, _ in CRASH_VERDICTS:
+            n = int(rep.get(key) or 0)
+            if n:
+                out.append({"report": crash_label(row), "verdict": label, "n": n,
+                            "of": "kills" if row["mode"] == "kill" else "images"})
+    return out
+
+
+def crash_chart(rows: list[dict]) -> dict:
+    """Stacked bars: each stored crash report's recoveries by verdict (all should be exact or
+    nothing committed)."""
+    labels = list(dict.fromkeys(r["report"] for r in rows))
+    return {
+        "$schema": "https://vega.github.io/schema/vega-lite/v5.json",
+        "title": "faultlab crash: recoveries by verdict (kills, or power-loss images)",
+        "width": 560, "height": {"step": 26}, "config": CONFIG,
+        "data": {"values": rows},
+        "mark": {"type": "bar", "tooltip": True},
+        "encoding": {
+            "y": {"field": "report", "type": "nominal", "sort": labels, "title": None,
+                  "axis": {"labelLimit": 360}},
+            "x": {"field": "n", "type": "quantitative", "stack": "zero",
+                  "title": "kills / images", "axis": {"tickMinStep": 1, "format": "d"}},
+            "color": {"field": "verdict", "type": "nominal",
+                      "scale": {"domain": [v[1] for v in CRASH_VERDICTS],
+                                "range": [v[2] for v in CRASH_VERDICTS]},
+                      "legend": {"title": "verdict", "orient": "bottom"}},
+            "order": {"field": "verdict", "type": "nominal"},
+            "tooltip": [{"field": "report"}, {"field": "verdict"},
+                        {"field": "n", "type": "quantitative"}, {"field": "of"}]}}
+
+
+def _crash_tables(crash: Sequence[dict], charts: list) -> str:
+    """Stored `faultlab crash` campaigns: per campaign its tables, and one chart of all."""
+    from faultlab.report import crash_title, group_crash
     parts = []
+    for _, rows in group_crash(crash):
+        parts.append(f"<h3>{html.escape(crash_title(rows[0]))}</h3>")
+        kill = [r for r in rows if r["mode"] == "kill"]
+        if kill:
+            parts.append(_table(
+                ["engine", "kills", "recoveries", "torn", "mixed", "lost-committed",
+                 "incomplete-state", "steps lost mean / max", "runs bit-identical",
+                 "kills by phase", "ok"],
+                [[r["engine"], r["kills"], r["recoveries"], r["torn"], r["mixed"],
+                  r["lost_committed"], r["incomplete_state"],
+                  f"{r['steps_lost_mean'] or 0:.2f} / {r['steps_lost_max']}",
+                  f"{r['runs_bit_identical']}/{r['runs']}",
+                  ", ".join(f"{k} {v}" for k, v in
+                            (r["report"].get("kills_by_phase") or {}).items()),
+                  "yes" if r["ok"] else "NO"] for r in kill]))
+        power = [r for r in rows if r["mode"] == "power-loss"]
+        if power:
+            parts.append(_table(
+                ["engine (power loss)", "crash points", "images", "torn", "mixed",
+                 "lost-committed", "steps lost mean / max", "resumed bit-identical", "ok",
+                 "note"],
+                [[r["engine"], r["crash_points"], r["images"], r["torn"], r["mixed"],
+                  r["lost_committed"], f"{r['steps_lost_mean'] or 0:.2f} / "
+                  f"{r['steps_lost_max']}", f"{r['resumes_bit_identical']}/{r['resumes']}",
+                  "yes" if r["ok"] else "NO", r["note"]] for r in power]))
+        problems = [f"{r['engine']}: {p}" for r in rows for p in r["report"].get("problems", [])]
+        if problems:
+            parts.append("<details><summary>problems (" + str(len(problems)) + ")</summary><pre>"
+                         + html.escape("\n".join(problems)) + "</pre></details>")
+    vrows = crash_verdict_rows(crash)
+    if vrows:
+        charts.append(("crash_verdicts", crash_chart(vrows)))
+        parts.append("<!--chart:crash_verdicts-->")
+    return "".join(parts)
+
+
+def _crash_section(df, results: Sequence[TrialResult], crash: Sequence[dict] = (),
+                   charts: list | None = None) -> str:
+    parts = []
+    if crash:
+        parts.append("<p>Kill and power-loss campaigns of <code>faultlab crash</code> stored in "
+                     "this file: a torn, mixed or lost-committed checkpoint, or incomplete loop "
+                     "state, is a failure.</p>")
+        parts.append(_crash_tables(crash, charts if charts is not None else []))
+    else:
+        parts.append("<p>No <code>faultlab crash</code> campaign is stored in this file "
+                     "(<code>faultlab crash --results FILE</code> stores one).</p>")
+    if df is None:
+        return "".join(parts)
     dist = format_distributed(results)
     if dist:
         parts.append(f"<pre>{html.escape(dist)}</pre>")
@@ -469,26 +606,31 @@ def _crash_section(df, results: Sequence[TrialResult]) -> str:
         parts.append(_table(["run", "trial", "fault", "outcome", "error"],
                             [[r["run"], r["trial_id"], r["fault"], r["outcome"], r["error"]]
                              for r in bad.to_dict("records")]))
-    if not parts:
+    if not dist and not len(bad):
         parts.append("<p>No trial crashed or hung, and no trial had process faults.</p>")
-    parts.append("<p>Kill and power-loss campaigns of <code>faultlab crash</code> are not stored "
-                 "in the results database: their report is what <code>faultlab crash</code> "
-                 "prints (<code>--json</code> for a file). Shown here: trials whose worker "
-                 "crashed or hung, and multi-process trials with process faults.</p>")
     return "".join(parts)
 
 
-def build(results: Sequence[TrialResult], trials: Sequence[str] | None = None
+def build(results: Sequence[TrialResult], trials: Sequence[str] | None = None,
+          runs: Sequence[dict] = (), crash: Sequence[dict] = ()
           ) -> tuple[list[tuple[str, str]], list[tuple[str, dict]]]:
     """The report's sections ((title, HTML)) and charts ((name, Vega-Lite spec)); a chart is
-    placed in the page where a section's HTML holds ``<!--chart:NAME-->``."""
+    placed in the page where a section's HTML holds ``<!--chart:NAME-->``. ``runs``: each
+    run's stored configuration and fingerprint (ResultStore.runs); ``crash``: the stored
+    `faultlab crash` reports (ResultStore.crash_reports)."""
     from faultlab.results.frame import curves, load
     results = list(results)
-    if not results:
-        raise FaultlabError("no results to report")
-    df = load(results)
     charts: list[tuple[str, dict]] = []
     sections: list[tuple[str, str]] = []
+    if not results:
+        if not crash:
+            raise FaultlabError("no results to report")
+        if trials:
+            raise FaultlabError("--trials: this file holds no trials, only crash campaigns")
+        sections.append(("Crash campaigns (faultlab crash)",
+                         _crash_section(None, [], crash, charts)))
+        return sections, charts
+    df = load(results)
 
     sections.append(("Outcomes", _summary_section(df) + _trials_section(df)))
 
@@ -537,8 +679,9 @@ def build(results: Sequence[TrialResult], trials: Sequence[str] | None = None
         sections.append(("Detection and recovery (--detect)",
                          "<p>No protected run in these results (run the campaign with "
                          "<code>faultlab run --detect</code>).</p>"))
-    sections.append(("Crashes, hangs and process faults", _crash_section(df, results)))
-    sections.append(("Configuration and determinism", _config_section(df)))
+    sections.append(("Crashes, hangs and process faults",
+                     _crash_section(df, results, crash, charts)))
+    sections.append(("Configuration and determinism", _config_section(df, runs)))
     return sections, charts
 
 
@@ -609,10 +752,11 @@ def _with_bg(spec: dict) -> dict:
 
 def write_report(results: Sequence[TrialResult], html: str | os.PathLike | None = None,
                  figures: str | os.PathLike | None = None, trials: Sequence[str] | None = None,
-                 title: str = "results") -> list[Path]:
+                 title: str = "results", runs: Sequence[dict] = (),
+                 crash: Sequence[dict] = ()) -> list[Path]:
     """Write the HTML report and / or every figure (NAME.svg and NAME.png in `figures`);
-    returns the paths written."""
-    sections, charts = build(results, trials)
+    returns the paths written. ``runs`` and ``crash`` as for :func:`build`."""
+    sections, charts = build(results, trials, runs, crash)
     written = []
     if html is not None:
         p = Path(html)

@@ -21,8 +21,9 @@ from typing import Iterable
 
 from faultlab.errors import FaultlabError, printable
 from faultlab.report import describe_faults
-from faultlab.results.store import (BOOL_FIELDS, FLOAT_FIELDS, INT_FIELDS, ResultStore,
-                                    TrialResult, json_dumps)
+from faultlab.results.store import (BOOL_FIELDS, CRASH_COLUMNS, CRASH_FLOAT_FIELDS,
+                                    CRASH_INT_FIELDS, FLOAT_FIELDS, INT_FIELDS, RUN_COLUMNS,
+                                    ResultStore, TrialResult, json_dumps)
 
 #: the run of a plain campaign id (a protected run's id ends in "+detect": its run is "detect")
 PLAIN = "plain"
@@ -36,6 +37,12 @@ TRIAL_COLUMNS = (
     "final_loss", "max_acc_drop", "steps_run", "wall_s", "error", "detected", "detect_step",
     "detector", "recovered", "outcome_after", "outcome_final", "latency_steps", "recovery_s",
     "steps_replayed", "n_detections", "distributed", "faults")
+
+#: columns of :func:`load_runs`, in order (``config`` and ``fingerprint`` as JSON text)
+RUNS_COLUMNS = ("campaign", "run", "campaign_id", *RUN_COLUMNS[1:])
+
+#: columns of :func:`load_crash`, in order (``report``: the whole report as JSON text)
+CRASH_REPORT_COLUMNS = CRASH_COLUMNS
 
 #: columns of :func:`curves`, in order
 CURVE_COLUMNS = ("campaign", "run", "campaign_id", "trial_id", "step", "inject_step", "loss",
@@ -187,4 +194,51 @@ def curves(path_or_results: str | os.PathLike | Iterable[TrialResult],
     df = pd.DataFrame.from_records(rows, columns=list(CURVE_COLUMNS))
     df["step"] = df["step"].astype("int64")
     df["inject_step"] = pd.to_numeric(df["inject_step"], errors="coerce").astype("Int64")
+    return df
+
+
+def _stored(path: str | os.PathLike, what: str):
+    if not Path(path).is_file():
+        raise FaultlabError(f"{printable(path)}: no such results database")
+    with ResultStore(path) as store:
+        return getattr(store, what)()
+
+
+def load_runs(path: str | os.PathLike, campaign: str | None = None):
+    """A DataFrame with one row per campaign run and workload configuration
+    (:data:`RUNS_COLUMNS`): the configuration and the determinism fingerprint of the golden run
+    its trials were compared with, as ``faultlab run`` recorded them (``fingerprint`` as JSON
+    text, missing when not recorded; ``fingerprint_source`` says where it came from). Empty for
+    a file written before results schema version 2. ``campaign`` as for :func:`load`."""
+    pd = _pd()
+    rows = []
+    for r in _stored(path, "runs"):
+        digest, run = split_id(r["campaign"])
+        if campaign is not None and campaign not in (digest, r["campaign"]):
+            continue
+        rows.append({**r, "campaign": digest, "run": run, "campaign_id": r["campaign"],
+                     "config": json_dumps(r["config"]),
+                     "fingerprint": (None if r["fingerprint"] is None
+                                     else json_dumps(r["fingerprint"]))})
+    df = pd.DataFrame.from_records(rows, columns=list(RUNS_COLUMNS))
+    df["threads"] = pd.to_numeric(df["threads"], errors="coerce").astype("Int64")
+    return df
+
+
+def load_crash(path: str | os.PathLike):
+    """A DataFrame with one row per engine of each stored ``faultlab crash`` campaign
+    (:data:`CRASH_REPORT_COLUMNS`): ``run_id`` (one campaign), ``mode`` (kill / power-loss),
+    ``engine``, the loop (``workload``, ``steps``, ``every``, ``seed``), the counts (kills or
+    crash points and images; recoveries; the verdicts ``exact``, ``nothing_committed``,
+    ``torn``, ``mixed``, ``lost_committed``, ``incomplete_state``; runs and resumes
+    bit-identical), ``ok``, and the whole report as JSON text in ``report``. Empty for a file
+    without crash campaigns."""
+    pd = _pd()
+    rows = [{**r, "report": json_dumps(r["report"])} for r in _stored(path, "crash_reports")]
+    df = pd.DataFrame.from_records(rows, columns=list(CRASH_REPORT_COLUMNS))
+    for c in (*CRASH_INT_FIELDS, "steps", "every", "seed"):
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype("Int64")
+    for c in CRASH_FLOAT_FIELDS:
+        df[c] = df[c].astype("float64")
+    df["ok"] = df["ok"].astype("boolean")
     return df

@@ -44,8 +44,10 @@ OUTCOMES = ("Masked", "ImmediateINFsNaNs", "ShortTermINFsNaNs", "LatentINFsNaNs"
 #: the outcome name of the total row that :func:`summarize` appends
 TOTAL = "Total"
 
-#: version of the database layout, kept in ``PRAGMA user_version``
-SCHEMA_VERSION = 1
+#: version of the database layout, kept in ``PRAGMA user_version``. 1: the ``results`` table;
+#: 2: adds ``runs`` (per campaign run and configuration: the workload configuration and the
+#: golden run's determinism fingerprint) and ``crash_reports`` (``faultlab crash`` campaigns)
+SCHEMA_VERSION = 2
 
 #: ``PRAGMA application_id`` of a faultlab results database ("FLRS")
 APPLICATION_ID = 0x464C5253
@@ -218,6 +220,80 @@ CREATE TABLE IF NOT EXISTS results (
 CREATE INDEX IF NOT EXISTS results_seq ON results (seq);
 """
 
+#: what version 2 adds (schema version 1 files are migrated by running it: _migrate)
+_SCHEMA_V2 = """
+CREATE TABLE IF NOT EXISTS runs (
+    campaign TEXT NOT NULL,
+    workload_key TEXT NOT NULL,
+    fingerprint_digest TEXT NOT NULL,
+    framework TEXT NOT NULL,
+    workload TEXT NOT NULL,
+    config TEXT NOT NULL,
+    threads INTEGER,
+    executor TEXT,
+    fingerprint TEXT,
+    fingerprint_source TEXT,
+    faultlab TEXT NOT NULL,
+    recorded_at TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (campaign, workload_key, fingerprint_digest)
+);
+CREATE TABLE IF NOT EXISTS crash_reports (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    recorded_at TEXT NOT NULL,
+    mode TEXT NOT NULL CHECK (mode IN ('kill', 'power-loss')),
+    engine TEXT NOT NULL,
+    workload TEXT NOT NULL,
+    steps INTEGER,
+    every INTEGER,
+    seed INTEGER,
+    kills INTEGER NOT NULL,
+    crash_points INTEGER NOT NULL,
+    images INTEGER NOT NULL,
+    recoveries INTEGER NOT NULL,
+    exact INTEGER NOT NULL,
+    nothing_committed INTEGER NOT NULL,
+    torn INTEGER NOT NULL,
+    mixed INTEGER NOT NULL,
+    lost_committed INTEGER NOT NULL,
+    incomplete_state INTEGER NOT NULL,
+    steps_lost_mean REAL,
+    steps_lost_max INTEGER,
+    runs INTEGER NOT NULL,
+    runs_bit_identical INTEGER NOT NULL,
+    resumes INTEGER NOT NULL,
+    resumes_bit_identical INTEGER NOT NULL,
+    ok INTEGER NOT NULL,
+    wall_s REAL,
+    note TEXT,
+    faultlab TEXT NOT NULL,
+    report TEXT NOT NULL
+);
+"""
+
+#: columns of ``runs`` as :meth:`ResultStore.runs` returns them (``config`` and ``fingerprint``
+#: parsed from their JSON; ``fingerprint`` None when not recorded)
+RUN_COLUMNS = ("campaign", "workload_key", "framework", "workload", "config", "threads",
+               "executor", "fingerprint", "fingerprint_digest", "fingerprint_source",
+               "faultlab", "recorded_at")
+
+#: the counts and figures of a crash report stored as columns of ``crash_reports`` (each a key
+#: of ``EngineReport.to_json()``); the whole report is in ``report`` (strict JSON)
+CRASH_INT_FIELDS = ("kills", "crash_points", "images", "recoveries", "exact",
+                    "nothing_committed", "torn", "mixed", "lost_committed", "incomplete_state",
+                    "steps_lost_max", "runs", "runs_bit_identical", "resumes",
+                    "resumes_bit_identical")
+CRASH_FLOAT_FIELDS = ("steps_lost_mean", "wall_s")
+
+#: columns of ``crash_reports`` as :meth:`ResultStore.crash_reports` returns them
+CRASH_COLUMNS = ("run_id", "recorded_at", "mode", "engine", "workload", "steps", "every",
+                 "seed", *CRASH_INT_FIELDS[:10], "steps_lost_mean", *CRASH_INT_FIELDS[10:],
+                 "ok", "wall_s", "note", "faultlab", "report")
+
+#: the crash campaign modes
+CRASH_MODES = ("kill", "power-loss")
+
 
 class ResultStore:
     """SQLite store of trial results; one row per (campaign, trial_id).
@@ -231,6 +307,7 @@ class ResultStore:
         self._name = printable(self.path)    # the path in one-line messages
         self._conn: sqlite3.Connection | None = None
         self.journal_mode = ""
+        self.version = 0                     # the file's schema version (PRAGMA user_version)
         if self.path.is_dir():
             raise ResultsError(f"{self._name}: is a directory, not a faultlab results database")
         try:
@@ -255,7 +332,10 @@ class ResultStore:
     def _init_schema(self) -> None:
         c = self._conn
         app_id, version = self._ident()
-        if app_id == APPLICATION_ID and version == SCHEMA_VERSION:
+        if app_id == APPLICATION_ID and 1 <= version <= SCHEMA_VERSION:
+            # an older version is read as it is; it is upgraded (_upgrade) only when something
+            # it has no table for is written, so reading never changes a file
+            self.version = version
             self._wal()
             return
         self._check_ident(app_id, version)
@@ -264,18 +344,48 @@ class ResultStore:
             app_id, version = self._ident()
             self._check_ident(app_id, version)
             if app_id == 0:
-                for stmt in _SCHEMA.split(";"):
+                for stmt in (_SCHEMA + _SCHEMA_V2).split(";"):
                     if stmt.strip():
                         c.execute(stmt)
                 c.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            # (older schema versions would be migrated here)
+                version = SCHEMA_VERSION
             c.execute("COMMIT")
         except BaseException:
             if c.in_transaction:
                 c.execute("ROLLBACK")
             raise
+        self.version = version
         self._wal()
+
+    def _upgrade(self) -> None:
+        """Migrate an older file to SCHEMA_VERSION in one transaction (its rows are kept as
+        they are: each version only adds tables), before writing what it had no table for."""
+        if self.version >= SCHEMA_VERSION:
+            return
+        c = self.conn
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                version = self._ident()[1]
+                if version < 2:
+                    for stmt in _SCHEMA_V2.split(";"):
+                        if stmt.strip():
+                            c.execute(stmt)
+                if version < SCHEMA_VERSION:
+                    c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                c.execute("COMMIT")
+            except BaseException:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            raise ResultsError(f"{self._name}: cannot upgrade the results database from "
+                               f"schema version {self.version}: {one_line(e)}") from None
+        self.version = SCHEMA_VERSION
+
+    def _has_v2(self) -> bool:
+        return self.version >= 2
 
     def _ident(self) -> tuple[int, int]:
         c = self._conn
@@ -370,6 +480,127 @@ class ResultStore:
         return [r[0] for r in self._run(
             "SELECT campaign FROM results GROUP BY campaign ORDER BY min(seq)")]
 
+    # -- runs: the configuration and determinism fingerprint of each campaign run
+
+    def add_runs(self, campaign: str, runs: Sequence[dict]) -> None:
+        """Record, for the campaign id ``campaign`` (a digest, or digest+detect), each workload
+        configuration its trials ran on and the determinism fingerprint of its golden run. Each
+        entry: ``workload_key``, ``framework``, ``workload``, ``config`` (a JSON-able dict),
+        and optionally ``threads``, ``executor``, ``fingerprint`` (Fingerprint.to_dict(), or
+        None when unknown) and ``fingerprint_source``. One transaction; a run recorded again
+        with the same fingerprint is replaced, one with another fingerprint (a campaign resumed
+        elsewhere) is kept beside it."""
+        from faultlab import __version__
+        self._upgrade()
+        rows = []
+        for r in runs:
+            fp = r.get("fingerprint")
+            fp_json = None if fp is None else json.dumps(_strict_json(fp), sort_keys=True,
+                                                         allow_nan=False)
+            # the same digest as Fingerprint.digest() (the golden run's cache folder ends in it)
+            digest = "" if fp is None else _digest(json.dumps(
+                _strict_json(fp), sort_keys=True, separators=(",", ":"), allow_nan=False))
+            rows.append((campaign, str(r["workload_key"]), digest, str(r["framework"]),
+                         str(r["workload"]),
+                         json.dumps(_strict_json(r["config"]), sort_keys=True,
+                                    allow_nan=False, default=_json_default),
+                         None if r.get("threads") is None else int(r["threads"]),
+                         r.get("executor"), fp_json, r.get("fingerprint_source"),
+                         __version__, _now()))
+        self._write_many(
+            "INSERT OR REPLACE INTO runs (campaign, workload_key, fingerprint_digest, "
+            "framework, workload, config, threads, executor, fingerprint, fingerprint_source, "
+            "faultlab, recorded_at, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+            "(SELECT coalesce(max(seq), 0) + 1 FROM runs))", rows)
+
+    def runs(self, campaign: str | None = None) -> list[dict]:
+        """The recorded runs (:data:`RUN_COLUMNS`; of one campaign id, or all) in the order
+        recorded; empty for a file written before schema version 2."""
+        if not self._has_v2():
+            return []
+        cols = list(RUN_COLUMNS)
+        sel = f"SELECT {', '.join(cols)} FROM runs"
+        rows = (self._run(sel + " ORDER BY seq").fetchall() if campaign is None else
+                self._run(sel + " WHERE campaign = ? ORDER BY seq", (campaign,)).fetchall())
+        out = []
+        for r in rows:
+            d = dict(zip(cols, r))
+            try:
+                d["config"] = json.loads(d["config"])
+                d["fingerprint"] = (json.loads(d["fingerprint"]) if d["fingerprint"] is not None
+                                    else None)
+            except ValueError as e:
+                raise ResultsError(f"{self._name}: damaged run row for campaign "
+                                   f"{d['campaign']!r}: {one_line(e)}") from None
+            d["fingerprint_digest"] = d["fingerprint_digest"] or None
+            out.append(d)
+        return out
+
+    # -- crash campaigns (faultlab crash)
+
+    def add_crash_reports(self, reports: Sequence[dict], *, run_id: str, workload: str,
+                          steps: int | None = None, every: int | None = None,
+                          seed: int | None = None) -> None:
+        """Store the per-engine reports (``EngineReport.to_json()`` dicts) of one
+        ``faultlab crash`` campaign ``run_id``, in one transaction: the counts as columns,
+        the whole report as strict JSON."""
+        from faultlab import __version__
+        rows = []
+        for rep in reports:
+            mode = rep.get("mode")
+            if mode not in CRASH_MODES:
+                raise ValueError(f"crash report mode must be one of {', '.join(CRASH_MODES)}, "
+                                 f"not {mode!r}")
+            row = {"run_id": str(run_id), "recorded_at": _now(), "mode": mode,
+                   "engine": str(rep["engine"]), "workload": str(workload),
+                   "steps": steps, "every": every, "seed": seed,
+                   "ok": int(bool(rep.get("ok"))), "note": rep.get("note") or "",
+                   "faultlab": __version__,
+                   "report": json.dumps(_strict_json(rep), sort_keys=True, allow_nan=False,
+                                        default=_json_default)}
+            for k in CRASH_INT_FIELDS:
+                row[k] = int(rep.get(k) or 0)
+            for k in CRASH_FLOAT_FIELDS:
+                v = rep.get(k)
+                row[k] = float(v) if v is not None and math.isfinite(float(v)) else None
+            rows.append(tuple(row[c] for c in CRASH_COLUMNS))
+        self._upgrade()
+        self._write_many(f"INSERT INTO crash_reports ({', '.join(CRASH_COLUMNS)}) VALUES "
+                         f"({', '.join('?' for _ in CRASH_COLUMNS)})", rows)
+
+    def crash_reports(self) -> list[dict]:
+        """Every stored crash report (:data:`CRASH_COLUMNS`, ``ok`` a bool and ``report`` the
+        parsed JSON), in the order stored; empty for a file written before schema version 2."""
+        if not self._has_v2():
+            return []
+        out = []
+        for r in self._run(f"SELECT {', '.join(CRASH_COLUMNS)} FROM crash_reports "
+                           "ORDER BY seq").fetchall():
+            d = dict(zip(CRASH_COLUMNS, r))
+            try:
+                d["report"] = json.loads(d["report"])
+            except ValueError as e:
+                raise ResultsError(f"{self._name}: damaged crash report of {d['engine']!r}: "
+                                   f"{one_line(e)}") from None
+            d["ok"] = bool(d["ok"])
+            out.append(d)
+        return out
+
+    def _write_many(self, sql: str, rows: Sequence[tuple]) -> None:
+        c = self.conn
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                for row in rows:
+                    c.execute(sql, row)
+                c.execute("COMMIT")
+            except BaseException:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            raise ResultsError(f"{self._name}: {one_line(e)}") from None
+
     def __len__(self) -> int:
         return self._run("SELECT count(*) FROM results").fetchone()[0]
 
@@ -415,6 +646,16 @@ def _from_row(r: tuple) -> TrialResult:
         if kw[name] is not None:
             kw[name] = float(kw[name])
     return TrialResult(**kw)
+
+
+def _now() -> str:
+    import datetime
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _digest(text: str) -> str:
+    import hashlib
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def one_line(e: BaseException) -> str:

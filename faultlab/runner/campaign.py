@@ -11,9 +11,9 @@ from pathlib import Path
 from faultlab.campaigns import Campaign
 from faultlab.errors import FaultlabError
 from faultlab.outcomes import OutcomeRules
-from faultlab.results import ResultStore, TrialResult
+from faultlab.results import ResultStore, TrialResult, golden_records
 from faultlab.runner.pool import LocalPool
-from faultlab.runner.session import DetectOptions, validate_trials
+from faultlab.runner.session import DetectOptions, check_windows, validate_trials
 
 
 EXECUTORS = ("local", "ray")
@@ -92,7 +92,8 @@ def run_campaign(campaign: Campaign, results_path: str | os.PathLike, *, workers
                 say(f"golden run: {len(configs)} configuration(s) "
                     f"({', '.join(sorted({c.workload for c in configs.values()}))}), "
                     f"cached after the first time")
-                pool.golden(configs.values())
+                check_windows(todo, pool.golden(configs.values()) or {})
+                store.add_runs(cid, golden_records(configs.values(), threads, executor))
                 on_start(len(todo))
 
                 def stored(res: TrialResult) -> None:

@@ -123,10 +123,11 @@ def test_classify_tells_exact_mixed_torn_lost_and_nothing():
 
 def test_the_crash_command_prints_one_json_document_and_exits_0(tmp_path, capsys):
     rc = cli.main(["crash", "--kills", "4", "--steps", "6", "--json", "--dir", str(tmp_path),
-                   "--seed", "3"])
+                   "--seed", "3", "--results", str(tmp_path / "crash.sqlite")])
     out = capsys.readouterr().out
     doc = json.loads(out)
     assert rc == 0 and doc["ok"] and doc["mode"] == "kill"
+    assert doc["results_db"] == str(tmp_path / "crash.sqlite") and doc["run_id"]
     (eng,) = doc["engines"]
     assert eng["engine"] == "faultlab" and eng["kills"] == 4
     assert {"torn", "mixed", "lost_committed", "steps_lost_mean", "runs_bit_identical",
@@ -135,7 +136,7 @@ def test_the_crash_command_prints_one_json_document_and_exits_0(tmp_path, capsys
 
 def test_the_power_loss_mode_reports_every_engine(capsys):
     rc = cli.main(["crash", "--power-loss", "--engine", "all", "--points", "8", "--images",
-                   "4", "--steps", "3"])
+                   "4", "--steps", "3", "--no-results"])
     out = capsys.readouterr().out
     assert rc == 0
     assert "engine (power loss)" in out and "not modeled" in out

@@ -62,3 +62,47 @@ def write(path, plain: bool = True, detect: bool = True) -> None:
     with ResultStore(path) as store:
         for r in (results(False) if plain else []) + (results(True) if detect else []):
             store.add(r)
+
+
+FINGERPRINT = {"faultlab": "0.1.0", "python": "3.12.1", "numpy": "2.1.0",
+               "framework": "torch 2.5.0", "machine": "x86_64",
+               "isa": "GenuineIntel avx avx2 fma", "env": {}, "threads": 2, "device": "cpu",
+               "portable": False}
+
+
+def write_runs(path) -> None:
+    """What `faultlab run` stores beside the trials: the configuration and the golden run's
+    determinism fingerprint, per run."""
+    entry = {"workload_key": "c55d0f234599bce1", "framework": "torch", "workload": "mlp",
+             "config": {"workload": "mlp", "width": 8, "steps_per_epoch": 5}, "threads": 2,
+             "executor": "local", "fingerprint": FINGERPRINT, "fingerprint_source": "golden run"}
+    with ResultStore(path) as store:
+        store.add_runs(DIGEST, [entry])
+        store.add_runs(DIGEST + "+detect", [entry])
+
+
+def crash_report(engine: str, mode: str = "kill", **kw) -> dict:
+    """An EngineReport.to_json() of a healthy engine (override any count)."""
+    rep = {"engine": engine, "mode": mode, "kills": 6 if mode == "kill" else 0,
+           "recoveries": 6, "exact": 5, "nothing_committed": 1, "torn": 0, "mixed": 0,
+           "lost_committed": 0, "incomplete_state": 0, "steps_lost_total": 6,
+           "steps_lost_mean": 1.0, "steps_lost_max": 2, "runs": 1, "runs_bit_identical": 1,
+           "kills_by_phase": {"staging": 2, "writing": 1, "committing": 2, "idle": 1},
+           "crash_points": 0 if mode == "kill" else 8, "images": 0 if mode == "kill" else 40,
+           "resumes": 0, "resumes_bit_identical": 0, "ok": True, "problems": [],
+           "wall_s": 2.5, "note": ""}
+    rep.update(kw)
+    return rep
+
+
+def write_crash(path) -> None:
+    """Two `faultlab crash` campaigns: kills of faultlab and naive (which tears), power loss."""
+    naive = crash_report("naive", exact=2, torn=3, recoveries=3, ok=False,
+                         problems=["k1 at writing/0: torn: w differs"])
+    power = crash_report("faultlab", "power-loss", recoveries=40, exact=38,
+                         nothing_committed=2, resumes=4, resumes_bit_identical=4)
+    with ResultStore(path) as store:
+        store.add_crash_reports([crash_report("faultlab"), naive], run_id="kill-1",
+                                workload="mlp", steps=6, every=1, seed=0)
+        store.add_crash_reports([power], run_id="power-1", workload="mlp", steps=6, every=1,
+                                seed=0)

@@ -90,3 +90,31 @@ def test_report_one_run_unchanged(tmp_path, capsys):
     write(p, detect=False)
     assert main(["report", str(p)]) == 0
     assert _counts(capsys.readouterr().out) == [3]
+
+
+def test_text_and_json_reports_show_stored_crash_campaigns(db, capsys):
+    from _synthetic import write_crash, write_runs
+    write_runs(db)
+    write_crash(db)
+    assert main(["report", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert "campaign " + DIGEST + ", plain run: 3 trial(s)" in out     # the trials still
+    i = out.index("crash campaign kill-1")
+    kill = out[i:].splitlines()
+    assert kill[0].endswith("kill, workload mlp, 6 steps, checkpoint every 1, seed 0")
+    assert kill[1].split()[:3] == ["engine", "kills", "recoveries"]
+    assert kill[3].split()[:5] == ["faultlab", "6", "6", "0", "0"]
+    assert kill[4].split()[:5] == ["naive", "6", "3", "3", "0"]
+    assert "crash campaign power-1" in out and "engine (power loss)" in out
+    assert main(["report", str(db), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [(c["run_id"], c["engine"], c["torn"]) for c in doc["crash"]] == [
+        ("kill-1", "faultlab", 0), ("kill-1", "naive", 3), ("power-1", "faultlab", 0)]
+    (cfg,) = doc["runs"][0]["configurations"]
+    assert cfg["fingerprint"]["isa"] == "GenuineIntel avx avx2 fma"
+
+
+def test_an_unknown_campaign_is_a_one_line_error(db, capsys):
+    assert main(["report", str(db), "--campaign", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nope" in err

@@ -16,7 +16,7 @@ import pytest
 from faultlab.cli import main
 
 from _browser import Browser, chromium, png_pixels
-from _synthetic import write
+from _synthetic import write, write_crash, write_runs
 
 pytest.importorskip("vl_convert", reason="pip install vl-convert-python")
 
@@ -55,8 +55,44 @@ def test_html_and_figures_offline(tmp_path):
         assert (figs / f"{want}.svg").read_text().lstrip().startswith("<svg")
         assert (figs / f"{want}.png").read_bytes()[:4] == b"\x89PNG"
     assert "coverage: 1/2 non-Masked" in page
-    assert "not stored in the results database" in page        # crash campaigns
+    assert "No <code>faultlab crash</code> campaign is stored" in page
     assert "Configuration and determinism" in page
+    assert "the results do not carry one" in page or "do not carry the determinism" in page
+
+
+def test_crash_tables_chart_and_stored_fingerprint(tmp_path):
+    db = tmp_path / "r.sqlite"
+    write(db)
+    write_runs(db)
+    write_crash(db)
+    out, figs = tmp_path / "report.html", tmp_path / "figs"
+    assert main(["report", str(db), "--html", str(out), "--figures", str(figs)]) == 0
+    page = out.read_text(encoding="utf-8")
+    _offline_checks(page)
+    assert 'data-chart="crash_verdicts"' in page
+    assert (figs / "crash_verdicts.svg").read_text().lstrip().startswith("<svg")
+    for text in ("crash campaign kill-1", "crash campaign power-1", "engine (power loss)",
+                 "lost-committed", "naive", "torn: w differs"):
+        assert text in page
+    # the fingerprint the results carry, not the local cache's
+    assert "determinism fingerprint stored in the results (the plain, detect run" in page
+    assert "GenuineIntel avx avx2 fma" in page
+    assert "local cache" not in page
+
+
+def test_a_file_of_crash_campaigns_only_reports(tmp_path, capsys):
+    db = tmp_path / "c.sqlite"
+    write_crash(db)
+    out = tmp_path / "c.html"
+    assert main(["report", str(db), "--html", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "crash campaign kill-1" in text and "engine (power loss)" in text
+    page = out.read_text(encoding="utf-8")
+    _offline_checks(page)
+    assert 'data-chart="crash_verdicts"' in page and "Outcome rates" not in page
+    assert main(["report", str(db), "--html", str(out), "--trials", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "only crash campaigns" in err
 
 
 def test_unknown_trial_is_one_line(tmp_path, capsys):
@@ -69,14 +105,16 @@ def test_unknown_trial_is_one_line(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory, faultlab_cache):
-    """The HTML report of a tiny campaign, run plainly and with --detect into one file."""
+    """The HTML report of a tiny campaign, run plainly and with --detect into one file, and of
+    a short kill campaign stored in the same file."""
     d = tmp_path_factory.mktemp("tiny")
     (d / "tiny.csv").write_text(CAMPAIGN)
     env = {**os.environ, "FAULTLAB_CACHE": str(faultlab_cache)}
     env.pop("FAULTLAB_STOP_AFTER", None)
-    for extra in ([], ["--detect"]):
-        p = subprocess.run([sys.executable, "-m", "faultlab.cli", "run", "tiny.csv",
-                            "--results", "t.sqlite", *extra], cwd=d, env=env,
+    for argv in (["run", "tiny.csv"], ["run", "tiny.csv", "--detect"],
+                 ["crash", "--kills", "3", "--steps", "6"]):      # a few real kills
+        p = subprocess.run([sys.executable, "-m", "faultlab.cli", *argv,
+                            "--results", "t.sqlite"], cwd=d, env=env,
                            capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr
     p = subprocess.run([sys.executable, "-m", "faultlab.cli", "report", "t.sqlite",
@@ -108,10 +146,37 @@ def test_report_in_headless_chromium(tiny_report):
     page = tiny_report.read_text(encoding="utf-8")
     _offline_checks(page)
     names = re.findall(r'data-chart="([^"]+)"', page)
-    assert {"curves_loss", "rates_site", "heatmap_layer_site", "recovery_path"} <= set(names)
+    assert {"curves_loss", "rates_site", "heatmap_layer_site", "recovery_path",
+            "crash_verdicts"} <= set(names)
+    assert "determinism fingerprint stored in the results" in page   # `faultlab run` stored it
+    _check_in_chromium(tiny_report, names)
+
+
+@pytest.mark.skipif(chromium() is None, reason="chromium is not installed (apt install chromium)")
+def test_crash_tables_in_headless_chromium(tmp_path):
+    """Framework-free: trials, stored fingerprints and crash campaigns written directly."""
+    pytest.importorskip("websocket", reason="pip install websocket-client")
+    db = tmp_path / "r.sqlite"
+    write(db)
+    write_runs(db)
+    write_crash(db)
+    out = tmp_path / "report.html"
+    assert main(["report", str(db), "--html", str(out)]) == 0
+    names = re.findall(r'data-chart="([^"]+)"', out.read_text(encoding="utf-8"))
+    assert "crash_verdicts" in names
+    _check_in_chromium(out, names)
+    # the crash chart drew one bar per report and verdict with a count: 2 + 3 + 2
+    only = tmp_path / "crash-only.sqlite"
+    write_crash(only)
+    out2 = tmp_path / "crash.html"
+    assert main(["report", str(only), "--html", str(out2)]) == 0
+    _check_in_chromium(out2, ["crash_verdicts"], bars=("crash_verdicts", 7))
+
+
+def _check_in_chromium(report: Path, names: list[str], bars: tuple[str, int] | None = None):
     b = Browser(WIDTH, HEIGHT, timeout=120)
     try:
-        b.open(tiny_report.resolve().as_uri())
+        b.open(report.resolve().as_uri())
         n = len(names)
         b.wait_for(f"document.querySelectorAll('[data-chart][data-rendered=\"1\"] svg')"
                    f".length >= {n} || document.querySelector('.err') !== null")
@@ -133,6 +198,11 @@ def test_report_in_headless_chromium(tiny_report):
         assert abs(w - WIDTH / 4) <= 1 and abs(h - HEIGHT / 4) <= 1, (w, h)
         assert len(set(rows)) > 10 and len({px for r in rows for px in
                                             (r[i:i + 3] for i in range(0, len(r), 12))}) > 5
+        if bars:
+            name, k = bars
+            got = b.eval(f"document.querySelectorAll('[data-chart=\"{name}\"] "
+                         f"svg g.mark-rect path').length")
+            assert got == k, got
         assert b.errors() == []
     finally:
         b.close()
