@@ -1,7 +1,9 @@
-"""Campaign throughput: the local pool and Ray, side by side, on the reference campaign.
+"""Campaign throughput: the local pool and Ray, side by side, on the reference campaign; and
+early decision against full horizons on random56 and mixed.
 
     python benchmarks/campaign_throughput.py [--trials N] [--workers 2] [--threads T]
                                              [--address auto|HOST:PORT] [--quick] [--json]
+    python benchmarks/campaign_throughput.py --early [--trials N] [--workers 2] [--json]
 
 Runs campaigns/random56.csv (or its first N trials) once with `--executor local` and once with
 `--executor ray` (a local Ray started for the run, or the cluster at --address), the same
@@ -115,6 +117,97 @@ def summarize(m: dict, c: dict, workers: int) -> dict:
             "outcomes": sorted((r.trial_id, r.outcome, r.bit_exact) for r in rs)}
 
 
+EARLY_CAMPAIGNS = ("random56.csv", "mixed.csv")
+
+
+def early(camp, workers: int, threads: int, tmp: str, step_samples: int) -> dict:
+    """One campaign run twice on the local pool, with early decision and without (each into a
+    fresh results database, against the same golden run, recorded first): trials per hour, the
+    share decided early, the steps trained, and the per-trial overhead beyond the trained steps
+    (1 - trained steps x step time / task time: restore, evaluation, checksums, classification),
+    with the step time measured alone on a trainer of the same configuration."""
+    cfgs = {t.workload.key(): t.workload for t in camp.trials}
+    cost = {k: costs(cfg, threads, step_samples) for k, cfg in cfgs.items()}
+    rows = {}
+    for mode, flag in (("full horizon", False), ("early decision", True)):
+        marks: dict = {}
+        db = os.path.join(tmp, f"{os.path.basename(camp.path)}-{flag}.sqlite")
+
+        def on_start(n, marks=marks):
+            marks["start"] = time.perf_counter()
+
+        def on_result(r, marks=marks):
+            marks["last"] = time.perf_counter()
+        run = run_campaign(camp, db, workers=workers, threads=threads, fresh=True,
+                           early_stop=flag, on_start=on_start, on_result=on_result)
+        rs = run.results
+        phase = marks["last"] - marks["start"]
+        trained = sum(r.steps_run for r in rs)
+        window = sum(r.steps_run + (r.metrics.get("early_stop") or {}).get("steps_skipped", 0)
+                     for r in rs)
+        task = sum(r.wall_s for r in rs)
+        stepping = sum(r.steps_run * cost[r.workload_key]["step"] for r in rs)
+        rows[mode] = {"mode": mode, "trials": len(rs), "phase_s": phase,
+                      "per_hour": len(rs) / phase * 3600,
+                      "early": sum(1 for r in rs if r.metrics.get("early_stop")),
+                      "trained": trained, "window": window, "task_s": task,
+                      "overhead": max(0.0, 1 - stepping / task) if task else 0.0,
+                      "results": {r.trial_id: r for r in rs}}
+    full, fast = rows["full horizon"], rows["early decision"]
+    diffs = []
+    for tid, a in full["results"].items():
+        b = fast["results"][tid]
+        same = (a.outcome, a.bit_exact) == (b.outcome, b.bit_exact)
+        if same and a.bit_exact:
+            same = ((a.final_loss, a.final_train_acc, a.final_test_acc)
+                    == (b.final_loss, b.final_train_acc, b.final_test_acc)
+                    and a.metrics["loss"] == b.metrics["loss"])
+        if not same:
+            diffs.append((tid, a.outcome, b.outcome))
+    for r in rows.values():
+        del r["results"]
+    return {"campaign": os.path.basename(camp.path), "rows": [full, fast],
+            "speedup": fast["per_hour"] / full["per_hour"], "differences": diffs,
+            "step_ms": {k: c["step"] * 1e3 for k, c in cost.items()}}
+
+
+def main_early(a, threads: int) -> int:
+    out = []
+    with tempfile.TemporaryDirectory(prefix="faultlab-early-") as tmp:
+        os.environ.setdefault("FAULTLAB_CACHE", os.path.join(tmp, "cache"))
+        for name in EARLY_CAMPAIGNS:
+            camp = load_campaign(os.path.join(os.path.dirname(CAMPAIGN), name))
+            if a.trials:
+                camp = dataclasses.replace(camp, trials=camp.trials[:a.trials])
+            out.append(early(camp, a.workers, threads, tmp, a.step_samples))
+    if a.json:
+        print(json.dumps(out, default=str))
+        return 0
+    print(f"early decision: {a.workers} worker(s) x {threads} thread(s); cpu count "
+          f"{os.cpu_count()}; load average {os.getloadavg()[0]:.1f}")
+    head = ["campaign", "mode", "trials", "trial phase", "trials/hour", "speed-up",
+            "decided early", "steps trained", "of window", "overhead beyond steps"]
+    body = []
+    for e in out:
+        for r in e["rows"]:
+            body.append([e["campaign"], r["mode"], str(r["trials"]), f"{r['phase_s']:.1f} s",
+                         f"{r['per_hour']:.0f}",
+                         f"{r['per_hour'] / e['rows'][0]['per_hour']:.2f}x",
+                         f"{r['early']} ({r['early'] / r['trials'] * 100:.0f}%)",
+                         str(r["trained"]), f"{r['trained'] / r['window'] * 100:.0f}%",
+                         f"{r['overhead'] * 100:.1f}%"])
+    print(table(head, body, right={2, 3, 4, 5, 7, 8, 9}))
+    print()
+    for e in out:
+        ok = not e["differences"]
+        print(f"{'PASS' if ok else 'FAIL'} {e['campaign']}: every trial has the same outcome "
+              f"(and, where bit-exact, the same final metrics) with and without early decision"
+              + ("" if ok else f": {e['differences'][:5]}"))
+        print(f"{'PASS' if e['speedup'] >= 1 else 'FAIL'} {e['campaign']}: early decision "
+              f"{e['speedup']:.2f}x the trials per hour of full horizons (bound: >= 1.00x)")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--trials", type=int, default=0, help="first N trials (default: all 56)")
@@ -128,12 +221,17 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--native", action="store_true",
                     help="native kernels (default: portable mode, as `faultlab run`)")
+    ap.add_argument("--early", action="store_true",
+                    help="early decision against full horizons on random56 and mixed "
+                         "(local pool) instead of local against Ray")
     a = ap.parse_args()
     from faultlab.determinism import choose
     choose("native" if a.native else "auto")    # before torch is imported here or anywhere
     if a.quick:
         a.trials, a.step_samples = a.trials or 4, 5
     threads = a.threads or default_threads(a.workers)
+    if a.early:
+        return main_early(a, threads)
     camp = load_campaign(CAMPAIGN)
     if a.trials:
         camp = dataclasses.replace(camp, trials=camp.trials[:a.trials])

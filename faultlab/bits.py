@@ -15,7 +15,7 @@ from faultlab.errors import SpecError
 
 __all__ = ["BitLayout", "LAYOUT_BITS", "DTYPE_LAYOUT", "FLOAT_FORMATS", "UINT", "NP_DTYPES",
            "quiet_bit", "exp_mask", "canonical_nan", "bits_to_float", "bits_to_np", "np_to_bits",
-           "convert_bits"]
+           "convert_bits", "bit_sum", "key_weight", "state_checksum"]
 
 
 class BitLayout(str, enum.Enum):
@@ -137,3 +137,37 @@ def convert_bits(bits: np.ndarray, src: BitLayout, dst: BitLayout) -> np.ndarray
     if nan.any():
         out = np.where(nan, _nan_bits(bits, src, dst), out)
     return out
+
+
+# --- exact state checksums -----------------------------------------------------------------------
+
+_SIGNED = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+_MASK64 = (1 << 64) - 1
+
+
+def bit_sum(a: np.ndarray) -> int:
+    """The sum of an array's elements' bit patterns read as signed integers of their width,
+    modulo 2**64: equal arrays give equal sums, and one flipped bit always changes it (by
+    +-2**k). Frameworks compute the same sum on their own tensors (view as intN, sum in int64)."""
+    a = np.ascontiguousarray(a)
+    ints = a.view(_SIGNED.get(a.itemsize, np.int8))
+    return int(ints.sum(dtype=np.int64)) & _MASK64
+
+
+def key_weight(key: str) -> int:
+    """An odd 64-bit weight per state key (from its CRC32), so the same bits under another key
+    (a replica's own copy, a renamed tensor) change the checksum."""
+    import zlib
+    c = zlib.crc32(key.encode())
+    return ((c << 32) | zlib.crc32(key.encode()[::-1]) | 1) & _MASK64
+
+
+def state_checksum(state) -> int:
+    """An exact, order-independent checksum of a trainer state ({key: array}): the sum over its
+    keys of key_weight(key) * bit_sum(array), modulo 2**64. The golden run records it after
+    every step; a trial whose state gives the golden run's checksum at the same step after its
+    last fault has converged back to it bit for bit (runner/session.py's early decision)."""
+    total = 0
+    for k, a in state.items():
+        total += key_weight(k) * bit_sum(np.asarray(a))
+    return total & _MASK64

@@ -212,6 +212,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--results", help="results database (default faultlab-results/NAME.sqlite)")
     r.add_argument("--fresh", action="store_true", help="discard earlier results of this campaign")
     r.add_argument("--timeout", type=float, default=3600.0, help="seconds before a trial is a Hang")
+    r.add_argument("--no-early-stop", dest="early_stop", action="store_false",
+                   help="run every trial to its horizon (default: a trial whose whole state is "
+                        "the golden run's, bit for bit, after its last fault ends there as "
+                        "Masked)")
     r.add_argument("--horizon", type=int, metavar="N",
                    help="run each trial N steps past its first fault (to that epoch's end) "
                         "instead of the file's horizon; ISCA files run to the end of training")
@@ -448,6 +452,7 @@ def _run_campaign(a, detect=None):
                        dist=_dist_options(a) if hasattr(a, "snapshot_every") else None,
                        executor=getattr(a, "executor", "local"),
                        address=getattr(a, "address", None),
+                       early_stop=getattr(a, "early_stop", True),
                        on_start=on_start, on_result=on_result)
     return run.campaign, run.campaign_id, run.results_path, run.results
 

@@ -70,6 +70,12 @@ class TrainerBase(abc.ABC):
     def set_state(self, state: Mapping[str, np.ndarray]) -> None:
         """Restore a state returned by get_state (bit-exact)."""
 
+    def full_checksum(self) -> int:
+        """bits.state_checksum of get_state(): exact (equal states, equal sums; one flipped bit
+        always changes it). A backend may compute the same value without copying the state."""
+        from faultlab.bits import state_checksum
+        return state_checksum(self.get_state())
+
     def prepare_restore(self) -> None:
         """Do ahead of time whatever makes a later set_state fast (TF traces its bulk assign);
         called when protection starts, so a rollback does not pay for it. Default: nothing."""

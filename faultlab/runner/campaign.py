@@ -20,12 +20,13 @@ EXECUTORS = ("local", "ray")
 
 
 def make_pool(executor: str, workers: int, threads: int, rules: OutcomeRules, timeout: float,
-              detect, dist, address: str | None = None):
+              detect, dist, address: str | None = None, early_stop: bool = True):
     """The executor's pool: golden(configs) and trials(trials, campaign, on_result)."""
     if executor == "ray":
         from faultlab.runner.ray_pool import RayPool
-        return RayPool(workers, threads, rules, timeout, detect, dist, address=address)
-    return LocalPool(workers, threads, rules, timeout, detect, dist)
+        return RayPool(workers, threads, rules, timeout, detect, dist, address=address,
+                       early_stop=early_stop)
+    return LocalPool(workers, threads, rules, timeout, detect, dist, early_stop=early_stop)
 
 
 def default_threads(workers: int) -> int:
@@ -55,6 +56,7 @@ def run_campaign(campaign: Campaign, results_path: str | os.PathLike, *, workers
                  threads: int = 0, rules: OutcomeRules | None = None, timeout: float = 3600.0,
                  detect: DetectOptions | None = None, fresh: bool = False, dist=None,
                  executor: str = "local", address: str | None = None,
+                 early_stop: bool = True,
                  say: Callable[[str], None] = lambda msg: None,
                  on_start: Callable[[int], None] = lambda n: None,
                  on_result: Callable[[TrialResult], None] = lambda r: None) -> CampaignRun:
@@ -63,7 +65,7 @@ def run_campaign(campaign: Campaign, results_path: str | os.PathLike, *, workers
     gets progress lines, `on_start` the number of trials to run, `on_result` each result
     after it is stored (an exception it raises stops the campaign). `executor` is "local"
     (a pool of processes on this machine) or "ray" (tasks on the Ray cluster at `address`:
-    runner/ray_pool.py)."""
+    runner/ray_pool.py). `early_stop` False runs every trial to its horizon (Session.early_stop)."""
     if workers < 1:
         raise FaultlabError("--workers must be at least 1")
     if executor not in EXECUTORS:
@@ -87,7 +89,7 @@ def run_campaign(campaign: Campaign, results_path: str | os.PathLike, *, workers
                 f"in {store.path}")
         if todo:
             with make_pool(executor, min(workers, len(todo)), threads, rules or OutcomeRules(),
-                           timeout, detect, dist, address) as pool:
+                           timeout, detect, dist, address, early_stop) as pool:
                 configs = {t.workload.key(): t.workload for t in todo}
                 say(f"golden run: {len(configs)} configuration(s) "
                     f"({', '.join(sorted({c.workload for c in configs.values()}))}), "

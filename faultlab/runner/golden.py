@@ -34,7 +34,7 @@ from faultlab.determinism import DeterminismError, Fingerprint, fingerprint
 from faultlab.errors import CheckpointError
 from faultlab.workloads.base import WorkloadConfig
 
-FORMAT = 5                          # 5: the determinism fingerprint in the key and the file; 4: TF golden runs record every signal; 3: checkpoints in one engine file (1, 2: .npz files)
+FORMAT = 6                          # 6: an exact state checksum after every step; 5: the determinism fingerprint in the key and the file; 4: TF golden runs record every signal; 3: checkpoints in one engine file (1, 2: .npz files)
 CHECKPOINT_FILE = "golden.ckpt"
 
 
@@ -70,12 +70,22 @@ class GoldenRun:
     signals: list[dict] = field(default_factory=list)  # per step: detectors' signals
     fingerprint: Fingerprint | None = None             # of the machine that recorded it
     recorded_here: bool = False     # recorded by this process (it needs no control trial)
+    #: per step: bits.state_checksum of the whole state after it (TrainerBase.full_checksum),
+    #: as decimal strings (exact in JSON); None before an imported run's origin
+    checksums: list[str | None] | None = None
 
     @property
     def end(self) -> int:
         """Exclusive end of the recorded steps: the configuration's total, or less for a run
         recorded from an imported checkpoint with a step limit (runner/isca_import.py)."""
         return len(self.loss)
+
+    def checksum_after(self, step: int) -> int | None:
+        """The exact state checksum after training step `step`, or None if not recorded."""
+        c = self.checksums
+        if c is None or not 0 <= step < len(c) or c[step] is None:
+            return None
+        return int(c[step])
 
     def checkpoint_before(self, step: int) -> int:
         """The latest checkpoint taken at or before `step` (training resumes from it)."""
@@ -98,7 +108,7 @@ class GoldenRun:
                 "loss": self.loss, "acc": self.acc,
                 "evals": {str(k): list(v) for k, v in self.evals.items()},
                 "checkpoints": self.checkpoints, "wall_s": self.wall_s,
-                "signals": self.signals,
+                "signals": self.signals, "checksums": self.checksums,
                 "fingerprint": self.fingerprint.to_dict() if self.fingerprint else None}
 
 
@@ -116,7 +126,8 @@ def record(trainer, config: WorkloadConfig, directory: Path, progress=None,
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
     try:
-        run = GoldenRun(config, directory=tmp, fingerprint=fp, recorded_here=True)
+        run = GoldenRun(config, directory=tmp, fingerprint=fp, recorded_here=True,
+                        checksums=[])
         from faultlab.detectors.signals import SignalSpec
         # everything, exactly (bound=0: exact max |m| per kernel): detectors warm up on these
         # and false-positive rates are measured on them
@@ -150,6 +161,7 @@ def record(trainer, config: WorkloadConfig, directory: Path, progress=None,
                     first = None
                 run.loss.append(m.loss)
                 run.acc.append(m.acc)
+                run.checksums.append(str(trainer.full_checksum()))
                 if m.signals is not None:
                     run.signals.append(m.signals.to_dict())
                 if step + 1 in evals:
@@ -195,7 +207,8 @@ def load(config: WorkloadConfig, directory: Path, fp: Fingerprint | str | None =
         return None
     return GoldenRun(config, d["loss"], d["acc"],
                      {int(k): tuple(v) for k, v in d["evals"].items()}, d["checkpoints"],
-                     directory, d.get("wall_s", 0.0), d.get("signals", []), got)
+                     directory, d.get("wall_s", 0.0), d.get("signals", []), got,
+                     checksums=d.get("checksums"))
 
 
 #: golden runs cached before fingerprints (format 4) sit at the key without one; they are used

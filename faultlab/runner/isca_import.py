@@ -198,7 +198,8 @@ def record_from(trainer, config: WorkloadConfig, directory: Path, origin: int, e
     tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
     try:
         run = goldenmod.GoldenRun(config, loss=[None] * origin, acc=[None] * origin,
-                                  directory=tmp, fingerprint=fp, recorded_here=True)
+                                  directory=tmp, fingerprint=fp, recorded_here=True,
+                                  checksums=[None] * origin)
         trainer.signal_spec = SignalSpec(history=True, grads=True, bound=0.0, params=True)
         saves = checkpoint_steps(config, origin, end)
         evals = set(goldenmod.eval_points(config))
@@ -215,6 +216,7 @@ def record_from(trainer, config: WorkloadConfig, directory: Path, origin: int, e
                 m = trainer.train_step(step)
                 run.loss.append(m.loss)
                 run.acc.append(m.acc)
+                run.checksums.append(str(trainer.full_checksum()))
                 if m.signals is not None:
                     run.signals.append(m.signals.to_dict())
                 if step + 1 in evals:

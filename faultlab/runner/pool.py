@@ -23,12 +23,14 @@ from faultlab.results.store import TrialResult
 from faultlab.trials import Trial
 
 
-def _worker_main(conn, threads: int, rules: OutcomeRules, detect=None, dist=None) -> None:
+def _worker_main(conn, threads: int, rules: OutcomeRules, detect=None, dist=None,
+                 early_stop: bool = True) -> None:
     # the thread count changes reduction order, so it is part of a run: each framework's
     # runtime is configured by its backend before the worker's first task for it
     os.environ["OMP_NUM_THREADS"] = str(threads)
     from faultlab.runner.session import Session
-    session = Session(threads=threads, rules=rules, detect=detect, dist=dist)
+    session = Session(threads=threads, rules=rules, detect=detect, dist=dist,
+                      early_stop=early_stop)
     configured: set = set()
     while True:
         try:
@@ -76,8 +78,9 @@ class LocalPool:
     """A pool of trial workers on this machine."""
 
     def __init__(self, workers: int = 1, threads: int = 1, rules: OutcomeRules | None = None,
-                 timeout: float = 3600.0, detect=None, dist=None):
+                 timeout: float = 3600.0, detect=None, dist=None, early_stop: bool = True):
         self.n, self.threads, self.timeout = max(1, workers), threads, timeout
+        self.early_stop = early_stop    # Session.early_stop of every trial
         self.detect = detect   # runner.DetectOptions: protected trials (faultlab run --detect)
         self.dist = dist       # runner.ranks.DistOptions: multi-process trials
         self.rules = rules or OutcomeRules()
@@ -93,7 +96,8 @@ class LocalPool:
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
         p = self._ctx.Process(target=_worker_main,
-                              args=(child, self.threads, self.rules, self.detect, self.dist),
+                              args=(child, self.threads, self.rules, self.detect, self.dist,
+                                    self.early_stop),
                               daemon=True)
         p.start()
         child.close()

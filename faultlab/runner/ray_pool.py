@@ -125,7 +125,7 @@ def _control_task(config, files: dict, threads: int, rules, detect, dist) -> tup
 
 
 def _trial_task(trial: Trial, campaign: str, files: dict | None, controlled: frozenset,
-                threads: int, rules, detect, dist) -> tuple:
+                threads: int, rules, detect, dist, early_stop: bool = True) -> tuple:
     """One trial: configure, the shipped golden run, run, classify."""
     node_id, ip = _node()
 
@@ -133,6 +133,7 @@ def _trial_task(trial: Trial, campaign: str, files: dict | None, controlled: fro
         cfg = trial.workload
         _configure(cfg.framework, threads)
         session = _session(threads, rules, detect, dist)
+        session.early_stop = early_stop
         if files is not None:
             session.install_golden(cfg, files)
             if node_id not in controlled:     # a node that joined after the control trials
@@ -190,10 +191,12 @@ class RayPool:
     if there is one, else a local Ray for this run; "auto"; or "HOST:PORT")."""
 
     def __init__(self, workers: int = 1, threads: int = 1, rules: OutcomeRules | None = None,
-                 timeout: float = 3600.0, detect=None, dist=None, address: str | None = None):
+                 timeout: float = 3600.0, detect=None, dist=None, address: str | None = None,
+                 early_stop: bool = True):
         self.n, self.threads, self.timeout = max(1, workers), max(1, threads), timeout
         self.rules = rules or OutcomeRules()
         self.detect, self.dist = detect, dist
+        self.early_stop = early_stop    # Session.early_stop of every trial
         self.address = address
         self._started = False           # this pool called ray.init (so it shuts Ray down)
         self._files: dict = {}          # config key -> ObjectRef of golden.pack's files
@@ -435,7 +438,7 @@ class RayPool:
                            placement_group=pg, placement_group_bundle_index=0)}
         task = self._remote(_trial_task, **options)
         ref = task.remote(trial, campaign, files, controlled, self.threads, self.rules,
-                          self.detect, self.dist)
+                          self.detect, self.dist, self.early_stop)
         self._outstanding[ref] = pg
         return ref
 

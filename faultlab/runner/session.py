@@ -84,6 +84,10 @@ class Session:
     rules: OutcomeRules = field(default_factory=OutcomeRules)
     detect: DetectOptions | None = None
     dist: object | None = None      # runner.ranks.DistOptions for multi-process trials
+    #: early decision: a trial whose whole state is the golden run's, bit for bit, at a step
+    #: after its last fault ends there as Masked (the rest of its window is the golden run's);
+    #: False runs every trial to its horizon (faultlab run --no-early-stop)
+    early_stop: bool = True
     _trainers: dict = field(default_factory=dict)
     _goldens: dict = field(default_factory=dict)
     _controlled: dict = field(default_factory=dict)
@@ -246,22 +250,64 @@ class Session:
         ckpt = gold.checkpoint_before(start)
         trainer.set_state(gold.state(ckpt))
         losses, accs = [], []
+        checks = self._convergence_checks(trial, gold, ckpt, end)
+        decided = None
         for step in range(ckpt, end):
             firing = [f for f in trial.faults if f.active(step)]
             m = trainer.train_step(step, firing)
             losses.append(m.loss)
             accs.append(m.acc)
             if not math.isfinite(m.loss):
+                break                       # the outcome rules decide at the first non-finite
+            if step in checks and trainer.full_checksum() == gold.checksum_after(step):
+                decided = step
                 break
+        trained = len(losses)
         test = None
-        if all(math.isfinite(x) for x in losses[-1:]):
+        early = {}
+        if decided is not None:
+            # the state after `decided` is the golden run's bit for bit and no fault fires
+            # later: the rest of the window is the golden run's (its metrics, its evaluation)
+            losses += gold.loss[decided + 1:end]
+            accs += gold.acc[decided + 1:end]
+            test = gold.eval_after(end)
+            early = {"early_stop": {"after_step": decided, "reason": "state bit-identical to "
+                                    "the golden run's", "steps_skipped": end - decided - 1}}
+        elif all(math.isfinite(x) for x in losses[-1:]):
             e = trainer.evaluate()
             test = (e.loss, e.acc)
-        result = self.result(trial, campaign, gold, start, ckpt, end, losses, accs, test)
+        result = self.result(trial, campaign, gold, start, ckpt, end, losses, accs, test, **early)
+        result.steps_run = trained
         if self.detect is not None:
             self._protected(trial, gold, trainer, start, ckpt, end, result)
         result.wall_s = time.perf_counter() - t0
         return result
+
+    #: after a trial's last fault its state is compared with the golden run's after each of the
+    #: first CHECK_EVERY_STEP steps, then after steps at doubling distances: a state that differs
+    #: from the golden run's a few steps after the last fault practically never returns to it
+    #: (a missed check costs time, never a wrong outcome)
+    CHECK_EVERY_STEP = 8
+
+    def _convergence_checks(self, trial: Trial, gold, ckpt: int, end: int) -> frozenset:
+        """The steps after which run_trial compares the whole state's checksum with the golden
+        run's: none without early decision, without recorded checksums, or for a fault that
+        fires to the window's end."""
+        if not self.early_stop or gold.checksums is None or trial.is_control:
+            # a control trial is the check that a fault-free trial reproduces the golden run:
+            # it runs its whole window
+            return frozenset()
+        last = max((s for s in range(ckpt, end) if any(f.active(s) for f in trial.faults)),
+                   default=ckpt - 1)
+        last = max(last, ckpt - 1)
+        steps = {last + i for i in range(self.CHECK_EVERY_STEP)}
+        d = self.CHECK_EVERY_STEP
+        while last + d < end:
+            steps.add(last + d)
+            d *= 2
+        # the last step of the window is not worth a check: nothing would be skipped
+        return frozenset(s for s in steps if ckpt <= s < end - 1
+                         and gold.checksum_after(s) is not None)
 
     def _protected(self, trial, gold, trainer: TrainerBase, start, ckpt, end, result) -> None:
         """Run the trial again under detection and recovery; fill the detection fields."""

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
 from faultlab.backends.base import EvalMetrics, StepMetrics, TrainerBase
+from faultlab.bits import bit_sum, key_weight
 from faultlab.errors import FaultlabError, SpecError
 from faultlab.faults import FaultSpec
 from faultlab.backends.torch.injector import TorchInjector, record_operands
@@ -140,6 +141,18 @@ def _to_input(x: np.ndarray, wl: TorchWorkload) -> torch.Tensor:
         return t.long()
     t = t.to(wl.input_dtype)
     return t.permute(0, 3, 1, 2).contiguous() if t.dim() == 4 else t
+
+
+_SIGNED = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bit_sum(t: torch.Tensor) -> int:
+    """bits.bit_sum of a tensor, on the tensor (its bits as signed intN, summed in int64)."""
+    t = t.detach()
+    ints = _SIGNED.get(t.element_size())
+    if ints is None or t.is_complex():
+        return bit_sum(t.cpu().numpy())
+    return int(t.contiguous().view(ints).sum(dtype=torch.int64)) & ((1 << 64) - 1)
 
 
 def _view(v) -> torch.Tensor:
@@ -414,6 +427,20 @@ class TorchTrainer(TrainerBase):
                 out[f"optim/{i}/{k}"] = (v.detach().cpu().numpy().copy()
                                          if isinstance(v, torch.Tensor) else np.asarray(v))
         return out
+
+    def full_checksum(self) -> int:
+        """bits.state_checksum(get_state()), computed on the live tensors without copying them
+        (the replicas' own copies or a carried state: through get_state)."""
+        if (self.copies is not None and self.copies.forks) or self._carry:
+            return super().full_checksum()
+        total = 0
+        for k, v in self.model.state_dict().items():
+            total += key_weight(f"model/{k}") * _bit_sum(v)
+        for i, st in self.optimizer.state_dict()["state"].items():
+            for k, v in st.items():
+                total += key_weight(f"optim/{i}/{k}") * (
+                    _bit_sum(v) if isinstance(v, torch.Tensor) else bit_sum(np.asarray(v)))
+        return total & ((1 << 64) - 1)
 
     def _load_arrays(self, state: Mapping[str, np.ndarray]) -> None:
         """Copy a state into the live tensors. Optimizer state is copied into the tensors
