@@ -488,6 +488,12 @@ def cmd_run(a) -> int:
         print(format_results(results))
         print()
         print(format_summary(rows))
+        early = [r for r in results if (r.metrics or {}).get("early_stop")]
+        if early:
+            skipped = sum(r.metrics["early_stop"]["steps_skipped"] for r in early)
+            print(f"\nearly decision: {len(early)} of {len(results)} trial(s) were back on the "
+                  f"golden run bit for bit after their last fault and stopped there "
+                  f"({skipped} step(s) not trained; --no-early-stop runs them out)")
         dist = format_distributed(results)
         if dist:
             print()
