@@ -31,6 +31,7 @@ import json
 import math
 import os
 import sqlite3
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -295,6 +296,20 @@ CRASH_COLUMNS = ("run_id", "recorded_at", "mode", "engine", "workload", "steps",
 CRASH_MODES = ("kill", "power-loss")
 
 
+@contextmanager
+def _immediate(conn: sqlite3.Connection):
+    """One write transaction (BEGIN IMMEDIATE: the write lock up front), committed at the end
+    of the block, rolled back if anything in it raises (Ctrl-C included)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 class ResultStore:
     """SQLite store of trial results; one row per (campaign, trial_id).
 
@@ -339,8 +354,7 @@ class ResultStore:
             self._wal()
             return
         self._check_ident(app_id, version)
-        c.execute("BEGIN IMMEDIATE")          # another process may be initialising too
-        try:
+        with _immediate(c):                   # another process may be initialising too
             app_id, version = self._ident()
             self._check_ident(app_id, version)
             if app_id == 0:
@@ -350,11 +364,6 @@ class ResultStore:
                 c.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 version = SCHEMA_VERSION
-            c.execute("COMMIT")
-        except BaseException:
-            if c.in_transaction:
-                c.execute("ROLLBACK")
-            raise
         self.version = version
         self._wal()
 
@@ -365,8 +374,7 @@ class ResultStore:
             return
         c = self.conn
         try:
-            c.execute("BEGIN IMMEDIATE")
-            try:
+            with _immediate(c):
                 version = self._ident()[1]
                 if version < 2:
                     for stmt in _SCHEMA_V2.split(";"):
@@ -374,11 +382,6 @@ class ResultStore:
                             c.execute(stmt)
                 if version < SCHEMA_VERSION:
                     c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                c.execute("COMMIT")
-            except BaseException:
-                if c.in_transaction:
-                    c.execute("ROLLBACK")
-                raise
         except sqlite3.Error as e:
             raise ResultsError(f"{self._name}: cannot upgrade the results database from "
                                f"schema version {self.version}: {one_line(e)}") from None
@@ -589,15 +592,9 @@ class ResultStore:
     def _write_many(self, sql: str, rows: Sequence[tuple]) -> None:
         c = self.conn
         try:
-            c.execute("BEGIN IMMEDIATE")
-            try:
+            with _immediate(c):
                 for row in rows:
                     c.execute(sql, row)
-                c.execute("COMMIT")
-            except BaseException:
-                if c.in_transaction:
-                    c.execute("ROLLBACK")
-                raise
         except sqlite3.Error as e:
             raise ResultsError(f"{self._name}: {one_line(e)}") from None
 
