@@ -48,11 +48,18 @@ class Site(str, enum.Enum):
         return self in (Site.PARAM, Site.OPT_STATE, Site.HOST_STATE)
 
 
-#: sites of the fault model that no backend injects into yet, and what they would be: campaign
-#: files refuse them where they name them (campaigns/columnar.py), the strategies of
-#: faultlab.testing draw them only when asked, the injectors refuse them when armed
-UNSUPPORTED_SITES = {Site.HOST_STATE: "a host-resident (offloaded) copy of state; use param or "
-                                      "opt_state for the device copy"}
+#: sites of the fault model that only an offloaded workload has (WorkloadConfig.offload; the
+#: torch backend, docs/offload.md), and what they are: campaign files refuse them on rows
+#: without offload (campaigns/columnar.py), the strategies of faultlab.testing draw them only
+#: when asked, the injectors of user loops (faultlab.torch, faultlab.keras) refuse them
+UNSUPPORTED_SITES = {Site.HOST_STATE: "a host-resident (offloaded) copy of state: set offload, "
+                                      "e.g. window:2, or use param or opt_state for the device "
+                                      "copy"}
+
+#: what a host_state fault's `tensor` names (docs/offload.md): the host master copy of a
+#: layer's weight (the default) or bias, the host Adam moments of its weight (m, v), the
+#: weight in transit to the device (transit), the weight gradient on its way back (grad)
+HOST_TENSORS = ("weight", "bias", "m", "v", "transit", "grad")
 
 
 class ValueModel(str, enum.Enum):

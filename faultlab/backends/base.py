@@ -64,7 +64,9 @@ class TrainerBase(abc.ABC):
     @abc.abstractmethod
     def get_state(self) -> dict[str, np.ndarray]:
         """Everything that determines the following steps (model, optimizer), as arrays that
-        nobody else holds (callers may hand them to the engine as borrowed saves)."""
+        nobody else holds (callers may hand them to the engine as borrowed saves). An offloaded
+        torch trainer (docs/offload.md) returns views of its host store instead, which it never
+        writes again: its later writes to those tensors are copy-on-write."""
 
     @abc.abstractmethod
     def set_state(self, state: Mapping[str, np.ndarray]) -> None:
@@ -172,7 +174,37 @@ def check_fault(table: OperandTable, fault: FaultSpec, config: WorkloadConfig) -
     configuration's, a layer the workload does not have, a site the layer does not have, a
     position outside its operand (faultlab.faults.check_target: the injectors' checks and
     wording) or a step past the end of training."""
+    if fault.site is Site.HOST_STATE or (config.offload and fault.site in (Site.PARAM,
+                                                                            Site.OPT_STATE)):
+        fault = check_host_fault(fault, config)
     check_target(fault, table, config.replicas, f"workload {config.workload}")
     if fault.step >= config.total_steps:
         raise SpecError(f"step {fault.step} is past the end of training "
                         f"({config.total_steps} steps)", "step")
+
+
+def check_host_fault(fault: FaultSpec, config: WorkloadConfig) -> FaultSpec:
+    """The host_state rules (docs/offload.md), one-line SpecErrors with their field: the site
+    needs an offloaded workload; its tensor is one of faults.HOST_TENSORS; the shared host
+    copies (master weight / bias, moments) are one copy for every replica of the process, so
+    replica 0; an offloaded workload has no device-resident param / opt_state to hit. Returns
+    the fault as check_target sees its operand (weight- or bias-shaped)."""
+    from dataclasses import replace
+    from faultlab.faults import HOST_TENSORS
+    if fault.site is not Site.HOST_STATE:
+        raise SpecError(f"site {fault.site.value} is device-resident state, but workload "
+                        f"{config.workload} with offload {config.offload} keeps parameters and "
+                        f"optimizer state in host memory: use site host_state (tensor weight, "
+                        f"bias, m or v)", "site")
+    if not config.offload:
+        raise SpecError(f"site host_state needs an offloaded workload: {config.workload} "
+                        f"keeps its state on the device (set offload, e.g. window:2)", "site")
+    tensor = fault.tensor or "weight"
+    if tensor not in HOST_TENSORS:
+        raise SpecError(f"unknown tensor {tensor!r} for site host_state: valid tensors are "
+                        f"{', '.join(HOST_TENSORS)}", "tensor")
+    if tensor in ("weight", "bias", "m", "v") and fault.replica != 0:
+        raise SpecError(f"host_state tensor {tensor} is the one host copy every replica "
+                        f"shares (a CPU optimizer): replica must be 0, got {fault.replica} "
+                        f"(transit and grad hit one replica's transfers)", "replica")
+    return replace(fault, tensor="bias" if tensor == "bias" else None)

@@ -88,6 +88,12 @@ def parse_layer(text: str, what: str) -> str:
     return parse_name(text, what, _LAYER_RE, "letters, digits and _ . : / - [ ]")
 
 
+def parse_offload_cell(text: str, what: str) -> str:
+    """An `offload` cell: "window:N" (canonical form) or "" (none, off)."""
+    from faultlab.workloads.base import parse_offload
+    return parse_offload(text)
+
+
 def parse_dataset(text: str, what: str) -> str:
     return parse_name(text, what, _DATASET_RE, "letters, digits and _ . -")
 
@@ -244,6 +250,7 @@ def read_workload(rec: Record, name_col: str, lr_col: str, framework: str | None
         kw[col] = rec.get(col, parse_int, lo, hi)
     kw["lr"] = rec.get(lr_col, parse_positive_float)
     kw["dataset"] = rec.get("dataset", parse_dataset)
+    kw["offload"] = rec.get("offload", parse_offload_cell)
     kw["options"] = rec.get("options", parse_options)
     file_fw = rec.get("framework", choice_parser(Framework, "framework"))
     kw["framework"] = framework or file_fw

@@ -13,7 +13,8 @@ from faultlab.trials import Trial
 ISCA_REQUIRED = ("model", "stage", "fmodel", "target_worker", "target_layer", "target_epoch",
                  "target_step")
 ISCA_OPTIONAL = ("inj_pos", "inj_values", "learning_rate", "seed")
-ISCA_EXTENSIONS = ("framework", "replicas", "processes", "nodes", "per_replica_batch", "width",
+ISCA_EXTENSIONS = ("framework", "replicas", "processes", "nodes", "offload", "per_replica_batch",
+                   "width",
                    "input_size", "dataset", "steps_per_epoch", "epochs", "eval_samples",
                    "checkpoint_every", "horizon", "duration", "duration_steps", "probability",
                    "fault_seed")

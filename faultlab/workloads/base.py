@@ -41,6 +41,9 @@ class WorkloadConfig:
     #: logical machines the ranks are spread over: node n holds the processes // nodes
     #: consecutive ranks n * (processes // nodes) ...; a node kill kills them all together
     nodes: int = 1
+    #: offloaded training (STRONGHOLD / ZeRO-Offload; docs/offload.md): "window:N" keeps a
+    #: window of N layers on the device and the rest of the state in host memory; "" = none
+    offload: str = ""
 
     def __post_init__(self):
         object.__setattr__(self, "framework", parse_enum(Framework, self.framework, "framework"))
@@ -64,6 +67,9 @@ class WorkloadConfig:
         if not self.lr > 0:
             raise SpecError(f"lr must be positive, got {self.lr}")
         object.__setattr__(self, "options", tuple(sorted((str(k), str(v)) for k, v in self.options)))
+        object.__setattr__(self, "offload", parse_offload(self.offload))
+        if self.offload:
+            check_offload(self)
 
     @property
     def total_steps(self) -> int:
@@ -95,15 +101,23 @@ class WorkloadConfig:
         return dict(self.options).get(key, default)
 
     def to_dict(self) -> dict:
-        """Every setting, JSON-able; `processes` and `nodes` only when they differ from 1 (so
-        a single-process configuration's key() is what it was before they existed)."""
+        """Every setting, JSON-able; `processes` and `nodes` only when they differ from 1 and
+        `offload` only when set (so a configuration without them has the key() it had before
+        they existed)."""
         d = dataclasses.asdict(self)
         d["framework"] = self.framework.value
         d["options"] = dict(self.options)
         for name in ("processes", "nodes"):
             if d[name] == 1:
                 del d[name]
+        if not d["offload"]:
+            del d["offload"]
         return d
+
+    @property
+    def offload_window(self) -> int:
+        """N of offload "window:N" (layers on the device at once); 0 without offload."""
+        return int(self.offload.partition(":")[2]) if self.offload else 0
 
     def key(self) -> str:
         """Stable digest naming this configuration (golden-run cache key)."""
@@ -112,6 +126,62 @@ class WorkloadConfig:
 
     def replace(self, **kw) -> "WorkloadConfig":
         return dataclasses.replace(self, **kw)
+
+
+#: what an `offload` setting may say (docs/offload.md)
+OFFLOAD_FORMS = "window:N (N >= 1 layers on the device at once), or empty / none for no offload"
+
+
+def parse_offload(text) -> str:
+    """An `offload` setting in canonical form: "window:N", or "" for none (also "none",
+    "off"); a one-line SpecError (field "offload") otherwise."""
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise SpecError(f"offload must be a string like 'window:2', got {text!r}", "offload")
+    s = text.strip().lower()
+    if s in ("", "none", "off"):
+        return ""
+    kind, sep, n = s.partition(":")
+    n = n.strip()
+    if kind.strip() != "window" or not sep or not n.isdigit() or not n.isascii():
+        raise SpecError(f"offload {text!r} is not understood: expected {OFFLOAD_FORMS}",
+                        "offload")
+    if int(n) < 1:
+        raise SpecError(f"offload window must hold at least 1 layer, got {text!r}", "offload")
+    return f"window:{int(n)}"
+
+
+def offload_layers(config: "WorkloadConfig") -> list[str]:
+    """The layers an offloaded built-in workload moves between host and device (those with
+    parameters of their own, in forward order), from workloads/estimate.py's parameter list:
+    the torch backend builds the same list from the model (tests/torch/test_offload.py)."""
+    from faultlab.workloads.estimate import parameter_shapes
+    names: list[str] = []
+    for name, _ in parameter_shapes(config):
+        layer, _, _ = name.rpartition(" ")
+        if layer and layer not in names:
+            names.append(layer)
+    return names
+
+
+def check_offload(config: "WorkloadConfig") -> None:
+    """Refuse an offload setting faultlab cannot train: one line, field "offload"."""
+    if config.framework.value != "torch":
+        raise SpecError(f"offload is torch-only: framework {config.framework.value} keeps its "
+                        f"state on the device (drop offload {config.offload!r})", "offload")
+    if config.processes > 1:
+        raise SpecError(f"offload trains in one process: processes must be 1, got "
+                        f"{config.processes}", "offload")
+    if config.workload not in BUILTINS:
+        raise SpecError(f"offload applies to the built-in workloads "
+                        f"({', '.join(sorted(BUILTINS))}), not {config.workload!r}", "offload")
+    layers = offload_layers(config)
+    n = config.offload_window
+    if n >= len(layers):
+        raise SpecError(f"offload {config.offload} keeps all {len(layers)} layers of "
+                        f"{config.workload} on the device (none outside the window): choose "
+                        f"window:1..window:{len(layers) - 1}", "offload")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,9 @@ class TorchBackend(Backend):
                    "rng-mlp": "faultlab.backends.torch.loops:rng_loop"}
 
     def build_trainer(self, config: WorkloadConfig) -> TrainerBase:
+        if config.offload:              # host-resident state (docs/offload.md)
+            from faultlab.backends.torch.offload import OffloadTrainer
+            return OffloadTrainer(config)
         from faultlab.backends.torch.trainer import TorchTrainer
         return TorchTrainer(config)
 

@@ -563,6 +563,9 @@ def operand_shapes(config: WorkloadConfig):
         model(x)
     for h in handles:
         h.remove()
+    if config.offload:          # offloaded state: the host_state site (backends/torch/offload.py)
+        from faultlab.backends.torch.offload import host_operands
+        host_operands(config, model, table)
     return table
 
 
