@@ -22,9 +22,13 @@ How it fits together:
 * Each point reads one int32 from the arming variable ``armed[replica, layer, site]`` (a
   bitmask of slots) with the replica taken from ``replica_id_in_sync_group``; only when it is
   non-zero does the graph run the corruption kernel (faultlab.backends.tf.kernels), with the
-  slot's arrays read from two more variables. Between injections the points cost a compare
-  and a switch each, and arming a new fault is a variable assignment: the step function is
-  traced once and never again.
+  slot's arrays read from two more variables. Arming a new fault is a variable assignment:
+  the step function is traced once and never again.
+* ``replica(points=False)`` places the same points as bare identities (no Switch, no kernel,
+  no arming read): the plain step that the trainer runs whenever no fault is armed in the
+  graph (:attr:`TFInjector.armed_in_graph`). Its gradient graph has the points' shape, so the
+  tape groups every gradient sum as in the step with the points; under faultlab's Grappler
+  options (runtime.ArithmeticOff) the two compute the same bits while nothing fires.
 * Weight-gradient faults are applied by :meth:`TFInjector.corrupt_gradients` to the replica's
   gradients before the all-reduce. Stored parameters and optimizer state are mirrored
   variables with one copy per replica; :meth:`TFInjector.arm` corrupts the copy of the
@@ -63,7 +67,10 @@ _LOCAL = threading.local()
 # --- graph helpers -------------------------------------------------------------------------------
 
 def _branch(pred, x, fn, static: bool):
-    """fn(x) when pred, else x. Switch / Merge: the untaken side is a dead tensor (no work)."""
+    """fn(x) when pred, else x. Switch / Merge: the untaken side is a dead tensor (no work).
+    pred None (a context without points): x."""
+    if pred is None:
+        return x
     if static:
         return tf.cond(pred, lambda: fn(x), lambda: tf.identity(x))
     f, t = tf.raw_ops.Switch(data=x, pred=pred)
@@ -71,7 +78,10 @@ def _branch(pred, x, fn, static: bool):
 
 
 def _gated(pred, x, fn, static: bool, like):
-    """fn(x) when pred; otherwise a dead tensor (static mode: zeros shaped like `like`)."""
+    """fn(x) when pred; otherwise a dead tensor (static mode: zeros shaped like `like`; pred
+    None: zeros, which nothing reads)."""
+    if pred is None:
+        return tf.zeros_like(like)
     if static:
         return tf.cond(pred, lambda: fn(x), lambda: tf.zeros_like(like))
     _, t = tf.raw_ops.Switch(data=x, pred=pred)
@@ -80,6 +90,8 @@ def _gated(pred, x, fn, static: bool, like):
 
 def _select(pred, a, b, static: bool):
     """b when pred else a, where b came from _gated(pred, ...)."""
+    if pred is None:
+        return a
     if static:
         return tf.cond(pred, lambda: tf.identity(b), lambda: tf.identity(a))
     f, _ = tf.raw_ops.Switch(data=a, pred=pred)
@@ -294,12 +306,13 @@ class _ReplicaCtx:
     ints: tf.Tensor       # int64 [slots, 5, capacity]
     meta: tf.Tensor       # int64 [slots, 4]
     abft: list | None = None   # ABFT residuals of this replica's conv / dense calls, if asked
+    points: bool = True   # False: every point an identity (see TFInjector.replica)
 
     def mask(self, li: int, code: int):
-        return self.masks[li * N_COLS + code]
+        return self.masks[li * N_COLS + code] if self.points else None
 
     def on(self, li: int, code: int):
-        return self.preds[li * N_COLS + code]
+        return self.preds[li * N_COLS + code] if self.points else None
 
 
 _components = components   # the per-replica copies of a variable (faultlab.backends.tf.variables)
@@ -344,6 +357,8 @@ class TFInjector:
             self._meta = tf.Variable(tf.zeros((self.slots, K.N_META), tf.int64),
                                      name="faultlab_meta", **kw)
         self._armed_np = np.zeros(shape, np.int32)
+        self._slots_np: tuple | None = None   # the (ints, meta) last written to the variables
+        self._writer = None                  # _write_all's traced function
         self.table = operand_table(model, input_spec, self.layers) if input_spec is not None else None
         self.fired: list[dict] = []       # what the last arm() armed / applied (for reports)
         self._ops: dict | None = None     # what each layer offers a fault (see _operands)
@@ -353,11 +368,20 @@ class TFInjector:
 
     @contextlib.contextmanager
     @tf.autograph.experimental.do_not_convert
-    def replica(self, abft: bool = False):
+    def replica(self, abft: bool = False, points: bool = True):
         """Enter at the top of the replica function (inside strategy.run): the instrumented
         layers and corrupt_gradients act for this replica while the block runs. abft: every
         conv / dense call also appends its checksum residual (see abft_residual) to the
-        yielded context's `abft` list."""
+        yielded context's `abft` list. points=False: every point is a bare identity (no
+        Switch, no kernel, no read of the arming variables; nothing can fire), for the step
+        that runs while no fault is armed in the graph. Its gradient graph has the same
+        shape, so the tape sums every gradient in the same grouping and order as with the
+        points: the two steps compute the same bits (tests/tf/test_idle_step.py)."""
+        if not points:
+            with self._entered(_ReplicaCtx(self, [], [], None, None, [] if abft else None,
+                                           points=False)) as ctx:
+                yield ctx
+            return
         rc = tf.distribute.get_replica_context()
         rid = rc.replica_id_in_sync_group if rc is not None else 0
         rows = tf.gather(tf.convert_to_tensor(self._armed), rid)      # [layers, N_SITES]
@@ -380,12 +404,25 @@ class TFInjector:
             ints = tf.raw_ops.Merge(inputs=[f, _xla_barrier()(t)])[0]
         ctx = _ReplicaCtx(self, masks, preds, ints, tf.convert_to_tensor(self._meta),
                           [] if abft else None)
+        with self._entered(ctx):
+            yield ctx
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _entered(ctx: _ReplicaCtx):
         prev = getattr(_LOCAL, "ctx", None)
         _LOCAL.ctx = ctx
         try:
             yield ctx
         finally:
             _LOCAL.ctx = prev
+
+    @property
+    def armed_in_graph(self) -> bool:
+        """Whether the last arm() armed a fault that the traced step delivers (a graph site:
+        every site but param / opt_state, which arm() applies to the variables itself). A
+        step without one computes exactly what the plain step computes."""
+        return bool(self._armed_np.any())
 
     def _ctx(self) -> _ReplicaCtx:
         ctx = getattr(_LOCAL, "ctx", None)
@@ -656,12 +693,33 @@ class TFInjector:
             self.fired.append({"site": f.site.value, "layer": f.layer, "replica": f.replica,
                                "slot": slot, "elements": p.n})
             slot += 1
-        if slot:
-            self._ints.assign(ints)
-            self._meta.assign(meta)
-        if not np.array_equal(armed, self._armed_np):
+        # a fault re-armed with the same arrays (a permanent one, say) writes nothing, and
+        # new ones are written in one traced call: an eager assign of a mirrored variable
+        # costs about a millisecond on the step's critical path
+        new_slots = slot and not (self._slots_np is not None
+                                  and np.array_equal(ints[:slot], self._slots_np[0][:slot])
+                                  and np.array_equal(meta[:slot], self._slots_np[1][:slot]))
+        new_armed = not np.array_equal(armed, self._armed_np)
+        if new_slots:
+            self._write_all(armed, ints, meta)
+            self._slots_np = (ints, meta)
+        elif new_armed:
             self._armed.assign(armed)
-            self._armed_np = armed
+        self._armed_np = armed
+
+    def _write_all(self, armed, ints, meta) -> None:
+        """Assign the arming table and the slot arrays (every replica's copy) in one call of a
+        function traced once."""
+        if self._writer is None:
+            variables = (self._armed, self._ints, self._meta)
+
+            @tf.function(autograph=False, input_signature=[
+                tf.TensorSpec(v.shape, v.dtype) for v in variables])
+            def write(*values):
+                for v, value in zip(variables, values):
+                    v.assign(value)
+            self._writer = write
+        self._writer(armed, ints, meta)
 
     def disarm(self) -> None:
         self.arm((), 0)

@@ -17,6 +17,7 @@ import contextlib
 import os
 import sys
 import tempfile
+import threading
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -48,7 +49,8 @@ def quiet_native_stderr():
 with quiet_native_stderr():
     import tensorflow as tf  # noqa: E402
 
-__all__ = ["tf", "quiet_native_stderr", "configure_runtime", "configure_cpu_devices"]
+__all__ = ["tf", "quiet_native_stderr", "configure_runtime", "configure_cpu_devices",
+           "ArithmeticOff"]
 
 _configured: int | None = None
 
@@ -93,3 +95,40 @@ def configure_runtime() -> int:
         tf.config.list_logical_devices("CPU")   # starts the runtime (which prints)
     _configured = want
     return want
+
+
+class ArithmeticOff:
+    """A context manager: the tf.functions called inside it (in this thread) are optimized
+    without Grappler's arithmetic optimizer, every other option as configured.
+
+    Why: that optimizer rewrites floating-point expressions (reassociating products and sums
+    to save broadcasts, hoisting common factors, regrouping additions) wherever the pattern it
+    looks for is contiguous in the graph. An injection point (a Switch / Merge) in the middle
+    of a pattern blocks the rewrite, so the same model computed with and without points
+    rounded differently. With it off, the plain step and the instrumented step do the same
+    arithmetic, bit for bit (docs/tensorflow.md, "What it costs"). Grappler runs once per
+    (function, options), when the function is first called under them."""
+
+    def __init__(self):
+        from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
+        from tensorflow.python.eager import context
+        self._context = context
+        base = context.context().function_call_options
+        cp = config_pb2.ConfigProto()
+        cp.ParseFromString(base.config_proto_serialized)
+        cp.graph_options.rewrite_options.arithmetic_optimization = (
+            rewriter_config_pb2.RewriterConfig.OFF)
+        self.options = context.FunctionCallOptions(executor_type=base.executor_type,
+                                                   config_proto=cp)
+        self._prev = threading.local()
+
+    def __enter__(self):
+        ctx = self._context.context()
+        stack = self._prev.__dict__.setdefault("stack", [])
+        stack.append(ctx._thread_local_data.function_call_options)
+        ctx.function_call_options = self.options
+        return self
+
+    def __exit__(self, *exc):
+        self._context.context().function_call_options = self._prev.stack.pop()
+        return False

@@ -20,6 +20,11 @@ of the replicas'. Dropout masks are a function of (seed, step, replica, layer), 
 rate a function of the step, and batches a function of (seed, step) (workloads/data.py, shared
 with torch), so a restored run replays the golden run bit for bit.
 
+Two traced steps (see TFTrainer._step_fn): the plain one, run whenever no fault is armed in
+the graph, and the one with the injection points, run at the steps a fault fires; both under
+faultlab's Grappler options (runtime.ArithmeticOff), so that they compute the same bits while
+nothing fires.
+
 Adam: Keras' Adam, with epsilon 1e-8 (torch's default, not Keras' 1e-7) and its update done by
 TF's fused ResourceApplyAdam kernel (what TF2 Keras optimizers and the ISCA artifact used).
 Keras/TF Adam adds epsilon to sqrt(v) before the bias correction of the step size ("epsilon
@@ -39,7 +44,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np  # noqa: E402
 
-from faultlab.backends.tf.runtime import configure_runtime, tf  # noqa: E402
+from faultlab.backends.tf.runtime import ArithmeticOff, configure_runtime, tf  # noqa: E402
 
 from faultlab.errors import FaultlabError, SpecError  # noqa: E402
 
@@ -118,14 +123,22 @@ class TFTrainer(TrainerBase):
     """A training session of one workload configuration (see the module docstring)."""
 
     def __init__(self, config: WorkloadConfig, strategy=None, probe: bool = False,
-                 instrumented: bool = True):
+                 instrumented: bool = True, stock_optimizer: bool = False):
         """probe: trace the step so that it also returns each replica's gradients (what
         replica_gradients reads), instead of tracing a second step function on demand.
-        instrumented=False traces the plain Keras step, without injection points (faults
-        cannot be injected; for overhead baselines)."""
+        instrumented=False: only the plain step, faults cannot be injected (for overhead
+        baselines). stock_optimizer: run the steps under TensorFlow's default Grappler
+        options instead of faultlab's (arithmetic optimizer off, see runtime.ArithmeticOff):
+        the unmodified Keras step, for benchmarks; its arithmetic differs from faultlab's."""
         self.config = config
         self.probe = probe
         self.instrumented = instrumented
+        self.stock_optimizer = stock_optimizer
+        # False: every step of an instrumented trainer runs the step with the injection
+        # points, armed or not (what it did before the plain step was dispatched to; for
+        # tests and benchmarks; the results are the same)
+        self.dispatch = True
+        self._graph_options = contextlib.nullcontext() if stock_optimizer else ArithmeticOff()
         self.signal_spec = None   # a faultlab.detectors.SignalSpec to collect signals
         self.lr_scale = 1.0       # set by a recovery policy that re-runs a step more gently
         self.strategy = strategy or select_strategy(config.replicas)
@@ -143,7 +156,8 @@ class TFTrainer(TrainerBase):
                                         tf.as_dtype(self.wl.input_dtype))
         self.injector = TFInjector(self.model, self.strategy, self.optimizer, self.input_spec)
         self._lr_at = lr_schedule(config)
-        self._steps: dict[tuple, Callable] = {}
+        self._steps: dict[tuple, Callable] = {}          # (probe, key) -> the plain step
+        self._point_steps: dict[tuple, Callable] = {}    # (probe, key) -> the step with points
         self._probes: dict[tuple, Callable] = {}
         self._moment_vars: tuple | None = None
         self._eval = None
@@ -156,33 +170,44 @@ class TFTrainer(TrainerBase):
         """Polynomial (power 1) decay from lr to lr * end_lr_ratio, as in the artifact."""
         return self._lr_at(step)
 
-    def _step_fn(self, probe: bool, key: tuple | None = None):
+    def _step_fn(self, probe: bool, key: tuple | None = None, points: bool = False):
         """The traced training step (probe: also return each replica's gradients as the
         optimizer receives them, before the all-reduce; key: the detector signals to compute,
-        from _signal_key, packed into one float64 vector returned last). One trace per
-        (probe, key); key None traces the step without a single extra op."""
-        fn = self._steps.get((probe, key))
+        from _signal_key, packed into one float64 vector returned last; points: with the
+        injection points, for a step that fires a fault). One trace per (probe, key, points);
+        key None traces the step without a single signal op.
+
+        Both steps do the same arithmetic, bit for bit, as long as nothing fires: each runs
+        under faultlab's Grappler options (runtime.ArithmeticOff), and the points are
+        identities until armed (tests/tf/test_idle_step.py). So a step with no fault armed in
+        the graph runs the plain step and costs what it costs, and arming never retraces:
+        it picks one of two functions traced once each."""
+        steps = self._point_steps if points else self._steps
+        fn = steps.get((probe, key))
         if fn is not None:
             return fn
         strategy, model, opt, inj = self.strategy, self.model, self.optimizer, self.injector
         tvars = model.trainable_variables
         inv_r = 1.0 / self.config.replicas
         seed_mix = self._seed_mix
-        instrumented = self.instrumented
         abft = key is not None and key[4]
+        with_points = points and self.instrumented
+        # an instrumented trainer's plain step keeps the points as bare identities: without
+        # them the tape would group the gradient sums differently (see TFInjector.replica)
+        enter = ((lambda: inj.replica(abft=abft, points=with_points)) if self.instrumented
+                 else contextlib.nullcontext)
 
         def replica_fn(x, y, step):
             rid = tf.distribute.get_replica_context().replica_id_in_sync_group
             seed = tf.stack([step * 1_000_003 + seed_mix, tf.cast(rid, tf.int64)])
-            points = inj.replica(abft=abft) if instrumented else contextlib.nullcontext()
-            with points as ctx, tf_models.dropout_seed(seed):
+            with enter() as ctx, tf_models.dropout_seed(seed):
                 with tf.GradientTape() as tape:
                     out = model(x, training=True)
                     loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
                         labels=y, logits=out))
                     scaled = loss * inv_r
                 grads = tape.gradient(scaled, tvars)
-                if instrumented:
+                if self.instrumented:
                     grads = inj.corrupt_gradients(grads, tvars)
             grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
                      for g in grads]
@@ -209,7 +234,7 @@ class TFTrainer(TrainerBase):
                 out += (_pack(strategy, res[-1], loss, correct),)
             return out
 
-        self._steps[(probe, key)] = step_fn
+        steps[(probe, key)] = step_fn
         return step_fn
 
     def _distribute(self, a: np.ndarray):
@@ -227,8 +252,10 @@ class TFTrainer(TrainerBase):
         self.optimizer.learning_rate.assign(self.lr_at(step) * self.lr_scale)
         x, y = self.pipeline.batch(step)
         key = self._signal_key(self.signal_spec)
-        out = self._step_fn(probe or self.probe, key)(self._distribute(x), self._distribute(y),
-                                                      tf.constant(step, tf.int64))
+        points = self.injector.armed_in_graph or (self.instrumented and not self.dispatch)
+        fn = self._step_fn(probe or self.probe, key, points)
+        with self._graph_options:
+            out = fn(self._distribute(x), self._distribute(y), tf.constant(step, tf.int64))
         return out, y.size, key
 
     def train_step(self, step: int, faults: Sequence[FaultSpec] = ()) -> StepMetrics:
