@@ -51,7 +51,8 @@ class Site(str, enum.Enum):
 #: sites of the fault model that only an offloaded workload has (WorkloadConfig.offload; the
 #: torch backend, docs/offload.md), and what they are: campaign files refuse them on rows
 #: without offload (campaigns/columnar.py), the strategies of faultlab.testing draw them only
-#: when asked, the injectors of user loops (faultlab.torch, faultlab.keras) refuse them
+#: when asked, the injectors of user loops refuse them (faultlab.torch.Injector unless it is
+#: given a faultlab.torch.Offload; faultlab.keras always)
 UNSUPPORTED_SITES = {Site.HOST_STATE: "a host-resident (offloaded) copy of state: set offload, "
                                       "e.g. window:2, or use param or opt_state for the device "
                                       "copy"}

@@ -13,6 +13,10 @@ Names are imported on first use, so ``import faultlab.torch`` does not import to
 * ``Injector(model, optimizer)``: faults in the training loop you keep (``arm(faults)``, then
   ``with injector.step(k):`` around each step; docs/torch.md), with ``fault`` (the same as
   ``faultlab.fault``) to build them and ``optimizer_state_names(optimizer, param)``;
+* ``Offload(model, optimizer_or_factory, window=N)``: offloaded training for the loop you
+  keep (host master copies, a window of N layers on the device, a prefetch thread, the
+  optimizer stepping the host copies: ``off.optimizer``); ``Injector(model, offload=off)``
+  injects ``host_state`` faults into it (docs/offload.md);
 * ``Checkpointer(path, every=N, model=, optimizer=, scheduler=, data=, extra=)``: the
   checkpoint engine and the adapter as one object for the loop you keep: ``start =
   ckpt.resume()``, ``ckpt.step(step + 1)`` saves every N steps, ``ckpt.stats``
@@ -33,6 +37,7 @@ _EXPORTS = {
     "operand_table": "faultlab.backends.torch.injector",
     "TorchCheckpointAdapter": "faultlab.backends.torch.adapter",
     "Injector": "faultlab.backends.torch.own_loop",
+    "Offload": "faultlab.backends.torch.own_offload",
     "optimizer_state_names": "faultlab.backends.torch.own_loop",
     "fault": "faultlab.faults",
     "Checkpointer": "faultlab.backends.torch.own_checkpointer",

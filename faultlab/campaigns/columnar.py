@@ -219,10 +219,10 @@ def _columnar_fault(rec: Record, cfg: WorkloadConfig, tid: str,
     else:
         site = rec.get("site", choice_parser(Site, "site"))
         if site in UNSUPPORTED_SITES and not cfg.offload:
-            # (worded as before offload existed: files and tests match its start)
-            raise rec.error("site", f"site {site.value} is not supported yet: no backend "
-                                    f"injects into it without offload "
-                                    f"({UNSUPPORTED_SITES[site]})")
+            raise rec.error("site", f"site {site.value} needs an offloaded workload: set the "
+                                    f"offload column (e.g. window:2) to keep "
+                                    f"{cfg.workload}'s state in host memory, or use param or "
+                                    f"opt_state for the device copy")
         layer = rec.require("layer", parse_layer)
         tensor = _tensor(rec, site)
         vspec = _value_spec(rec)

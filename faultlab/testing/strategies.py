@@ -74,7 +74,7 @@ def crash_scenarios(draw, names: Sequence[str] = ("faultlab",), max_kills: int =
 
 #: tensors a state site may name (None: the site's default)
 _TENSORS = {Site.PARAM: (None, "weight", "bias"), Site.OPT_STATE: (None, "m", "v"),
-            Site.HOST_STATE: (None, "weight", "bias", "m", "v")}
+            Site.HOST_STATE: (None, "weight", "bias", "m", "v", "transit", "grad")}
 
 _finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
 _layer_names = st.from_regex(r"\A[A-Za-z0-9_][A-Za-z0-9_.\[\]-]{0,15}\Z")

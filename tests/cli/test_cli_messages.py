@@ -120,4 +120,5 @@ def test_validate_refuses_what_run_would_crash_on(tmp_path):
     assert lines["data.csv"].startswith("faultlab: error: data.csv:2: column 'dataset': "
                                         "workload resnet18 cannot train on dataset 'corpus'")
     assert lines["host.csv"].startswith("faultlab: error: host.csv:2: column 'site': site "
-                                        "host_state is not supported yet")
+                                        "host_state needs an offloaded workload: set the "
+                                        "offload column")

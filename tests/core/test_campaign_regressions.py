@@ -309,8 +309,8 @@ def test_the_dataset_table_matches_the_datasets():
 def test_host_state_is_refused_at_the_site_cell(row):
     with pytest.raises(CampaignError) as e:
         parse_campaign(f"trial,workload,site,layer,tensor,value\n{row}\n".encode(), "c.csv")
-    assert str(e.value).startswith("c.csv:2: column 'site': site host_state is not supported "
-                                   "yet: no backend injects into it")
+    assert str(e.value).startswith("c.csv:2: column 'site': site host_state needs an "
+                                   "offloaded workload: set the offload column (e.g. window:2)")
 
 
 def test_every_error_of_this_file_is_a_faultlab_error():

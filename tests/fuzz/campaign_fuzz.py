@@ -86,7 +86,7 @@ BUILTINS = ("resnet18", "mlp", "transformer")
 SITES = ("fwd_input", "fwd_weight", "fwd_output", "grad_out", "bwd_input", "bwd_weight",
          "grad_in", "grad_wt", "param", "opt_state", "host_state")
 TENSORS = {"param": ("weight", "bias"), "opt_state": ("m", "v"),
-           "host_state": ("weight", "bias", "m", "v")}
+           "host_state": ("weight", "bias", "m", "v", "transit", "grad")}
 VALUE_MODELS = ("bitflip", "random", "zero", "copy", "nan", "inf", "-inf", "stuck_at", "scale",
                 "set", "degrade")
 LAYOUT_WIDTH = {"native": 64, "fp32": 32, "fp16": 16, "bf16": 16, "fp64": 64, "int8": 8}
@@ -143,10 +143,10 @@ COLUMNS = ("trial", "framework", "workload", "replicas", "per_replica_batch", "w
            "checkpoint_every", "lr", "seed", "horizon", "site", "layer", "tensor", "replica",
            "epoch", "step", "value", "bit", "bits", "stuck", "factor", "values", "ramp", "layout",
            "positions", "position_mode", "count", "groups", "duration", "duration_steps",
-           "probability", "fault_seed", "stage", "fmodel")
+           "probability", "fault_seed", "stage", "fmodel", "offload")
 CFG_COLUMNS = ("framework", "workload", "replicas", "per_replica_batch", "width", "input_size",
                "dataset", "steps_per_epoch", "epochs", "eval_samples", "checkpoint_every", "lr",
-               "seed", "horizon")
+               "seed", "horizon", "offload")
 
 #: small configurations of the built-ins (every workload column explicit in generated files)
 TEMPLATES = {
@@ -230,6 +230,24 @@ def _fault_cells(rng: random.Random, wl: str) -> dict:
     return {k: str(v) for k, v in c.items()}
 
 
+def _host_cells(rng: random.Random, wl: str) -> dict:
+    """Cells of one valid host_state fault (docs/offload.md) on a template workload trained
+    with offload (the row's offload cell is the caller's): every host tensor, the shared
+    copies (weight, bias, m, v) on replica 0, one random element."""
+    cfg = TEMPLATES[wl]
+    layer, (_, _, bias) = rng.choice(sorted(LAYERS[wl].items()))
+    tensor = rng.choice(["weight", "m", "v", "transit", "grad"] + (["bias"] if bias else []))
+    shared = tensor in ("weight", "bias", "m", "v")
+    c: dict = {"site": "host_state", "layer": layer, "tensor": tensor,
+               "replica": 0 if shared else rng.randrange(cfg["replicas"]),
+               "epoch": rng.randrange(cfg["epochs"]),
+               "step": rng.randrange(cfg["steps_per_epoch"]),
+               "position_mode": "random", "count": 1}
+    c.update(rng.choice([dict(value="bitflip", bit=rng.randrange(32)), dict(value="nan"),
+                         dict(value="zero"), dict(value="scale", factor="-2.0")]))
+    return {k: str(v) for k, v in c.items()}
+
+
 def template_row(wl: str, trial: str = "x1", framework: str = "") -> dict:
     row = {k: str(v) for k, v in TEMPLATES[wl].items()}
     row.update(trial=trial, framework=framework)
@@ -283,8 +301,12 @@ def generated_seeds(seed: int) -> list[Seed]:
             wl = rng.choice(wls)
             explicit = rng.random() < 0.8
             row = template_row(wl, trial=f"t{j}" if explicit else "")
-            if rng.random() < 0.15:
+            r = rng.random()
+            if r < 0.15:
                 row.update({k: "" for k in ("site", "layer")})   # control trial
+            elif r < 0.3 and explicit:       # offloaded training, a host-resident fault
+                row.update(offload=rng.choice(["window:1", "window:2"]),
+                           **_host_cells(rng, wl))
             else:
                 row.update(_fault_cells(rng, wl))
             rows.append(row)
@@ -292,7 +314,8 @@ def generated_seeds(seed: int) -> list[Seed]:
             if explicit and faulty and rng.random() < 0.3:   # a second fault, same trial
                 twin = dict(row)
                 twin.update({k: "" for k in COLUMNS if k not in CFG_COLUMNS and k != "trial"})
-                twin.update(_fault_cells(rng, wl))
+                twin.update(_host_cells(rng, wl) if row.get("offload") else
+                            _fault_cells(rng, wl))
                 rows.append(twin)
         out.append(Seed(f"gen-columnar-{i}", columnar_text(rows).encode(), "columnar", True))
     for i, wl in enumerate(BUILTINS):
@@ -400,6 +423,9 @@ BOUNDARY = {
     "framework": ["torch", "TORCH", "tf"],
     "site": ["fwd_input", "fwd_weight", "grad_out", "bwd_input", "bwd_weight", "grad_in",
              "grad_wt", "param", "opt_state", "host_state"],
+    "offload": ["window:1", "WINDOW:2", "window:999999", "window:0", "none", "off", "",
+                "windows:2"],
+    "tensor": ["weight", "bias", "m", "v", "transit", "grad", "TRANSIT"],
 }
 
 
@@ -1145,6 +1171,13 @@ def _check_fault(f, c, total) -> list[str]:
         p.append(f"layer {f.layer!r}")
     if f.tensor is not None and f.tensor not in TENSORS.get(site, ()):
         p.append(f"tensor {f.tensor!r} on site {site}")
+    offload = getattr(c, "offload", "")
+    if site == "host_state" and not offload:
+        p.append("host_state accepted on a workload without offload")
+    if offload and not (re.fullmatch(r"window:[1-9][0-9]*", offload) and _val(c.framework)
+                        == "torch" and c.processes == 1):
+        p.append(f"offload {offload!r} accepted (framework {c.framework}, processes "
+                 f"{c.processes})")
     if type(f.replica) is not int or not 0 <= f.replica < c.replicas:
         p.append(f"replica {f.replica!r} not in 0..{c.replicas - 1}")
     if type(f.step) is not int or not 0 <= f.step < total:

@@ -15,7 +15,7 @@ from faultlab.backends.base import check_fault
 from faultlab.campaigns import parse_campaign
 from faultlab.campaigns.columnar import format_columnar
 from faultlab.errors import CampaignError, SpecError
-from faultlab.faults import fault
+from faultlab.faults import Site, fault
 from faultlab.runner.session import validate_trials
 from faultlab.workloads.base import (BUILTINS, WorkloadConfig, default_config, offload_layers,
                                      parse_offload)
@@ -235,9 +235,10 @@ def test_host_state_on_a_row_without_offload_is_refused_at_the_site_cell():
     with pytest.raises(CampaignError) as e:
         parse_campaign(b"trial,workload,site,layer,tensor,value\nt,mlp,host_state,dense_1,m,"
                        b"nan\n", "c.csv")
-    assert str(e.value).startswith("c.csv:2: column 'site': site host_state is not supported "
-                                   "yet: no backend injects into it without offload (")
-    assert "set offload, e.g. window:2" in str(e.value)
+    assert str(e.value) == ("c.csv:2: column 'site': site host_state needs an offloaded "
+                            "workload: set the offload column (e.g. window:2) to keep mlp's "
+                            "state in host memory, or use param or opt_state for the device "
+                            "copy")
 
 
 def test_the_isca_format_takes_offload_as_an_extension_key():
@@ -277,3 +278,98 @@ def test_a_trainer_nobody_holds_is_collected_with_its_window():
     del off
     gc.collect()
     assert trainer() is None and window() is None   # the prefetch thread held neither
+
+
+# --- resnet18 and the transformer: buffers, evaluations between steps, the shipped campaign -------
+
+@pytest.mark.parametrize("name,window", [("resnet18", "window:1"), ("resnet18", "window:8"),
+                                         ("transformer", "window:1"),
+                                         ("transformer", "window:5")])
+def test_resnet18_and_transformer_stay_bit_identical_through_evaluations(name, window):
+    # evaluation passes between training steps change the window's learned schedule and leave
+    # layers resident; batch-norm statistics (buffers, which stay on the device) must still
+    # follow the run without offload bit for bit
+    dev, off = _pair(name, window)
+    for step in range(4):
+        assert dev.train_step(step) == off.train_step(step)
+        if step % 2:
+            assert dev.evaluate() == off.evaluate()
+    a, b = dev.get_state(), off.get_state()
+    assert _diff(a, b) == []
+    if name == "resnet18":
+        stats = [k for k in a if k.endswith(("running_mean", "running_var",
+                                             "num_batches_tracked"))]
+        assert len(stats) == 3 * 20 and all(a[k].tobytes() == b[k].tobytes() for k in stats)
+        assert not np.array_equal(a["model/bn1.running_mean"], np.zeros(4, np.float32))
+    assert dev.full_checksum() == off.full_checksum()
+
+
+def _models_campaign():
+    from pathlib import Path
+    path = Path(__file__).parents[2] / "campaigns" / "offload_models.csv"
+    return parse_campaign(path.read_bytes(), str(path)).trials
+
+
+def test_the_models_campaign_pairs_every_host_state_kind_with_its_device_twin():
+    trials = _models_campaign()
+    validate_trials(trials)
+    for wl in ("resnet18", "transformer"):
+        mine = [t for t in trials if t.workload.workload == wl]
+        kinds = {f.tensor for t in mine for f in t.faults if f.site.value == "host_state"}
+        assert kinds == {"weight", "bias", "m", "v", "transit", "grad"}
+        assert {t.workload.offload for t in mine} == {"", "window:3"}
+        host = {t.trial_id.replace("_host_", "_"): t for t in mine if "_host_" in t.trial_id}
+        twin = {t.trial_id.replace("_device_", "_"): t for t in mine
+                if "_device_" in t.trial_id}
+        assert len(host) == 6 and len(twin) == 6
+        for t in host.values():     # each host fault's twin: same layer, step and value
+            (h,) = t.faults
+            (d,) = next(v for k, v in twin.items() if v.faults[0].layer == h.layer).faults
+            assert (d.step, d.value, d.positions) == (h.step, h.value, h.positions)
+
+
+@pytest.mark.slow
+def test_the_models_campaign_runs_and_classifies(tmp_path, monkeypatch):
+    """Every trial of campaigns/offload_models.csv (resnet18 and the transformer, offloaded
+    and not) runs and is classified; the offloaded golden runs are the plain ones, bit for
+    bit; each host-resident fault has the outcome of its device-resident twin."""
+    from faultlab.outcomes import IMMEDIATE, MASKED
+    from faultlab.runner import Session
+    monkeypatch.setenv("FAULTLAB_CACHE", str(tmp_path))
+    session = Session(threads=1)
+    res = {t.trial_id: session.run_trial(t) for t in _models_campaign()}
+    assert all(r.error is None for r in res.values())
+    for p in ("r", "t"):
+        a, b = res[f"{p}_control_offload"], res[f"{p}_control_device"]
+        assert a.bit_exact and b.bit_exact
+        assert a.metrics["golden_loss"] == b.metrics["golden_loss"]
+        assert a.metrics["golden_test"] == b.metrics["golden_test"]
+    pairs = [(k, k.replace("_host_", "_device_", 1)) for k in res if "_host_" in k]
+    twins = {"master_exp": "param_exp", "bn_bias_exp": "bn_bias_exp",
+             "ln_bias_exp": "ln_bias_exp", "m_sign": "m_sign", "v_inf": "v_inf",
+             "transit_exp": "fwd_weight_exp", "grad_nan": "grad_wt_nan"}
+    for host, _ in pairs:
+        p, kind = host.split("_host_")
+        assert res[host].outcome == res[f"{p}_device_{twins[kind]}"].outcome, host
+    assert {r.outcome for r in res.values()} == {MASKED, IMMEDIATE}
+
+
+@pytest.mark.parametrize("name,layer,host,device", [
+    ("resnet18", "dense", "v", ("opt_state", "v")),
+    ("resnet18", "basicblock_1_basic_0_conv1", "weight", ("param", None)),
+    ("transformer", "block_0_attn_qkv", "weight", ("param", None)),
+    ("transformer", "block_1_mlp_fc1", "m", ("opt_state", "m")),
+])
+def test_with_one_replica_a_host_copy_fault_is_its_device_twin_bit_for_bit(name, layer, host,
+                                                                              device):
+    # with R > 1 a device param / opt_state fault forks one replica's copy while the host copy
+    # is every replica's (docs/offload.md, "resnet18 and the transformer"); with one replica
+    # the two are the same fault
+    dev, off = _pair(name, "window:3", replicas=1)
+    shape = BACKEND.operand_shapes(dev.config)[layer][Site.PARAM][0]
+    pos = dict(step=2, value="bitflip", bit=30, positions=[tuple(d // 2 for d in shape)])
+    for step in range(4):
+        a = [fault(device[0], layer, tensor=device[1], **pos)] if step == 2 else []
+        b = [fault("host_state", layer, tensor=host, **pos)] if step == 2 else []
+        assert str(dev.train_step(step, a)) == str(off.train_step(step, b))
+    assert _diff(dev.get_state(), off.get_state()) == []

@@ -292,6 +292,21 @@ class _Armed:
     cache: dict = field(default_factory=dict)
 
 
+def corrupt_host(a: _Armed, t: torch.Tensor) -> None:
+    """Apply an armed host_state fault to `t` in place (a weight-shaped tensor in torch's
+    layout; the fault's positions are canonical: HWIO, (in, out)); resolved once per shape."""
+    key = (tuple(t.shape), t.dtype)
+    tc = a.cache.get(key)
+    perm = weight_perm(t.dim())
+    if tc is None:
+        canon = canonical_shape(t.shape, perm)
+        c = a.fault.resolve(canon, dtype_name(t), a.step)
+        src = remap(c.src, canon, perm) if c.src is not None else None
+        tc = a.cache[key] = prepare(c, t, index=remap(c.index, canon, perm), src=src)
+    with torch.no_grad():
+        tc.apply_(t)
+
+
 class OffloadTrainer(TorchTrainer):
     """TorchTrainer with the offloaded state of `config.offload` (see the module docstring)."""
 
@@ -426,16 +441,7 @@ class OffloadTrainer(TorchTrainer):
         return self._host_of[id(getattr(mod, name))]
 
     def _corrupt(self, a: _Armed, t: torch.Tensor) -> None:
-        key = (tuple(t.shape), t.dtype)
-        tc = a.cache.get(key)
-        perm = weight_perm(t.dim())
-        if tc is None:
-            canon = canonical_shape(t.shape, perm)
-            c = a.fault.resolve(canon, dtype_name(t), a.step)
-            src = remap(c.src, canon, perm) if c.src is not None else None
-            tc = a.cache[key] = prepare(c, t, index=remap(c.index, canon, perm), src=src)
-        with torch.no_grad():
-            tc.apply_(t)
+        corrupt_host(a, t)
 
     def _arrived(self, u: int, replica: int) -> None:
         """A unit landed on the device: a `transit` fault of this replica corrupts the copy."""

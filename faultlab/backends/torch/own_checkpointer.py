@@ -84,6 +84,12 @@ class CheckpointStats:
                 f" ms), {self.total_stall_s * 1e3:.1f} ms in all{cow}")
 
 
+def _host_side(model):
+    """The object whose state_dict is `model`'s: its open faultlab.torch.Offload, if any."""
+    off = getattr(model, "_faultlab_offload", None)
+    return model if off is None else off
+
+
 class Checkpointer:
     """Save a torch training session every `every` steps through the checkpoint engine, and
     resume it in one call (module docstring for the loop).
@@ -160,6 +166,10 @@ class Checkpointer:
                                            **engine_options)
         except TypeError as e:
             raise CheckpointError(f"Checkpointer: bad engine option: {e}") from None
+        # an offloaded model (faultlab.torch.Offload) holds its values in host copies: the
+        # adapter saves and restores those (the offload's state_dict / load_state_dict)
+        model = ({k: _host_side(v) for k, v in model.items()} if isinstance(model, Mapping)
+                 else _host_side(model))
         try:
             self.adapter = TorchCheckpointAdapter(model, optimizer, scaler, scheduler=scheduler,
                                                   data=data, generators=generators, rng=rng)

@@ -128,13 +128,17 @@ class Injector:
     a fault's ``replica`` is then the rank it fires on, checked against the world size, and
     every rank arms the same faults (the others' fire elsewhere). The process group must be
     initialised first.
+    offload: a ``faultlab.torch.Offload`` of `model` (docs/offload.md): the optimizer is then
+    the offload's host optimizer (leave `optimizer` out), ``host_state`` faults hit the host
+    copies (tensor ``weight``, ``bias``, ``m``, ``v``, ``transit``, ``grad``), and ``param`` /
+    ``opt_state`` faults are refused (the model holds no device-resident copy between steps).
 
     Constructing it installs nothing and draws no random numbers; between steps the model
     and optimizer carry no hook of it."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  replicas: int = 1, example_input=None, positions: str = "torch",
-                 distributed: bool = False):
+                 distributed: bool = False, offload=None):
         if not isinstance(model, nn.Module):
             raise SpecError(f"Injector needs the torch.nn.Module you train, got "
                             f"{type(model).__name__}", "layer")
@@ -142,6 +146,22 @@ class Injector:
             raise SpecError(f"optimizer must be a torch.optim.Optimizer, got "
                             f"{type(optimizer).__name__}", "site")
         self.positions = self._layout(positions)
+        self.offload = None
+        if offload is not None:
+            from faultlab.backends.torch.own_offload import Offload
+            if not isinstance(offload, Offload):
+                raise SpecError(f"offload must be a faultlab.torch.Offload, got "
+                                f"{type(offload).__name__}", "offload")
+            if offload.model is not model or offload.closed:
+                raise SpecError("offload must be an open faultlab.torch.Offload of this "
+                                "model", "offload")
+            if optimizer is not None and optimizer is not offload.optimizer:
+                raise SpecError("with offload the optimizer is the offload's host optimizer "
+                                "(off.optimizer): leave optimizer out", "site")
+            if distributed:
+                raise SpecError("Injector(offload=) emulates replicas in one process; it does "
+                                "not take distributed=True", "offload")
+            optimizer, self.offload = offload.optimizer, offload
         self.model = model
         self.optimizer = optimizer
         self.modules = {n: m for n, m in model.named_modules() if n}
@@ -181,6 +201,8 @@ class Injector:
     @replica.setter
     def replica(self, r: int) -> None:
         self._core.replica = r
+        if self.offload is not None:
+            self.offload.replica = r
 
     @property
     def layers(self) -> list[str]:
@@ -238,6 +260,8 @@ class Injector:
         self.end()
         step = operator.index(step)
         self._step = step
+        if self.offload is not None:
+            self.offload.arm([f for f in self._firing(step, host=True)], step)
         if self._unchecked:            # check at the first forward call, then install
             self._probe = self.model.register_forward_pre_hook(self._first_call,
                                                                with_kwargs=True)
@@ -254,6 +278,8 @@ class Injector:
             self._probe.remove()
             self._probe = None
         self._core.end_step()
+        if self.offload is not None:
+            self.offload.disarm()
         self._step = None
 
     @contextlib.contextmanager
@@ -362,6 +388,17 @@ class Injector:
         """The fault as the wrapped TorchInjector takes it (module path, explicit tensor,
         canonical positions), after every check this injector can run now."""
         check_replica(f, self.replicas, "this injector")
+        if f.site is Site.HOST_STATE and self.offload is not None:
+            return self._host_state(f, layout)
+        if self.offload is not None and f.site in (Site.PARAM, Site.OPT_STATE):
+            raise SpecError(f"site {f.site.value} is device-resident state, but the model is "
+                            f"offloaded (faultlab.torch.Offload keeps parameters and optimizer "
+                            f"state in host memory): use site host_state (tensor weight, bias, "
+                            f"m or v)", "site")
+        if f.site is Site.HOST_STATE:
+            raise SpecError("site host_state needs an offloaded model: wrap it in "
+                            "faultlab.torch.Offload(model, optimizer, window=N) and pass "
+                            "Injector(model, offload=off)", "site")
         if f.site in UNSUPPORTED_SITES:
             raise SpecError(f"site {f.site.value} is not supported by the torch injector: "
                             f"{UNSUPPORTED_SITES[f.site]}", "site")
@@ -423,6 +460,52 @@ class Injector:
             positions = dataclasses.replace(positions, indices=tuple(
                 torch_to_canonical(site, ix) for ix in positions.indices))
         return dataclasses.replace(f, layer=path, tensor=inner, positions=positions,
+                                   positions_layout="canonical")
+
+    def _host_state(self, f: FaultSpec, layout: str) -> FaultSpec:
+        """A host_state fault on an offloaded model (docs/offload.md): the layer owns the
+        parameter it names (weight; bias for tensor bias), the shared host copies (weight,
+        bias, m, v) are replica 0's, m / v are states of the host optimizer, positions lie in
+        the parameter (torch layout unless canonical)."""
+        from faultlab.faults import HOST_TENSORS
+        path, _ = self._resolve_layer(f)
+        mod = self.modules[path]
+        tensor = f.tensor or "weight"
+        if tensor not in HOST_TENSORS:
+            raise SpecError(f"unknown tensor {_q(tensor)} for site host_state: valid tensors "
+                            f"are {', '.join(HOST_TENSORS)}{_close(tensor, HOST_TENSORS)}",
+                            "tensor")
+        if tensor in ("weight", "bias", "m", "v") and f.replica != 0:
+            raise SpecError(f"host_state tensor {tensor} is the one host copy every replica "
+                            f"shares: replica must be 0, got {f.replica} (transit and grad "
+                            f"hit one replica's transfers)", "replica")
+        pname = "bias" if tensor == "bias" else "weight"
+        p = mod._parameters.get(pname)
+        if not isinstance(p, nn.Parameter) or id(p) not in self.offload.unit_of:
+            raise self._not_here(f, path, mod, f": it owns no offloaded {pname!r} parameter")
+        if tensor == "grad" and not p.requires_grad:
+            raise SpecError(f"layer {_q(path)}: its weight is frozen (requires_grad=False), "
+                            f"no gradient travels back", "tensor")
+        if tensor in ("m", "v"):
+            from faultlab.backends.torch.injector import opt_target
+            opt = self.offload.optimizer
+            slot = opt_target(tensor)[1]
+            table = optimizer_state_names(opt, self.offload.host_copy(p)) or {}
+            if slot not in table:
+                raise SpecError(f"host_state tensor {tensor} is Adam's {slot}, which the "
+                                f"offload's {type(opt).__name__} does not keep for "
+                                f"{path}.weight", "tensor")
+        canonical = layout == "canonical" or f.positions_layout == "canonical"
+        shape = tuple(p.shape)
+        what = (f"host_state operand {tensor!r} of layer {_q(path)} "
+                f"({'canonical' if canonical else 'torch'} layout)")
+        check_corruption(f.value, f.positions, torch_to_canonical(Site.HOST_STATE, shape)
+                         if canonical else shape, dtype_name(p), what)
+        positions = f.positions
+        if not canonical and positions.mode is PositionMode.EXPLICIT:
+            positions = dataclasses.replace(positions, indices=tuple(
+                torch_to_canonical(Site.HOST_STATE, ix) for ix in positions.indices))
+        return dataclasses.replace(f, layer=path, tensor=tensor, positions=positions,
                                    positions_layout="canonical")
 
     def _no_tensor(self, f, path, mod, tensor) -> None:
@@ -558,9 +641,12 @@ class Injector:
                 m.training = mode
         return table
 
-    def _firing(self, step: int) -> list[FaultSpec]:
+    def _firing(self, step: int, host: bool = False) -> list[FaultSpec]:
+        """The faults firing at `step`: those for the model's hooks, or (host) the
+        host_state ones, which the offload delivers."""
         return [inner for given, inner, _ in self._armed if given.active(step)
-                and (self.rank is None or given.replica == self.rank)]
+                and (self.rank is None or given.replica == self.rank)
+                and (given.site is Site.HOST_STATE) == host]
 
     def _first_call(self, model, args, kwargs):
         """The model's first forward call in a step while activation shapes are unknown:

@@ -265,6 +265,10 @@ class Protector(OwnLoopProtector):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise SpecError(f"Protector needs your torch.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")
+        if getattr(model, "_faultlab_offload", None) is not None:
+            raise SpecError("Protector does not take an offloaded model (faultlab.torch."
+                            "Offload): its detectors read the model's parameters, which hold "
+                            "no values between steps; close() the Offload to protect the loop")
         mine = {id(q) for q in model.parameters()}
         if not any(id(q) in mine for g in optimizer.param_groups for q in g["params"]):
             raise SpecError("Protector: the optimizer optimizes none of the model's "
