@@ -95,15 +95,39 @@ class _Faults:
                 continue                 # (resumed only by the agent's SIGKILL)
             if f.kind is ProcessKind.KILL_NODE:
                 import shutil
-                shutil.rmtree(Path(self.job.shm_root) / f"node{self.node}",
-                              ignore_errors=True)   # the node's memory goes with it
+                # the node's other processes die first, then its memory goes: a receiver
+                # thread of a dying rank must not publish a copy into the wiped memory after
+                # the wipe (a copy the next attempt would count on and then not find)
+                pids = []
                 for r in range(self.node * self.rpn, (self.node + 1) * self.rpn):
                     if r != self.rank:
                         try:
-                            os.kill(int(self.store.get(f"pid/{r}")), signal.SIGKILL)
+                            pid = int(self.store.get(f"pid/{r}"))
+                            os.kill(pid, signal.SIGKILL)
+                            pids.append(pid)
                         except (ProcessLookupError, ValueError, RuntimeError):
                             pass          # already dead, or never published its pid
+                _wait_dead(pids)
+                shutil.rmtree(Path(self.job.shm_root) / f"node{self.node}",
+                              ignore_errors=True)   # the node's memory goes with it
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _wait_dead(pids, limit_s: float = 10.0) -> None:
+    """Until every process in `pids` is gone or a zombie (SIGKILL is delivered
+    asynchronously; a zombie runs nothing). Polls /proc: no event says when another
+    process has died."""
+    deadline = time.monotonic() + limit_s
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as fh:
+                    state = fh.read().rsplit(b")", 1)[1].split()[0]
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                break
+            if state in (b"Z", b"X"):
+                break
+            time.sleep(0.001)
 
 
 def _init(job: RankJob):
