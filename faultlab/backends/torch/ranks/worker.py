@@ -108,8 +108,17 @@ class _Faults:
                         except (ProcessLookupError, ValueError, RuntimeError):
                             pass          # already dead, or never published its pid
                 _wait_dead(pids)
-                shutil.rmtree(Path(self.job.shm_root) / f"node{self.node}",
-                              ignore_errors=True)   # the node's memory goes with it
+                # the node's memory goes with it, at once: renamed away (atomic: the next
+                # attempt sees all of it or none of it, even if this process is killed
+                # while removing it), then removed
+                node = Path(self.job.shm_root) / f"node{self.node}"
+                gone = node.with_name(f".lost-{node.name}-{os.getpid()}")
+                try:
+                    os.rename(node, gone)
+                except FileNotFoundError:
+                    gone = None
+                if gone is not None:
+                    shutil.rmtree(gone, ignore_errors=True)
             os.kill(os.getpid(), signal.SIGKILL)
 
 
