@@ -106,3 +106,72 @@ def test_a_trainer_with_the_stock_optimizer_still_trains_the_same_model():
     stock.set_state(t.get_state())
     a, b = t.train_step(0).loss, stock.train_step(0).loss
     assert a == pytest.approx(b, rel=1e-5)
+
+
+def _trial(t: TFTrainer, state: dict, faults, mode: str) -> tuple[list, dict]:
+    t.set_state(state)
+    t.specialise.mode = mode
+    try:
+        losses = [t.train_step(s, [f for f in faults if f.active(s)]).loss
+                  for s in range(STEPS)]
+    finally:
+        t.specialise.mode = "auto"
+    return losses, t.get_state()
+
+
+def _faults(t: TFTrainer) -> list[list[FaultSpec]]:
+    """One fault per graph site family, on a linear layer (the backward operands too), on
+    replica 1, firing at steps 1 and 3 (a permanent one from step 2 for grad_wt)."""
+    linear = [n for n, i in t.injector.layers.items() if i.kind is not None]
+    layer = linear[len(linear) // 2]     # not the first: its input gradient goes nowhere
+    other = [n for n in t.injector.layers if n != layer][-1]
+    flip = ValueSpec("bitflip", bit=22)
+
+    def f(site, at=1, **kw):
+        return FaultSpec(site=site, layer=kw.pop("layer", layer), value=flip,
+                         positions=PositionSpec("random", count=2), replica=1, step=at,
+                         seed=13, **kw)
+    return [[f(Site.FWD_OUTPUT), f(Site.FWD_INPUT, at=3)],
+            [f(Site.GRAD_OUT), f(Site.GRAD_IN, at=3, layer=other)],
+            [f(Site.BWD_INPUT), f(Site.BWD_WEIGHT, at=3)],
+            [f(Site.FWD_WEIGHT), f(Site.GRAD_WT, at=2)]]
+
+
+def test_a_step_specialised_to_the_armed_points_fires_the_same_bits_as_the_shared_one(trainer):
+    """The shared step (every point) and the steps with only the armed points compute the
+    same bits when a fault fires and when none does: which one runs is a matter of time."""
+    t = trainer
+    start = t.get_state()
+    _, clean = run(t, start, points_at=())
+    for faults in _faults(t):
+        shared_losses, shared = _trial(t, start, faults, "shared")
+        own_losses, own = _trial(t, start, faults, "specialised")
+        assert own_losses == shared_losses, faults[0].site
+        assert bitwise(own, shared) == [], faults[0].site
+        assert bitwise(own, clean) != [], faults[0].site     # the faults did fire
+    assert len(t._armed_steps) >= 4                    # one per armed pattern (kept: 8)
+    assert all(fn.experimental_get_tracing_count() == 1
+               for fn in list(t._steps.values()) + list(t._point_steps.values())
+               + list(t._armed_steps.values()))
+
+
+def test_auto_traces_a_pattern_its_own_step_once_the_shared_one_has_cost_as_much():
+    from faultlab.backends.tf.trainer import SpecialisePolicy
+    p = SpecialisePolicy()
+    a, b = frozenset({(0, 2)}), frozenset({(1, 5)})
+    assert not p.choose(a, have=False)           # nothing known yet: the shared step
+    p.ran("plain", 5.0, first=True)              # a first call: trace + run, 5 s
+    for _ in range(3):
+        p.ran("plain", 0.125)
+    assert p.trace_s == 5.0
+    for _ in range(39):
+        p.ran("shared", 0.25, a)                 # 0.125 s over the plain step each
+    assert not p.choose(a, have=False)           # 4.875 s paid on a: not yet
+    p.ran("shared", 0.25, a)
+    assert p.choose(a, have=False)               # 5.0 s: a trace is paid for
+    assert not p.choose(b, have=False)           # per pattern
+    assert p.choose(b, have=True)                # a traced pattern keeps its step
+    p.mode = "shared"
+    assert not p.choose(a, have=True)
+    with pytest.raises(Exception, match="specialise must be one of"):
+        SpecialisePolicy("sometimes")

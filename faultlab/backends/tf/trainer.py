@@ -20,10 +20,11 @@ of the replicas'. Dropout masks are a function of (seed, step, replica, layer), 
 rate a function of the step, and batches a function of (seed, step) (workloads/data.py, shared
 with torch), so a restored run replays the golden run bit for bit.
 
-Two traced steps (see TFTrainer._step_fn): the plain one, run whenever no fault is armed in
-the graph, and the one with the injection points, run at the steps a fault fires; both under
-faultlab's Grappler options (runtime.ArithmeticOff), so that they compute the same bits while
-nothing fires.
+Traced steps (see TFTrainer._step_fn): the plain one, run whenever no fault is armed in the
+graph; the shared one with every injection point, run at the steps a fault fires; and, for a
+fault that keeps firing, a step with only the points of what it arms (SpecialisePolicy). All
+run under faultlab's Grappler options (runtime.ArithmeticOff), so that they compute the same
+bits while nothing fires, and the shared and specialised steps the same bits when it does.
 
 Adam: Keras' Adam, with epsilon 1e-8 (torch's default, not Keras' 1e-7) and its update done by
 TF's fused ResourceApplyAdam kernel (what TF2 Keras optimizers and the ISCA artifact used).
@@ -38,7 +39,10 @@ transfer); one step function per distinct set of signals, and none of it without
 from __future__ import annotations
 
 import contextlib
+import statistics
 import threading
+import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -117,6 +121,55 @@ def _seed_keras(seed: int) -> None:
     keras.utils.set_random_seed(int(seed) % (2 ** 32))
 
 
+# --- which step fires a fault ----------------------------------------------------------------------
+
+class SpecialisePolicy:
+    """Which traced step runs a step in which a fault fires: the shared step with every
+    injection point (traced once per trainer: arming never traces anything), or a step with
+    only the points of the armed (layer, site) pattern (traced once per pattern).
+
+    The shared step costs a fixed 8-14 ms over the plain step at the reference width (every
+    Switch / Merge on an activation), the specialised one about nothing, but a trace costs
+    seconds. mode "auto" rents before it buys (the ski-rental rule, within twice the better
+    of the two choices made in hindsight): a pattern runs the shared step until what it has
+    paid over the plain step on it adds up to what tracing a step cost this trainer, then its
+    own step is traced and runs from there on. A fault firing once (a transient one, every
+    step a trial of a random campaign fires) never pays for a trace; a permanent or
+    intermittent one firing over hundreds of steps, in a long run, does. "shared" and
+    "specialised" force one. Only timing picks: the two compute the same bits
+    (tests/tf/test_idle_step.py), so no result depends on it."""
+
+    MODES = ("auto", "shared", "specialised")
+
+    def __init__(self, mode: str = "auto", keep: int = 8):
+        if mode not in self.MODES:
+            raise SpecError(f"specialise must be one of {', '.join(self.MODES)}, not {mode!r}")
+        self.mode = mode
+        self.keep = keep                        # specialised steps kept (least recently used out)
+        self.plain: deque = deque(maxlen=16)    # recent plain-step times (s)
+        self.trace_s: float | None = None       # the first call of a step: trace + first run
+        self.paid: dict[frozenset, float] = {}  # pattern -> what the shared step cost over plain
+
+    def choose(self, pattern: frozenset, have: bool) -> bool:
+        """Whether `pattern` runs its own step (`have`: it is traced already)."""
+        if self.mode != "auto":
+            return self.mode == "specialised"
+        return have or (self.trace_s is not None and self.paid.get(pattern, 0.0) >= self.trace_s)
+
+    def ran(self, kind: str, seconds: float, pattern: frozenset | None = None,
+            first: bool = False) -> None:
+        """Account a step call: kind "plain", "shared" or "specialised"; first: its first call
+        (trace included)."""
+        if first:
+            self.trace_s = seconds if self.trace_s is None else min(self.trace_s, seconds)
+            return
+        if kind == "plain":
+            self.plain.append(seconds)
+        elif kind == "shared" and pattern is not None and self.plain:
+            extra = seconds - statistics.median(self.plain)
+            self.paid[pattern] = self.paid.get(pattern, 0.0) + max(extra, 0.0)
+
+
 # --- the trainer ---------------------------------------------------------------------------------
 
 class TFTrainer(TrainerBase):
@@ -138,6 +191,9 @@ class TFTrainer(TrainerBase):
         # points, armed or not (what it did before the plain step was dispatched to; for
         # tests and benchmarks; the results are the same)
         self.dispatch = True
+        # the step a fault fires in: shared or specialised to the armed pattern (see
+        # SpecialisePolicy; assign a mode to its .mode)
+        self.specialise = SpecialisePolicy()
         self._graph_options = contextlib.nullcontext() if stock_optimizer else ArithmeticOff()
         self.signal_spec = None   # a faultlab.detectors.SignalSpec to collect signals
         self.lr_scale = 1.0       # set by a recovery policy that re-runs a step more gently
@@ -158,6 +214,8 @@ class TFTrainer(TrainerBase):
         self._lr_at = lr_schedule(config)
         self._steps: dict[tuple, Callable] = {}          # (probe, key) -> the plain step
         self._point_steps: dict[tuple, Callable] = {}    # (probe, key) -> the step with points
+        # (probe, key, pattern) -> the step with the points of that armed pattern only
+        self._armed_steps: OrderedDict[tuple, Callable] = OrderedDict()
         self._probes: dict[tuple, Callable] = {}
         self._moment_vars: tuple | None = None
         self._eval = None
@@ -170,28 +228,36 @@ class TFTrainer(TrainerBase):
         """Polynomial (power 1) decay from lr to lr * end_lr_ratio, as in the artifact."""
         return self._lr_at(step)
 
-    def _step_fn(self, probe: bool, key: tuple | None = None, points: bool = False):
+    def _step_fn(self, probe: bool, key: tuple | None = None,
+                 points: bool | frozenset = False):
         """The traced training step (probe: also return each replica's gradients as the
         optimizer receives them, before the all-reduce; key: the detector signals to compute,
         from _signal_key, packed into one float64 vector returned last; points: with the
-        injection points, for a step that fires a fault). One trace per (probe, key, points);
-        key None traces the step without a single signal op.
+        injection points, for a step that fires a fault; a frozenset of (layer index, site
+        column): the points of that armed pattern only, see TFInjector.replica). One trace per
+        (probe, key, points); key None traces the step without a single signal op.
 
         Both steps do the same arithmetic, bit for bit, as long as nothing fires: each runs
         under faultlab's Grappler options (runtime.ArithmeticOff), and the points are
         identities until armed (tests/tf/test_idle_step.py). So a step with no fault armed in
         the graph runs the plain step and costs what it costs, and arming never retraces:
         it picks one of two functions traced once each."""
-        steps = self._point_steps if points else self._steps
-        fn = steps.get((probe, key))
-        if fn is not None:
-            return fn
+        pattern = points if isinstance(points, frozenset) else None
+        if pattern is not None:
+            fn = self._armed_steps.get((probe, key, pattern))
+            if fn is not None:
+                self._armed_steps.move_to_end((probe, key, pattern))
+                return fn
+        else:
+            fn = (self._point_steps if points else self._steps).get((probe, key))
+            if fn is not None:
+                return fn
         strategy, model, opt, inj = self.strategy, self.model, self.optimizer, self.injector
         tvars = model.trainable_variables
         inv_r = 1.0 / self.config.replicas
         seed_mix = self._seed_mix
         abft = key is not None and key[4]
-        with_points = points and self.instrumented
+        with_points = points if self.instrumented else False
         # an instrumented trainer's plain step keeps the points as bare identities: without
         # them the tape would group the gradient sums differently (see TFInjector.replica)
         enter = ((lambda: inj.replica(abft=abft, points=with_points)) if self.instrumented
@@ -234,7 +300,12 @@ class TFTrainer(TrainerBase):
                 out += (_pack(strategy, res[-1], loss, correct),)
             return out
 
-        steps[(probe, key)] = step_fn
+        if pattern is not None:
+            self._armed_steps[(probe, key, pattern)] = step_fn
+            while len(self._armed_steps) > self.specialise.keep:
+                self._armed_steps.popitem(last=False)
+        else:
+            (self._point_steps if points else self._steps)[(probe, key)] = step_fn
         return step_fn
 
     def _distribute(self, a: np.ndarray):
@@ -252,10 +323,24 @@ class TFTrainer(TrainerBase):
         self.optimizer.learning_rate.assign(self.lr_at(step) * self.lr_scale)
         x, y = self.pipeline.batch(step)
         key = self._signal_key(self.signal_spec)
-        points = self.injector.armed_in_graph or (self.instrumented and not self.dispatch)
-        fn = self._step_fn(probe or self.probe, key, points)
+        probe = probe or self.probe
+        kind, pattern = "plain", None
+        if self.instrumented and not self.dispatch:
+            kind, points = "shared", True
+        elif self.injector.armed_in_graph:
+            pattern = self.injector.armed_pattern
+            have = (probe, key, pattern) in self._armed_steps
+            kind = "specialised" if self.specialise.choose(pattern, have) else "shared"
+            points = pattern if kind == "specialised" else True
+        else:
+            points = False
+        fn = self._step_fn(probe, key, points)
+        first = fn.experimental_get_tracing_count() == 0
+        xs, ys = self._distribute(x), self._distribute(y)
+        t0 = time.perf_counter()
         with self._graph_options:
-            out = fn(self._distribute(x), self._distribute(y), tf.constant(step, tf.int64))
+            out = fn(xs, ys, tf.constant(step, tf.int64))
+        self.specialise.ran(kind, time.perf_counter() - t0, pattern, first)
         return out, y.size, key
 
     def train_step(self, step: int, faults: Sequence[FaultSpec] = ()) -> StepMetrics:
