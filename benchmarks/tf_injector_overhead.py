@@ -30,16 +30,24 @@ replica, seed 123) on 2 replicas over logical CPU devices (--width / --per-repli
               the plain step runs: idle plus the hand-over, what every step before a fault's
               first step costs. (Arming a fault's slot arrays is part of fire-*.)
   fire-fwd    a fwd_output bit flip (bit 22, the top mantissa bit: training stays finite)
-              at one position of basicblock_2_basic_0_conv2's output, replica 1, every step:
-              the step with the points runs.
+              at one position of basicblock_2_basic_0_conv2's output, replica 1, every step
+              (a permanent fault): the step with that pattern's points only runs, what the
+              trainer runs once the fault has fired long enough to pay for its trace
+              (SpecialisePolicy "auto"; forced here with "specialised").
   fire-bwd    a bwd_input bit flip (bit 22) in the dilated incoming gradient of
               basicblock_4_basic_0_downsample, replica 1, every step: the layer's input
-              gradient is recomputed with tf conv2d_backprop_input.
+              gradient is recomputed with tf conv2d_backprop_input (specialised step).
+  fire-fwd-shared, fire-bwd-shared
+              the same faults on the shared step with every point ("shared"): the step a
+              fault firing once (a transient one) runs, since a trace would cost more than
+              it saves (for reference; no bound).
 
-idle, points-idle, armed-idle and the firing variants share ONE trainer, which traces two step
-functions, the plain one and the one with points, once each (arming is a variable write and a
-choice between the two): the benchmark checks that every function of every trainer was traced
-exactly once, and that idle and points-idle computed the same loss, bit for bit. Every
+idle, points-idle, armed-idle and the firing variants share ONE trainer, which traces its
+plain step, its shared step with every point, and one step for each of the two armed
+patterns, once each (arming is a variable write and a choice between them): the benchmark
+checks that every function of every trainer was traced exactly once, that idle and
+points-idle computed the same loss, bit for bit, and each fire-* variant the same loss as
+its -shared twin. Every
 timed step starts from the same saved state (restored outside the timed region), so all
 variants compute the same step of the same training run. Every variant hands its faults over
 the same way, inside the timed region: checked (validate), then only those firing at the step
@@ -162,6 +170,10 @@ def main(argv=None) -> int:
          f"fwd_output bit 22 at {fpos} of {fwd_layer}, replica 1, every step"),
         ("fire-bwd", inst, (f(Site.BWD_INPUT, bwd_layer, bpos, 1),),
          f"bwd_input bit 22 at {bpos} of {bwd_layer}, replica 1, every step"),
+        ("fire-fwd-shared", inst, (f(Site.FWD_OUTPUT, fwd_layer, fpos, 1),),
+         "fire-fwd on the shared step with every point (a one-shot fault's step)"),
+        ("fire-bwd-shared", inst, (f(Site.BWD_INPUT, bwd_layer, bpos, 1),),
+         "fire-bwd on the shared step with every point"),
     ]
     losses = {}
     armed = {}
@@ -169,6 +181,8 @@ def main(argv=None) -> int:
     def one(name, tr, faults):
         tr.set_state(state)
         tr.dispatch = name != "points-idle"
+        if tr is inst:
+            tr.specialise.mode = "shared" if name.endswith("-shared") else "specialised"
         s = time.perf_counter()
         # as faultlab.keras's arm_active takes faults: every fault checked, only those
         # firing at this step armed
@@ -178,8 +192,10 @@ def main(argv=None) -> int:
         m = tr.train_step(step_index, firing)
         dt = time.perf_counter() - s
         tr.dispatch = True
+        tr.specialise.mode = "auto"
         losses[name] = m.loss
         armed[name] = len(firing)
+        first.setdefault(name, dt)     # fire-fwd / fire-bwd: their step's trace, too
         return dt * 1e3
 
     log(f"warm-up: {a.warmup} steps per variant")
@@ -220,12 +236,17 @@ def main(argv=None) -> int:
                                                             "FAIL"),
                      "samples_ms": samples[name]})
     traced = {"none": [stock._steps], "plain": [plain._steps],
-              "instrumented": [inst._steps, inst._point_steps]}
+              "instrumented": [inst._steps, inst._point_steps, inst._armed_steps]}
     counts = {k: [f.experimental_get_tracing_count() for d in v for f in d.values()]
               for k, v in traced.items()}
     checks = {"every_step_function_traced_once": all(
                   c == [1] * len(c) for c in counts.values()),
-              "instrumented_traced_plain_and_points_steps": len(counts["instrumented"]) == 2,
+              "instrumented_traced_plain_shared_and_two_armed_steps":
+                  len(counts["instrumented"]) == 4,
+              "fire_fwd_equals_shared_loss_bitwise": losses["fire-fwd"] == losses[
+                  "fire-fwd-shared"],
+              "fire_bwd_equals_shared_loss_bitwise": losses["fire-bwd"] == losses[
+                  "fire-bwd-shared"],
               "idle_equals_points_idle_loss_bitwise": losses["idle"] == losses["points-idle"],
               "armed_idle_arms_nothing_at_this_step": armed["armed-idle"] == 0,
               "armed_idle_equals_idle_loss": losses["armed-idle"] == losses["idle"],
@@ -250,7 +271,9 @@ def main(argv=None) -> int:
                           "trace_and_first_step_plain": round(first["plain"], 2),
                           "trace_and_first_step_instrumented_plain": round(first["idle"], 2),
                           "trace_and_first_step_instrumented_points": round(first["points"],
-                                                                            2)},
+                                                                            2),
+                          "trace_and_first_step_specialised_fwd": round(first["fire-fwd"], 2),
+                          "trace_and_first_step_specialised_bwd": round(first["fire-bwd"], 2)},
            "tracing_counts": counts, "checks": checks, "results": rows}
     if a.json:
         print(json.dumps(doc, indent=2))
@@ -263,18 +286,18 @@ def main(argv=None) -> int:
     print(f"timing   {a.repeats} repeats x {a.steps} rounds, {a.warmup} warm-up steps per "
           f"variant; wall {doc['wall_s']} s")
     print()
-    head = (f"{'variant':<12}{'median ms':>11}{'min ms':>10}{'ratio':>8}{'ratio(min)':>12}"
+    head = (f"{'variant':<16}{'median ms':>11}{'min ms':>10}{'ratio':>8}{'ratio(min)':>12}"
             f"{'paired':>8}{'paired +ms':>12}{'vs plain':>10}{'bound':>8}{'':>6}")
     print(head)
     print("-" * len(head))
     for r in rows:
         bound = f"{r['bound']:.2f}x" if r["bound"] else "-"
-        print(f"{r['variant']:<12}{r['median_ms']:>11.2f}{r['min_ms']:>10.2f}{r['ratio']:>8.3f}"
+        print(f"{r['variant']:<16}{r['median_ms']:>11.2f}{r['min_ms']:>10.2f}{r['ratio']:>8.3f}"
               f"{r['ratio_min']:>12.3f}{r['paired_ratio']:>8.3f}{r['paired_delta_ms']:>+12.2f}"
               f"{r['paired_vs_plain']:>10.3f}{bound:>8}{r['verdict'] or '':>6}")
     print()
     for r in rows:
-        print(f"  {r['variant']:<11} {r['description']}")
+        print(f"  {r['variant']:<15} {r['description']}")
     print("  bounds are on `paired` (against `none`, the unmodified Keras step); `vs plain` is "
           "the paired ratio to faultlab's own plain step")
     print()
@@ -283,7 +306,9 @@ def main(argv=None) -> int:
           f"instrumented; trace + first step {o['trace_and_first_step_stock']} s stock / "
           f"{o['trace_and_first_step_plain']} s plain / "
           f"{o['trace_and_first_step_instrumented_plain']} s instrumented plain step / "
-          f"{o['trace_and_first_step_instrumented_points']} s instrumented step with points")
+          f"{o['trace_and_first_step_instrumented_points']} s instrumented step with points "
+          f"/ {o['trace_and_first_step_specialised_fwd']} s and "
+          f"{o['trace_and_first_step_specialised_bwd']} s the fwd / bwd specialised steps")
     print("tracing counts: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
     if busy:
         print(f"WARNING: the machine was busy (load {load0} -> {load1} on {usable} cores): "
