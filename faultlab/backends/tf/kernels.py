@@ -385,6 +385,19 @@ def apply_slots(x, mask, ints, meta, dtype: str, static: bool = False):
     shape = tf.shape(x)
     flat = tf.reshape(x, [-1])
     slots = tf.shape(ints)[0]
+    if not static:
+        # one iteration per set bit, lowest first (the same order as below): a point that
+        # fires one fault runs the loop body once, not 2 x slots times behind a cond each
+        def body_bits(m, f):
+            low = tf.bitwise.bitwise_and(m, -m)
+            i = tf.cast(tf.raw_ops.PopulationCount(x=low - 1), tf.int32)
+            s = tf.math.floormod(i, slots)
+            f = _apply_one(f, ints[s], meta[s], tf.cast(i >= slots, tf.int32), dtype, static)
+            return tf.bitwise.bitwise_and(m, m - 1), f
+
+        _, flat = tf.while_loop(lambda m, f: tf.not_equal(m, 0), body_bits, [mask, flat],
+                                shape_invariants=[tf.TensorShape([]), tf.TensorShape([None])])
+        return tf.reshape(flat, shape)
 
     def body(i, f):
         on = tf.not_equal(tf.bitwise.bitwise_and(tf.bitwise.right_shift(mask, i), 1), 0)
