@@ -176,3 +176,37 @@ def test_same_fault_same_values_in_tensorflow_torch_and_numpy(dtype, seed, value
         {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
          torch.float64: torch.int64, torch.int8: torch.int8}[tdt]).numpy().view(UINT[dtype])
     assert (got_tf == ref).all() and (got_torch == ref).all()
+
+
+# --- several slots at one injection point ---------------------------------------------------
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**31 - 1), st.integers(0, 255))
+def test_the_slot_loop_applies_every_armed_slot_in_order_then_zeroes(seed, mask):
+    """apply_slots (the kernel every injection point calls) applies the slots whose bit is set
+    in the low half of the mask in slot order, then zeroes the positions of those set in the
+    high half, whichever bits are set: the same bits as applying them one by one with the
+    reference, and as the fixed loop over every slot that static (XLA) graphs use."""
+    slots, size = 4, 64
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(size).astype(np.float32)
+    corruptions, ints, meta = [], np.zeros((slots, K.N_INTS, 8), np.int64), \
+        np.zeros((slots, K.N_META), np.int64)
+    for s in range(slots):
+        idx = rng.choice(16, size=int(rng.integers(1, 5)), replace=False)   # overlapping
+        bit = int(rng.integers(0, 32))
+        c = Corruption(ValueModel.BITFLIP, idx, BitLayout.FP32,
+                       masks=np.full(idx.size, np.uint64(1) << np.uint64(bit), np.uint64))
+        corruptions.append(c)
+        ints[s], meta[s] = K.prepare(c, "float32").slot(8)
+    want = x.copy()
+    for s in range(slots):
+        if mask >> s & 1:
+            want = apply_reference(want, corruptions[s], "float32")
+    for s in range(slots):
+        if mask >> (slots + s) & 1:
+            want[corruptions[s].index] = 0.0
+    args = (tf.constant(x), tf.constant(mask, tf.int32), tf.constant(ints), tf.constant(meta))
+    for static in (False, True):
+        got = K.apply_slots(*args, "float32", static).numpy()
+        assert (got.view(np.uint32) == want.view(np.uint32)).all(), static
