@@ -38,7 +38,8 @@ from faultlab.backends.torch.cow import CowGuard, storage_ptr
 from faultlab.backends.torch.injector import (canonical_shape, dtype_name, opt_target, remap,
                                               weight_perm)
 from faultlab.backends.torch.kernels import prepare
-from faultlab.backends.torch.trainer import TorchTrainer, _bit_sum
+from faultlab.backends.torch.trainer import (TorchTrainer, _bit_sum, _view,
+                                              load_optimizer_state)
 from faultlab.bits import bit_sum, key_weight
 from faultlab.errors import SpecError
 from faultlab.faults import FaultSpec, Site
@@ -216,10 +217,9 @@ class Window:
             self._raise()
             if not self._record or self._record[-1] != u:
                 self._record.append(u)
-            try:
+            # the prefetch cursor follows the last pass's order; a unit off it leaves it be
+            with contextlib.suppress(ValueError):
                 self._cursor = self._schedule.index(u, self._cursor) + 1
-            except ValueError:
-                pass
             if self.state[u] == ABSENT:
                 self._make_room({u}, wait=True)
                 self._take(u)
@@ -307,6 +307,26 @@ def corrupt_host(a: _Armed, t: torch.Tensor) -> None:
         tc.apply_(t)
 
 
+def start_pass(owner, replica: int, training: bool, unit_of) -> None:
+    """What a replica's forward pass starts with, for the trainer and for a user's loop
+    (own_offload.Offload): `owner` has the `window`, the pinned parameters (`_pinned`, their
+    host copies in `_host_of`), the `_armed` faults and `_tainted`; unit_of(fault): the unit
+    a transit fault's layer is in. A corrupted arrival never outlives its replica's pass;
+    pinned parameters are refreshed from their host copies; a layer in transit this pass is
+    dropped, so that it arrives (and is corrupted) in its forward."""
+    if owner._tainted:
+        owner.window.finish()
+        owner._tainted = False
+    with torch.no_grad():
+        for p in owner._pinned:
+            p.copy_(owner._host_of[id(p)])
+    for a in owner._armed:
+        f = a.fault
+        if f.tensor == "transit" and f.replica == replica:
+            owner.window.drop(unit_of(f))
+    owner.window.begin_pass(replica, training)
+
+
 class OffloadTrainer(TorchTrainer):
     """TorchTrainer with the offloaded state of `config.offload` (see the module docstring)."""
 
@@ -380,17 +400,7 @@ class OffloadTrainer(TorchTrainer):
     # --- the step ----------------------------------------------------------------------------
 
     def _begin_pass(self, model, args) -> None:
-        if self._tainted:           # a corrupted arrival never outlives its replica's pass
-            self.window.finish()
-            self._tainted = False
-        with torch.no_grad():
-            for p in self._pinned:
-                p.copy_(self._host_of[id(p)])
-        for a in self._armed:       # a layer in transit this pass arrives in its forward
-            f = a.fault
-            if f.tensor == "transit" and f.replica == self.injector.replica:
-                self.window.drop(self.layer_unit[f.layer])
-        self.window.begin_pass(self.injector.replica, model.training)
+        start_pass(self, self.injector.replica, model.training, lambda f: self.layer_unit[f.layer])
 
     def train_step(self, step: int, faults=()):
         host = [f for f in faults if f.site is Site.HOST_STATE]
@@ -541,7 +551,6 @@ class OffloadTrainer(TorchTrainer):
 
     def _load_arrays(self, state) -> None:
         """Copy a state into the host store (copy-on-write for lent tensors) and the buffers."""
-        from faultlab.backends.torch.trainer import _view
         self.window.finish()
         live = self.model.state_dict(keep_vars=True)
         want = {k[6:]: v for k, v in state.items() if k.startswith("model/")}
@@ -549,28 +558,12 @@ class OffloadTrainer(TorchTrainer):
             missing = sorted(set(live) ^ set(want))
             raise SpecError(f"the state restored does not match workload "
                             f"{self.config.workload}: model/{missing[0]}")
-        opt: dict[int, dict] = {}
-        for k, v in state.items():
-            if k.startswith("optim/"):
-                _, i, name = k.split("/", 2)
-                opt.setdefault(int(i), {})[name] = _view(v)
-        with self.mutating(), torch.no_grad():
-            for k, v in want.items():
-                t = self._host_of.get(id(live[k]), live[k])
-                t.copy_(_view(v).reshape(t.shape))
-            sd = self.optimizer.state_dict()
-            cur = sd["state"]
-            if cur.keys() == opt.keys() and all(
-                    cur[i].keys() == opt[i].keys() and all(
-                        isinstance(cur[i][n], torch.Tensor) and cur[i][n].shape == t.shape
-                        and cur[i][n].dtype == t.dtype for n, t in opt[i].items())
-                    for i in opt):
-                for i, entries in opt.items():
-                    for n, t in entries.items():
-                        cur[i][n].copy_(t)
-                return
-        sd["state"] = {i: {n: t.clone() for n, t in e.items()} for i, e in opt.items()}
-        self.optimizer.load_state_dict(sd)
+        with self.mutating():
+            with torch.no_grad():
+                for k, v in want.items():
+                    t = self._host_of.get(id(live[k]), live[k])
+                    t.copy_(_view(v).reshape(t.shape))
+            load_optimizer_state(self.optimizer, state)
 
     # --- detector signals read the host store ------------------------------------------------
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from faultlab.backends.torch.offload import (Unit, Window, _Armed, _release, corrupt_host,
-                                             offload_units)
+                                             offload_units, start_pass)
 from faultlab.errors import SpecError
 from faultlab.faults import FaultSpec
 
@@ -277,17 +277,8 @@ class Offload:
     # --- the mechanism ---------------------------------------------------------------------------
 
     def _begin_pass(self, model) -> None:
-        if self._tainted:           # a corrupted arrival never outlives its replica's pass
-            self.window.finish()
-            self._tainted = False
-        with torch.no_grad():
-            for p in self._pinned:
-                p.copy_(self._host_of[id(p)])
-        for a in self._armed:       # a layer in transit this pass arrives in its forward
-            f = a.fault
-            if f.tensor == "transit" and f.replica == self.replica:
-                self.window.drop(self.unit_of[id(self._param(f, "weight"))])
-        self.window.begin_pass(self.replica, model.training)
+        start_pass(self, self.replica, model.training,
+                   lambda f: self.unit_of[id(self._param(f, "weight"))])
 
     def _arrived(self, u: int, replica: int) -> None:
         for a in self._armed:

@@ -161,6 +161,31 @@ def _view(v) -> torch.Tensor:
     return torch.from_numpy(a if a.flags.writeable else a.copy())
 
 
+def load_optimizer_state(optimizer, state: Mapping[str, np.ndarray]) -> None:
+    """Put a state's `optim/{i}/{name}` arrays into `optimizer`: copied into the tensors it
+    already has when every one exists with the same shape and dtype (see
+    TorchTrainer._load_arrays for why), otherwise through load_state_dict."""
+    opt: dict[int, dict] = {}
+    for k, v in state.items():
+        if k.startswith("optim/"):
+            _, i, name = k.split("/", 2)
+            opt.setdefault(int(i), {})[name] = _view(v)
+    sd = optimizer.state_dict()
+    live = sd["state"]
+    if live.keys() == opt.keys() and all(
+            live[i].keys() == opt[i].keys() and all(
+                isinstance(live[i][n], torch.Tensor) and live[i][n].shape == t.shape
+                and live[i][n].dtype == t.dtype for n, t in opt[i].items())
+            for i in opt):
+        with torch.no_grad():
+            for i, entries in opt.items():
+                for n, t in entries.items():
+                    live[i][n].copy_(t)
+        return
+    sd["state"] = {i: {n: t.clone() for n, t in e.items()} for i, e in opt.items()}
+    optimizer.load_state_dict(sd)
+
+
 class TorchTrainer(TrainerBase):
     """A training session of one workload configuration (see the module docstring)."""
 
@@ -450,25 +475,7 @@ class TorchTrainer(TrainerBase):
         tensors from torch's own (64-byte aligned) allocator."""
         model = {k[6:]: _view(v) for k, v in state.items() if k.startswith("model/")}
         self.model.load_state_dict(model)
-        opt: dict[int, dict] = {}
-        for k, v in state.items():
-            if k.startswith("optim/"):
-                _, i, name = k.split("/", 2)
-                opt.setdefault(int(i), {})[name] = _view(v)
-        sd = self.optimizer.state_dict()
-        live = sd["state"]
-        if live.keys() == opt.keys() and all(
-                live[i].keys() == opt[i].keys() and all(
-                    isinstance(live[i][n], torch.Tensor) and live[i][n].shape == t.shape
-                    and live[i][n].dtype == t.dtype for n, t in opt[i].items())
-                for i in opt):
-            with torch.no_grad():
-                for i, entries in opt.items():
-                    for n, t in entries.items():
-                        live[i][n].copy_(t)
-            return
-        sd["state"] = {i: {n: t.clone() for n, t in e.items()} for i, e in opt.items()}
-        self.optimizer.load_state_dict(sd)
+        load_optimizer_state(self.optimizer, state)
 
     def get_state(self) -> dict[str, np.ndarray]:
         """Model (parameters and buffers) and optimizer state of the shared copy; a replica
