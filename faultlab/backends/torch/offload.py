@@ -307,6 +307,16 @@ def corrupt_host(a: _Armed, t: torch.Tensor) -> None:
         tc.apply_(t)
 
 
+def host_copy(p: nn.Parameter, pinned: bool, host_of: dict) -> nn.Parameter:
+    """p's host master copy (in pinned memory when `pinned`), recorded in host_of[id(p)]."""
+    t = torch.empty(p.shape, dtype=p.dtype, pin_memory=pinned)
+    with torch.no_grad():
+        t.copy_(p)
+    h = nn.Parameter(t, requires_grad=p.requires_grad)
+    host_of[id(p)] = h
+    return h
+
+
 def start_pass(owner, replica: int, training: bool, unit_of) -> None:
     """What a replica's forward pass starts with, for the trainer and for a user's loop
     (own_offload.Offload): `owner` has the `window`, the pinned parameters (`_pinned`, their
@@ -387,12 +397,7 @@ class OffloadTrainer(TorchTrainer):
         self.optimizer.step = self._host_step
 
     def _host_copy(self, p: nn.Parameter, pinned: bool) -> nn.Parameter:
-        t = torch.empty(p.shape, dtype=p.dtype, pin_memory=pinned)
-        with torch.no_grad():
-            t.copy_(p)
-        h = nn.Parameter(t, requires_grad=p.requires_grad)
-        self._host_of[id(p)] = h
-        return h
+        return host_copy(p, pinned, self._host_of)
 
     def close(self) -> None:
         self.window.close()

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from faultlab.backends.torch.offload import (Unit, Window, _Armed, _release, corrupt_host,
-                                             offload_units, start_pass)
+                                             host_copy, offload_units, start_pass)
 from faultlab.errors import SpecError
 from faultlab.faults import FaultSpec
 
@@ -132,12 +132,7 @@ class Offload:
     # --- construction --------------------------------------------------------------------------
 
     def _host_copy(self, p: nn.Parameter, pinned: bool) -> nn.Parameter:
-        t = torch.empty(p.shape, dtype=p.dtype, pin_memory=pinned)
-        with torch.no_grad():
-            t.copy_(p)
-        h = nn.Parameter(t, requires_grad=p.requires_grad)
-        self._host_of[id(p)] = h
-        return h
+        return host_copy(p, pinned, self._host_of)
 
     def _build_optimizer(self, optimizer) -> torch.optim.Optimizer:
         if isinstance(optimizer, torch.optim.Optimizer):
